@@ -1,0 +1,126 @@
+"""Small standard diffusers architectures: the built-in models' shapes, and the tiny models tests build.
+
+Everything here is a stock diffusers/transformers class with a small config, so a saved model loads through
+exactly the code a hub model does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from .tokenizer import build_clip_tokenizer
+
+# The shapes-world caption vocabulary (issue: built-in models); other words still encode character by character.
+SHAPES_WORDS = (
+    "a an on the at in of background "
+    "circle square triangle star "
+    "red green blue yellow purple orange white black gray "
+    "top bottom left right center"
+).split()
+
+
+@dataclass(frozen=True)
+class TinySize:
+    """Channel widths for a tiny model; `vae_levels` sets the VAE's downsampling (2**(levels-1))."""
+
+    image_px: int = 64
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    unet_channels: tuple[int, ...] = (32, 64)
+    text_width: int = 32
+    text_layers: int = 2
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae_channels) - 1)
+
+
+def _scheduler() -> EulerDiscreteScheduler:
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        timestep_spacing="leading", steps_offset=1,
+    )
+
+
+def _vae(size: TinySize) -> AutoencoderKL:
+    levels = len(size.vae_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=16,
+        block_out_channels=size.vae_channels, sample_size=size.image_px,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+    )
+
+
+def _text_config(size: TinySize, vocab_size: int, tokenizer, **extra) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        hidden_size=size.text_width, intermediate_size=size.text_width * 2, num_attention_heads=4,
+        num_hidden_layers=size.text_layers, vocab_size=vocab_size, max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
+def build_sd_pipeline(seed: int = 0, size: TinySize = TinySize()) -> StableDiffusionPipeline:
+    """A randomly initialised SD-architecture pipeline (UNet2DConditionModel, AutoencoderKL, CLIPTextModel)."""
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(list(SHAPES_WORDS))
+    text_encoder = CLIPTextModel(_text_config(size, len(tokenizer), tokenizer))
+    unet = UNet2DConditionModel(
+        sample_size=size.image_px // size.vae_factor, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=size.unet_channels, norm_num_groups=16, cross_attention_dim=size.text_width,
+        attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D",) * (len(size.unet_channels) - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(size.unet_channels) - 1),
+    )
+    return StableDiffusionPipeline(
+        vae=_vae(size), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def build_sdxl_pipeline(seed: int = 0, size: TinySize = TinySize()) -> StableDiffusionXLPipeline:
+    """A randomly initialised SDXL-architecture pipeline: two text encoders and text_time conditioning."""
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(list(SHAPES_WORDS))
+    text_encoder = CLIPTextModel(_text_config(size, len(tokenizer), tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_config(size, len(tokenizer), tokenizer, projection_dim=size.text_width)
+    )
+    time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=size.image_px // size.vae_factor, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=size.unet_channels, norm_num_groups=16, cross_attention_dim=size.text_width * 2,
+        attention_head_dim=4, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
+        # six micro-conditioning numbers (original size, crop, target size), each embedded, + pooled text.
+        projection_class_embeddings_input_dim=6 * time_embed_dim + size.text_width,
+        down_block_types=("CrossAttnDownBlock2D",) * (len(size.unet_channels) - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(size.unet_channels) - 1),
+    )
+    return StableDiffusionXLPipeline(
+        vae=_vae(size), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer, unet=unet, scheduler=_scheduler(), force_zeros_for_empty_prompt=True,
+    )
+
+
+def build_controlnet(unet: UNet2DConditionModel, vae_factor: int, seed: int = 0) -> ControlNetModel:
+    """A ControlNet shaped like `unet` (SD or SDXL); its condition encoder downsamples as much as the VAE does."""
+    torch.manual_seed(seed)
+    levels = vae_factor.bit_length()  # factor 4 -> 3 widths -> two stride-2 convolutions
+    widths = tuple(16 * 2**i for i in range(levels))
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=widths)
+    # from_unet copies the UNet's weights and zero-inits the outputs; a stand-in should visibly do something.
+    with torch.no_grad():
+        for block in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            block.weight.normal_(0, 0.02)
+    return controlnet

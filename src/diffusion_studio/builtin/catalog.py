@@ -1,0 +1,91 @@
+"""The built-in models: where their folders are, and untrained stand-ins until trained weights are committed.
+
+A trained built-in lives in `builtin/models/<name>/` (committed safetensors). Until it exists, a stand-in with the
+same architecture and random weights is built once into `<data_dir>/builtin-standins/<name>/` and labelled as such
+everywhere it is listed, so nobody mistakes noise for a model.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from diffusers import UNet2DConditionModel
+
+from .architectures import TinySize, build_controlnet, build_sd_pipeline, build_sdxl_pipeline
+
+COMMITTED_DIR = Path(__file__).parent / "models"
+STANDIN_MARKER = "STANDIN.txt"
+
+
+@dataclass(frozen=True)
+class BuiltinSpec:
+    name: str
+    kind: Literal["base", "controlnet"]
+    family: Literal["sd", "sdxl"]
+    description: str
+    base: str | None = None  # for a ControlNet: the built-in base it was made for
+    control_type: str | None = None
+
+
+BUILTINS: dict[str, BuiltinSpec] = {
+    spec.name: spec
+    for spec in (
+        BuiltinSpec("shapes", "base", "sd", "SD architecture, 64 px shapes world; the default model"),
+        BuiltinSpec("shapes-xl", "base", "sdxl", "SDXL architecture (two text encoders), 64 px shapes world"),
+        BuiltinSpec("shapes-canny", "controlnet", "sd", "canny ControlNet for builtin:shapes", "shapes", "canny"),
+        BuiltinSpec("shapes-xl-canny", "controlnet", "sdxl", "canny ControlNet for builtin:shapes-xl", "shapes-xl",
+                    "canny"),
+    )
+}
+
+_build_lock = threading.RLock()  # a ControlNet stand-in builds its base first
+
+
+def builtin_controlnet_for(base_name: str, control_type: str) -> str | None:
+    """The built-in ControlNet matching a built-in base and control type, if there is one."""
+    for spec in BUILTINS.values():
+        if spec.kind == "controlnet" and spec.base == base_name and spec.control_type == control_type:
+            return spec.name
+    return None
+
+
+def is_standin(folder: Path) -> bool:
+    return (folder / STANDIN_MARKER).exists()
+
+
+def builtin_folder(name: str, data_dir: Path) -> Path:
+    """The folder holding built-in `name`: committed weights if present, else a (cached) stand-in."""
+    if name not in BUILTINS:
+        raise KeyError(f"unknown built-in model '{name}'; built-ins are: {', '.join(BUILTINS)}")
+    committed = COMMITTED_DIR / name
+    if committed.is_dir():
+        return committed
+    target = Path(data_dir) / "builtin-standins" / name
+    with _build_lock:
+        if not target.is_dir():
+            _build_standin(BUILTINS[name], target, data_dir)
+    return target
+
+
+def _build_standin(spec: BuiltinSpec, target: Path, data_dir: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename, so a crash never leaves a half-written model that looks complete.
+    scratch = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))
+    try:
+        if spec.kind == "base":
+            builder = build_sd_pipeline if spec.family == "sd" else build_sdxl_pipeline
+            builder(seed=0).save_pretrained(scratch, safe_serialization=True)
+        else:
+            base_unet = UNet2DConditionModel.from_pretrained(builtin_folder(spec.base, data_dir), subfolder="unet")
+            build_controlnet(base_unet, TinySize().vae_factor, seed=1).save_pretrained(scratch)
+        (scratch / STANDIN_MARKER).write_text(
+            f"Untrained stand-in for builtin:{spec.name} ({spec.description}): random weights, same architecture.\n"
+        )
+        scratch.rename(target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,0 +1,76 @@
+"""StudioConfig: every knob in one place, read from defaults < TOML file < environment (DS_*) < CLI flags."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+
+class Limits(BaseModel):
+    """Bounds every request is validated against; the error names the field and this range."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_width: int = Field(1024, ge=8, description="largest width in pixels")
+    max_height: int = Field(1024, ge=8, description="largest height in pixels")
+    max_steps: int = Field(150, ge=1)
+    max_batch_size: int = Field(8, ge=1)
+    max_prompt_chars: int = Field(2000, ge=1)
+    max_input_pixels: int = Field(4096 * 4096, ge=64, description="refuse input images larger than this")
+
+
+class MemoryOptions(BaseModel):
+    """Opt-in memory savers applied to each loaded pipeline (diffusers: speed features are explicit)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    attention_slicing: bool = False
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    model_cpu_offload: bool = False
+
+
+class ModelEntry(BaseModel):
+    """A configured model: a name the studio lists, pointing at a source (hub id, folder or single file)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str
+    config: str | None = Field(None, description="local diffusers folder giving configs for a single-file checkpoint")
+    kind: Literal["base", "controlnet"] = "base"
+
+
+class StudioConfig(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="DS_", env_nested_delimiter="__", extra="forbid", toml_file=os.environ.get("DS_CONFIG_FILE")
+    )
+
+    data_dir: Path = Field(Path("data"), description="history, built-in stand-ins, outputs")
+    models_dir: Path = Field(Path("models"), description="folder scanned for diffusers folders and checkpoints")
+    models: dict[str, ModelEntry] = Field(default_factory=dict, description="named models beside the built-ins")
+    default_model: str = "builtin:shapes"
+
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    memory: MemoryOptions = MemoryOptions()
+    max_loaded_models: int = Field(2, ge=1, description="LRU budget: loaded bases/ControlNets kept at once")
+    max_loaded_bytes: int | None = Field(None, ge=1, description="LRU budget in weight bytes (None: no byte cap)")
+
+    limits: Limits = Limits()
+    preview_interval: int = Field(2, ge=0, description="decode a cheap preview every N steps (0: never)")
+    depth_estimator: str | None = Field(None, description="local transformers depth-estimation model folder")
+    pose_estimator: str | None = Field(None, description="local transformers VitPose model folder")
+
+    host: str = "127.0.0.1"
+    port: int = Field(7860, ge=1, le=65535)
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # CLI flags arrive as init kwargs and win; then env; then the optional TOML file.
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))

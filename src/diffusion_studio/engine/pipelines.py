@@ -1,0 +1,281 @@
+"""PipelineManager: loads bases and ControlNets on demand, keeps them within an LRU budget, and gives each request
+its own pipeline view of the mode it needs, built over the base's shared modules (never a second copy of weights).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import diffusers
+import torch
+from diffusers import ControlNetModel, DiffusionPipeline
+
+from ..config import StudioConfig
+from ..requests import Mode, RequestError
+from ..samplers import SAMPLERS
+from .sources import ModelSource, resolve
+
+log = logging.getLogger(__name__)
+
+MODE_PIPELINES = {
+    "sd": {
+        Mode.txt2img: diffusers.StableDiffusionPipeline,
+        Mode.img2img: diffusers.StableDiffusionImg2ImgPipeline,
+        Mode.inpaint: diffusers.StableDiffusionInpaintPipeline,
+        Mode.controlnet: diffusers.StableDiffusionControlNetPipeline,
+    },
+    "sdxl": {
+        Mode.txt2img: diffusers.StableDiffusionXLPipeline,
+        Mode.sdxl: diffusers.StableDiffusionXLPipeline,
+        Mode.img2img: diffusers.StableDiffusionXLImg2ImgPipeline,
+        Mode.inpaint: diffusers.StableDiffusionXLInpaintPipeline,
+        Mode.controlnet: diffusers.StableDiffusionXLControlNetPipeline,
+    },
+}
+
+
+def pick_device(preference: str) -> torch.device:
+    if preference != "auto":
+        if preference == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device=cuda was asked for but CUDA is not available")
+        return torch.device(preference)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(preference: str, device: torch.device) -> torch.dtype:
+    if preference != "auto":
+        return getattr(torch, preference)
+    return torch.float32 if device.type == "cpu" else torch.float16  # diffusers' safe default: CPU stays fp32
+
+
+def module_bytes(modules) -> int:
+    seen, total = set(), 0
+    for module in modules:
+        if not isinstance(module, torch.nn.Module):
+            continue
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+class AdapterGate:
+    """LoRA state lives in the shared UNet, so runs wanting different LoRA sets must not overlap. Runs with the
+    same set share the gate; a different set waits until the running ones finish, then switches."""
+
+    def __init__(self, pipeline: DiffusionPipeline):
+        self._pipeline = pipeline
+        self._condition = threading.Condition()
+        self._active = 0
+        self._current: tuple = ()
+        self._loaded: set[str] = set()
+
+    @contextmanager
+    def use(self, adapters: tuple[tuple[str, str, float], ...]) -> Iterator[None]:
+        """`adapters`: (adapter name, file path, weight) triples."""
+        with self._condition:
+            self._condition.wait_for(lambda: self._active == 0 or self._current == adapters)
+            if self._current != adapters:
+                self._apply(adapters)
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._active -= 1
+                self._condition.notify_all()
+
+    def _apply(self, adapters) -> None:
+        pipe = self._pipeline
+        for name, path, _ in adapters:
+            if name not in self._loaded:
+                try:
+                    pipe.load_lora_weights(path, adapter_name=name)
+                except (ValueError, OSError, KeyError, RuntimeError) as exc:
+                    raise RequestError("loras", f"LoRA '{path}' can't be used with this model: {exc}") from None
+                self._loaded.add(name)
+        if adapters:
+            pipe.enable_lora()
+            pipe.set_adapters([a[0] for a in adapters], adapter_weights=[a[2] for a in adapters])
+        elif self._loaded:
+            pipe.disable_lora()
+        self._current = adapters
+
+
+@dataclass
+class LoadedModel:
+    source: ModelSource
+    pipeline: DiffusionPipeline | None = None  # bases
+    controlnet: ControlNetModel | None = None  # ControlNets
+    weight_bytes: int = 0
+    load_s: float = 0.0
+    users: int = 0
+    adapters: AdapterGate | None = None
+    extras: dict = field(default_factory=dict)  # per-model caches (e.g. the fitted preview map)
+
+    @property
+    def family(self) -> str:
+        return self.source.family
+
+
+class PipelineManager:
+    """One loaded copy per model; an LRU budget (count and bytes) unloads the least recently used idle model."""
+
+    def __init__(self, config: StudioConfig):
+        self.config = config
+        self.device = pick_device(config.device)
+        self.dtype = pick_dtype(config.dtype, self.device)
+        self._entries: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._lock = threading.RLock()
+        self.load_count = 0  # weights actually read from disk; tests use it to prove sharing
+
+    # -- loading --------------------------------------------------------------------------------------------
+    @contextmanager
+    def use(self, name: str, role: str = "base") -> Iterator[tuple[LoadedModel, float]]:
+        """Load (or reuse) a model and keep it from being unloaded while in use. Yields (model, load seconds)."""
+        with self._lock:
+            entry, load_s = self._get(name, role)
+            entry.users += 1
+        try:
+            yield entry, load_s
+        finally:
+            with self._lock:
+                entry.users -= 1
+
+    def _get(self, name: str, role: str) -> tuple[LoadedModel, float]:
+        source = resolve(name, self.config)
+        if source.role != role:
+            field_name = "model" if role == "base" else "controlnet"
+            raise RequestError(field_name, f"'{name}' is a {source.role}, not a {role}")
+        key = source.name
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key], 0.0
+        started = time.perf_counter()
+        entry = self._load(source)
+        entry.load_s = time.perf_counter() - started
+        self.load_count += 1
+        self._entries[key] = entry
+        self._enforce_budget(keep=key)
+        log.info("loaded %s (%s, %.1f MB) in %.2fs", key, source.kind, entry.weight_bytes / 1e6, entry.load_s)
+        return entry, entry.load_s
+
+    def _load(self, source: ModelSource) -> LoadedModel:
+        kwargs = {"dtype": self.dtype}
+        try:
+            if source.role == "controlnet":
+                if source.kind == "single_file":
+                    model = ControlNetModel.from_single_file(source.location, config=str(source.config_folder),
+                                                             local_files_only=True, **kwargs)
+                else:
+                    model = ControlNetModel.from_pretrained(source.location, **kwargs)
+                model.to(self.device)
+                return LoadedModel(source, controlnet=model, weight_bytes=module_bytes([model]))
+            if source.kind == "single_file":
+                family_cls = MODE_PIPELINES[source.family][Mode.txt2img]
+                pipe = family_cls.from_single_file(source.location, config=str(source.config_folder),
+                                                   local_files_only=True, **kwargs)
+            else:
+                pipe = DiffusionPipeline.from_pretrained(source.location, **kwargs)
+        except OSError as exc:
+            if source.kind == "hub":
+                raise RequestError(
+                    "model",
+                    f"'{source.location}' is not in the local Hugging Face cache and the hub can't be reached "
+                    "(offline). Download it where there is network (`hf download "
+                    f"{source.location}`) or point the studio at a local folder.",
+                ) from None
+            raise RequestError("model", f"can't load '{source.name}': {exc}") from None
+        family = "sdxl" if "XL" in type(pipe).__name__ else "sd"
+        if source.family is None:  # hub ids: known only now
+            source = ModelSource(source.name, source.kind, source.location, "base", family)
+        self._apply_memory_options(pipe)
+        return LoadedModel(source, pipeline=pipe, weight_bytes=module_bytes(pipe.components.values()),
+                           adapters=AdapterGate(pipe))
+
+    def _apply_memory_options(self, pipe: DiffusionPipeline) -> None:
+        memory = self.config.memory
+        if memory.model_cpu_offload:
+            if self.device.type == "cpu":
+                raise RequestError("memory.model_cpu_offload", "needs a CUDA or MPS device; this machine has none")
+            pipe.enable_model_cpu_offload(device=self.device)
+        else:
+            pipe.to(self.device)
+        if memory.attention_slicing:
+            pipe.enable_attention_slicing()
+        if memory.vae_slicing:
+            pipe.vae.enable_slicing()
+        if memory.vae_tiling:
+            pipe.vae.enable_tiling()
+
+    # -- budget ---------------------------------------------------------------------------------------------
+    def _enforce_budget(self, keep: str) -> None:
+        def over_budget() -> bool:
+            max_bytes = self.config.max_loaded_bytes
+            total = sum(e.weight_bytes for e in self._entries.values())
+            return len(self._entries) > self.config.max_loaded_models or (max_bytes is not None and total > max_bytes)
+
+        while over_budget():
+            idle = [k for k, e in self._entries.items() if k != keep and e.users == 0]
+            if not idle:
+                log.warning("memory budget exceeded but every other model is in use; keeping all loaded")
+                return
+            self.unload(idle[0])  # OrderedDict order: least recently used first
+
+    def unload(self, name: str) -> bool:
+        with self._lock:
+            key = name if name in self._entries else None
+            if key is None:
+                try:
+                    key = resolve(name, self.config).name
+                except RequestError:
+                    return False
+            entry = self._entries.get(key)
+            if entry is None or entry.users:
+                return False
+            del self._entries[key]
+        del entry
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.info("unloaded %s", key)
+        return True
+
+    def loaded(self) -> list[dict]:
+        with self._lock:
+            return [
+                {"name": k, "role": e.source.role, "family": e.family, "weight_bytes": e.weight_bytes,
+                 "load_s": round(e.load_s, 3), "in_use": e.users, "standin": e.source.standin}
+                for k, e in self._entries.items()
+            ]
+
+    # -- per-request views ----------------------------------------------------------------------------------
+    def view(self, base: LoadedModel, mode: Mode, scheduler: str,
+             controlnet: ControlNetModel | None = None) -> DiffusionPipeline:
+        """The pipeline for `mode` over the base's own modules, with its own scheduler instance (the scheduler
+        carries per-run state, so sharing one across concurrent requests would corrupt both)."""
+        cls = MODE_PIPELINES[base.family].get(mode)
+        if cls is None:
+            raise RequestError("mode", f"mode '{mode.value}' needs an SDXL base; '{base.source.name}' is SD")
+        extra = {"controlnet": controlnet} if mode == Mode.controlnet else {}
+        view = cls.from_pipe(base.pipeline, scheduler=make_scheduler(scheduler, base.pipeline.scheduler.config),
+                             dtype=self.dtype, **extra)
+        view.set_progress_bar_config(disable=True)
+        return view
+
+
+def make_scheduler(name: str, base_config):
+    class_name, options = SAMPLERS[name]
+    return getattr(diffusers, class_name).from_config(base_config, **options)

@@ -1,0 +1,52 @@
+"""Cheap previews: a linear latent -> RGB map, never the full VAE per step.
+
+Known maps for the real SD and SDXL VAEs; any other VAE (the built-ins) gets a map fitted once by least squares
+from latents of a few synthetic images to those images downsampled to latent size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+# rows: latent channels (+ bias row); columns: R, G, B. Output is in [-1, 1].
+SD_MAP = [[.3512, .2297, .3227], [.3250, .4974, .2350], [-.2829, .1762, .2721], [-.2120, -.2616, -.7177],
+          [0.0, 0.0, 0.0]]
+SDXL_MAP = [[.3651, .4232, .4341], [-.2533, -.0042, .1068], [.1076, .1111, -.0362], [-.3165, -.2492, -.2188],
+            [.1084, -.0175, -.0011]]
+REAL_VAE_WIDTHS = [128, 256, 512, 512]
+
+
+def preview_map(vae) -> torch.Tensor:
+    """(latent_channels + 1) x 3 map for this VAE, for latents as they are inside the denoising loop."""
+    config = vae.config
+    if list(config.block_out_channels) == REAL_VAE_WIDTHS and config.latent_channels == 4:
+        return torch.tensor(SDXL_MAP if abs(config.scaling_factor - 0.13025) < 1e-4 else SD_MAP)
+    return fit_preview_map(vae)
+
+
+@torch.no_grad()
+def fit_preview_map(vae, size: int = 64, count: int = 16, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    # Synthetic images: flat colours with a block of another colour, so the fit sees both hue and structure.
+    images = torch.rand(count, 3, 1, 1, generator=generator).expand(count, 3, size, size).clone()
+    half = size // 2
+    images[:, :, :half, :half] = torch.rand(count, 3, 1, 1, generator=generator)
+    images = images * 2 - 1
+    param = next(vae.parameters())
+    latents = vae.encode(images.to(param.device, param.dtype)).latent_dist.mean.float().cpu()
+    latents = latents * vae.config.scaling_factor
+    small = torch.nn.functional.interpolate(images, size=latents.shape[-2:], mode="area")
+    x = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+    x = torch.cat([x, torch.ones(len(x), 1)], dim=1)
+    y = small.permute(0, 2, 3, 1).reshape(-1, 3)
+    return torch.linalg.lstsq(x, y).solution
+
+
+def latents_to_preview(latents: torch.Tensor, mapping: torch.Tensor) -> Image.Image:
+    """First latent of a batch -> small RGB image."""
+    lat = latents[0].float().cpu().permute(1, 2, 0)
+    rgb = lat @ mapping[:-1] + mapping[-1]
+    array = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    return Image.fromarray(np.ascontiguousarray(array))

@@ -1,0 +1,212 @@
+"""Engine.run(request, on_step, cancel) -> GenerationResult: one function for every mode.
+
+Knows nothing about Gradio or HTTP. Safe to call from several threads: each run gets its own pipeline view and
+scheduler over the shared modules; LoRA changes are serialised by the base's AdapterGate.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from typing import Callable, Protocol
+
+import cv2
+import numpy as np
+import psutil
+import torch
+from PIL import Image
+
+from ..builtin.catalog import builtin_controlnet_for
+from ..config import StudioConfig
+from ..requests import GenerationRequest, GenerationResult, Mode, RequestError, StepEvent, Timings
+from .control import make_control_image
+from .pipelines import LoadedModel, PipelineManager
+from .preview import latents_to_preview, preview_map
+from .sources import resolve_lora
+
+
+class CancelFlag(Protocol):
+    def is_set(self) -> bool: ...
+
+
+StepCallback = Callable[[StepEvent], None]
+
+
+def prepare_mask(mask: Image.Image, size: tuple[int, int], blur: int, grow: int) -> Image.Image:
+    """Mask resized to the image (nearest, so edges stay hard), grown by `grow` px, then feathered by `blur`.
+    White = repaint, black = keep."""
+    array = np.asarray(mask.convert("L").resize(size, Image.NEAREST))
+    array = np.where(array > 127, 255, 0).astype(np.uint8)
+    if grow:
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1))
+        array = cv2.dilate(array, kernel)
+    if blur:
+        array = cv2.GaussianBlur(array, (0, 0), sigmaX=blur)
+    return Image.fromarray(array)
+
+
+def paste_outside_mask(generated: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:
+    """Outside the (feathered) mask the original pixels come back exactly: the VAE round trip would blur them."""
+    alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255.0
+    mixed = np.asarray(generated, np.float32) * alpha + np.asarray(original, np.float32) * (1 - alpha)
+    return Image.fromarray(mixed.round().astype(np.uint8))
+
+
+class MemorySampler:
+    """Peak memory over a run: CUDA's own counter on GPU, RSS sampled at every step on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.process = psutil.Process()
+        self.peak = 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.sample()
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def result(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        self.sample()
+        return self.peak
+
+
+class Engine:
+    def __init__(self, config: StudioConfig):
+        self.config = config
+        self.manager = PipelineManager(config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.manager.device
+
+    def control_preview(self, request: GenerationRequest) -> Image.Image:
+        """The control image a controlnet request will use, for showing before generating."""
+        if request.control_image is None:
+            raise RequestError("control_image", "is required to preview a control map")
+        if not request.control_preprocess:
+            return request.control_image
+        return make_control_image(request.control_image, request.control_type, request.canny_low,
+                                  request.canny_high, self.config.depth_estimator, self.config.pose_estimator)
+
+    def run(self, request: GenerationRequest, on_step: StepCallback | None = None,
+            cancel: CancelFlag | None = None) -> GenerationResult:
+        started = time.perf_counter()
+        cancel = cancel or threading.Event()
+        with self.manager.use(request.model, "base") as (base, load_s):
+            # 1. Check the mode against the base family, find the ControlNet.
+            if request.mode == Mode.sdxl and base.family != "sdxl":
+                raise RequestError("mode", f"'sdxl' needs an SDXL base; '{request.model}' is {base.family.upper()}")
+            if request.mode == Mode.controlnet:
+                controlnet_name = self._controlnet_name(request, base)
+                with self.manager.use(controlnet_name, "controlnet") as (control_model, control_load_s):
+                    if control_model.family != base.family:
+                        raise RequestError("controlnet", f"'{controlnet_name}' is for {control_model.family.upper()}"
+                                                         f" bases; '{request.model}' is {base.family.upper()}")
+                    return self._run_on(base, control_model, request, on_step, cancel, started,
+                                        load_s + control_load_s)
+            return self._run_on(base, None, request, on_step, cancel, started, load_s)
+
+    def _controlnet_name(self, request: GenerationRequest, base: LoadedModel) -> str:
+        if request.controlnet:
+            return request.controlnet
+        if base.source.kind == "builtin":
+            name = builtin_controlnet_for(base.source.name.removeprefix("builtin:"), request.control_type)
+            if name:
+                return f"builtin:{name}"
+        raise RequestError("controlnet", f"no default {request.control_type} ControlNet for '{request.model}'; "
+                                         "name one in controlnet")
+
+    def _run_on(self, base: LoadedModel, control_model: LoadedModel | None, request: GenerationRequest,
+                on_step: StepCallback | None, cancel: CancelFlag, started: float, load_s: float) -> GenerationResult:
+        # 2. Resolve size and seeds; one CPU generator per image, so each image reproduces on its own.
+        width, height = self._size(base, request)
+        first_seed = request.seed if request.seed is not None else secrets.randbelow(2**32 - request.batch_size)
+        seeds = [first_seed + i for i in range(request.batch_size)]
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+        # 3. Mode inputs, at the output size.
+        inputs, mask, control_image = self._mode_inputs(request, width, height)
+
+        # 4. A pipeline view with its own scheduler; LoRAs through the base's gate.
+        pipe = self.manager.view(base, request.mode, request.scheduler,
+                                 control_model.controlnet if control_model else None)
+        adapters = tuple((self._adapter_name(lora.name), str(resolve_lora(lora.name, self.config)), lora.weight)
+                         for lora in request.loras)
+
+        # 5. The step callback: timing, memory, cancel, previews.
+        timings = Timings(load_s=load_s)
+        memory = MemorySampler(self.device)
+        interval = self.config.preview_interval
+        if interval and "preview_map" not in base.extras:
+            base.extras["preview_map"] = preview_map(base.pipeline.vae)
+        loop_started = [time.perf_counter()]
+
+        def step_end(pipeline, step_index, timestep, callback_kwargs):
+            now = time.perf_counter()
+            timings.step_s.append(now - loop_started[0])
+            loop_started[0] = now
+            memory.sample()
+            total = pipeline.num_timesteps
+            done = step_index + 1
+            if cancel.is_set():
+                pipeline._interrupt = True  # remaining steps are skipped; diffusers still decodes
+            if on_step is not None:
+                preview = None
+                if interval and (done % interval == 0 or done == total):
+                    preview = latents_to_preview(callback_kwargs["latents"], base.extras["preview_map"])
+                mean_step = sum(timings.step_s) / len(timings.step_s)
+                on_step(StepEvent(done, total, now - started, mean_step * (total - done), preview))
+            return callback_kwargs
+
+        # 6. Run.
+        prompts = [request.prompt] * request.batch_size
+        negatives = [request.negative_prompt] * request.batch_size if request.negative_prompt else None
+        with base.adapters.use(adapters), torch.inference_mode():
+            loop_started[0] = time.perf_counter()
+            output = pipe(
+                prompt=prompts, negative_prompt=negatives, num_inference_steps=request.steps,
+                guidance_scale=request.guidance, generator=generators, output_type="pil",
+                callback_on_step_end=step_end, callback_on_step_end_tensor_inputs=["latents"], **inputs,
+            )
+        images = list(output.images)
+
+        # 7. Inpainting keeps the unmasked pixels exactly.
+        if mask is not None:
+            images = [paste_outside_mask(image, inputs["image"], mask) for image in images]
+
+        timings.total_s = time.perf_counter() - started
+        return GenerationResult(
+            request=request, images=images, seeds=seeds, model_id=base.source.identity, timings=timings,
+            peak_memory_bytes=memory.result(), device=str(self.device), cancelled=cancel.is_set(),
+            control_image=control_image,
+        )
+
+    def _size(self, base: LoadedModel, request: GenerationRequest) -> tuple[int, int]:
+        native = base.pipeline.unet.config.sample_size * base.pipeline.vae_scale_factor
+        return request.width or native, request.height or native
+
+    def _mode_inputs(self, request: GenerationRequest, width: int, height: int):
+        """Pipeline keyword arguments for the mode, plus the prepared mask and control image (for the result)."""
+        size = (width, height)
+        if request.mode in (Mode.txt2img, Mode.sdxl):
+            return {"width": width, "height": height}, None, None
+        if request.mode == Mode.img2img:
+            return {"image": request.init_image.resize(size, Image.LANCZOS), "strength": request.strength}, None, None
+        if request.mode == Mode.inpaint:
+            image = request.init_image.resize(size, Image.LANCZOS)
+            mask = prepare_mask(request.mask_image, size, request.mask_blur, request.mask_grow)
+            return ({"image": image, "mask_image": mask, "strength": request.strength, "width": width,
+                     "height": height}, mask, None)
+        control_image = self.control_preview(request).resize(size, Image.BILINEAR)
+        return ({"image": control_image, "controlnet_conditioning_scale": request.control_scale,
+                 "control_guidance_start": request.control_start, "control_guidance_end": request.control_end,
+                 "width": width, "height": height}, None, control_image)
+
+    @staticmethod
+    def _adapter_name(name: str) -> str:
+        # peft adapter names become module attribute names: no dots or slashes.
+        return "lora_" + "".join(ch if ch.isalnum() else "_" for ch in name)[-48:]

@@ -1,0 +1,293 @@
+"""The one request type every layer passes down, the result and progress events that come back up.
+
+A `GenerationRequest` is built once (UI, API, CLI, Python API), validated here against the configured `Limits`
+(pass them as validation context: `GenerationRequest.model_validate(data, context={"limits": limits})`), and handed
+to the engine unchanged. Validation errors always name the field and the allowed range.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from .config import Limits
+from .samplers import SAMPLERS
+
+ALLOWED_IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"}
+MAX_SEED = 2**32 - 1
+
+
+class Mode(str, enum.Enum):
+    txt2img = "txt2img"
+    sdxl = "sdxl"
+    img2img = "img2img"
+    inpaint = "inpaint"
+    controlnet = "controlnet"
+
+
+class RequestError(ValueError):
+    """A request that can't run; `field` names the input at fault so UIs and the API can point at it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per problem, `field: what is wrong (got value)`, for people rather than stack traces."""
+    lines = []
+    for item in error.errors(include_url=False):
+        where = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if not where:  # a whole-request check: RequestError already starts with the field's name
+            lines.append(message)
+            continue
+        got = item.get("input")
+        shown = "" if isinstance(got, (dict, Image.Image, bytes)) or got is None else f" (got {str(got)[:60]!r})"
+        lines.append(f"{where}: {message}{shown}")
+    return "; ".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images arrive as PIL images, numpy arrays, raw bytes or base64 text (optionally a data URL). They are decoded
+# once, here, with a pixel limit checked before the pixels are read (decompression-bomb guard).
+
+
+def decode_image(value: Any, max_pixels: int) -> Image.Image:
+    if isinstance(value, Image.Image):
+        image = value
+    elif isinstance(value, np.ndarray):
+        if value.ndim not in (2, 3) or value.dtype != np.uint8:
+            raise ValueError("must be an 8-bit image array of shape HxW or HxWxC")
+        image = Image.fromarray(value)
+    else:
+        if isinstance(value, str):
+            text = value.split(",", 1)[1] if value.startswith("data:") else value
+            try:
+                value = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError("must be base64-encoded image data") from None
+        if not isinstance(value, (bytes, bytearray)):
+            raise ValueError("must be an image (PNG, JPEG, WEBP, ...), as bytes, base64 text or a picture")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(value))
+                if image.format not in ALLOWED_IMAGE_FORMATS:
+                    raise ValueError(f"format {image.format} is not allowed; use one of {sorted(ALLOWED_IMAGE_FORMATS)}")
+                _check_pixels(image, max_pixels)
+                image.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ValueError(f"image is too large (more than {max_pixels} pixels)") from None
+        except (OSError, SyntaxError) as exc:  # PIL's "cannot identify image file" and truncated data
+            raise ValueError(f"is not a readable image ({exc})") from None
+    _check_pixels(image, max_pixels)
+    return image
+
+
+def _check_pixels(image: Image.Image, max_pixels: int) -> None:
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ValueError("image is empty")
+    if width * height > max_pixels:
+        raise ValueError(f"image is {width}x{height}, more than the allowed {max_pixels} pixels")
+
+
+def image_digest(image: Image.Image) -> str:
+    return hashlib.sha256(image.tobytes() + repr((image.mode, image.size)).encode()).hexdigest()[:16]
+
+
+def image_to_base64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _decode_in_context(value: Any, info: ValidationInfo) -> Any:
+    if value is None or isinstance(value, Image.Image) and value.mode in ("RGB", "L"):
+        return value
+    return decode_image(value, _limits(info).max_input_pixels)
+
+
+def _limits(info: ValidationInfo) -> Limits:
+    context = info.context or {}
+    return context.get("limits") or Limits()
+
+
+InputImage = Annotated[
+    Image.Image,
+    BeforeValidator(_decode_in_context),
+    PlainSerializer(image_to_base64, return_type=str, when_used="json"),
+]
+
+
+class LoraSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, description="LoRA name or path to a .safetensors file / folder")
+    weight: float = Field(1.0, ge=-4.0, le=4.0)
+
+
+class GenerationRequest(BaseModel):
+    """Everything needed to produce images, for every mode. Unset sizes mean the model's native size."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, validate_assignment=False)
+
+    mode: Mode = Mode.txt2img
+    model: str = Field("builtin:shapes", min_length=1)
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = Field(20, ge=1)
+    guidance: float = Field(7.0, ge=0.0, le=50.0)
+    width: int | None = Field(None, ge=8)
+    height: int | None = Field(None, ge=8)
+    seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="None or -1: random; the used seed is returned")
+    scheduler: str = "Euler"
+    batch_size: int = Field(1, ge=1)
+    loras: list[LoraSpec] = Field(default_factory=list)
+
+    init_image: InputImage | None = None
+    strength: float = Field(0.75, gt=0.0, le=1.0)
+
+    mask_image: InputImage | None = None
+    mask_blur: int = Field(4, ge=0, le=64)
+    mask_grow: int = Field(0, ge=0, le=128)
+
+    control_image: InputImage | None = None
+    control_type: Literal["canny", "depth", "pose"] = "canny"
+    control_preprocess: bool = Field(True, description="run the preprocessor; False: control_image is the map")
+    canny_low: int = Field(100, ge=0, le=255)
+    canny_high: int = Field(200, ge=0, le=255)
+    controlnet: str | None = Field(None, description="ControlNet model; default: the base's built-in for the type")
+    control_scale: float = Field(1.0, ge=0.0, le=2.0)
+    control_start: float = Field(0.0, ge=0.0, le=1.0)
+    control_end: float = Field(1.0, ge=0.0, le=1.0)
+
+    @field_validator("seed")
+    @classmethod
+    def _random_seed_marker(cls, seed: int | None) -> int | None:
+        return None if seed == -1 else seed
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, name: str) -> str:
+        if name not in SAMPLERS:
+            raise ValueError(f"unknown scheduler; choose one of: {', '.join(SAMPLERS)}")
+        return name
+
+    @field_validator("mask_image")
+    @classmethod
+    def _mask_grayscale(cls, mask: Image.Image | None) -> Image.Image | None:
+        if mask is None:
+            return None
+        if mask.mode in ("RGBA", "LA"):  # painted strokes live in the alpha channel
+            return mask.getchannel("A")
+        return mask.convert("L")
+
+    @field_validator("init_image", "control_image")
+    @classmethod
+    def _rgb(cls, image: Image.Image | None) -> Image.Image | None:
+        return None if image is None else image.convert("RGB")
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> "GenerationRequest":
+        limits = _limits(info)
+        # 1. Sizes: multiples of 8 within the configured maximum.
+        for name, maximum in (("width", limits.max_width), ("height", limits.max_height)):
+            value = getattr(self, name)
+            if value is not None and (value % 8 or value > maximum):
+                raise RequestError(name, f"must be a multiple of 8 between 8 and {maximum} (got {value})")
+        # 2. Counts and text lengths.
+        if self.steps > limits.max_steps:
+            raise RequestError("steps", f"must be between 1 and {limits.max_steps} (got {self.steps})")
+        if self.batch_size > limits.max_batch_size:
+            raise RequestError("batch_size", f"must be between 1 and {limits.max_batch_size} (got {self.batch_size})")
+        for name in ("prompt", "negative_prompt"):
+            if len(getattr(self, name)) > limits.max_prompt_chars:
+                raise RequestError(name, f"must be at most {limits.max_prompt_chars} characters")
+        # 3. Each mode's own inputs.
+        needs = {
+            Mode.img2img: ("init_image",),
+            Mode.inpaint: ("init_image", "mask_image"),
+            Mode.controlnet: ("control_image",),
+        }.get(self.mode, ())
+        require_images = (info.context or {}).get("require_images", True)  # False: parameters read from a PNG
+        for name in needs:
+            if require_images and getattr(self, name) is None:
+                raise RequestError(name, f"is required for mode '{self.mode.value}'")
+        if self.control_start >= self.control_end:
+            raise RequestError("control_end", f"must be greater than control_start ({self.control_start})")
+        if self.control_preprocess and self.control_type == "canny" and self.canny_low > self.canny_high:
+            raise RequestError("canny_low", f"must not exceed canny_high ({self.canny_high})")
+        return self
+
+    # -----------------------------------------------------------------------------------------------------------
+    def parameters(self) -> dict[str, Any]:
+        """The request as plain JSON without pixel data (images become digests): for metadata and cache keys."""
+        data = self.model_dump(mode="json", exclude={"init_image", "mask_image", "control_image"})
+        for name in ("init_image", "mask_image", "control_image"):
+            image = getattr(self, name)
+            if image is not None:
+                data[f"{name}_sha256"] = image_digest(image)
+        return data
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """Progress of one running request: sent after every denoising step."""
+
+    step: int
+    total: int
+    elapsed_s: float
+    eta_s: float
+    preview: Image.Image | None = None
+
+
+@dataclass
+class Timings:
+    load_s: float = 0.0
+    step_s: list[float] = field(default_factory=list)
+    total_s: float = 0.0
+
+    @property
+    def it_per_s(self) -> float:
+        spent = sum(self.step_s)
+        return len(self.step_s) / spent if spent > 0 else 0.0
+
+
+@dataclass
+class GenerationResult:
+    request: GenerationRequest
+    images: list[Image.Image]
+    seeds: list[int]
+    model_id: str
+    timings: Timings
+    peak_memory_bytes: int
+    device: str
+    cancelled: bool = False
+    control_image: Image.Image | None = None
+
+    @property
+    def seed(self) -> int:
+        return self.seeds[0]
