@@ -64,7 +64,8 @@ def describe_validation_error(error: ValidationError) -> str:
             lines.append(message)
             continue
         got = item.get("input")
-        shown = "" if isinstance(got, (dict, Image.Image, bytes)) or got is None else f" (got {str(got)[:60]!r})"
+        quiet = got is None or isinstance(got, (dict, list, bytes, Image.Image, np.ndarray)) or "image" in where
+        shown = "" if quiet else f" (got {str(got)[:60]!r})"
         lines.append(f"{where}: {message}{shown}")
     return "; ".join(lines)
 

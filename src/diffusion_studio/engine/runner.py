@@ -152,14 +152,14 @@ class Engine:
             memory.sample()
             total = pipeline.num_timesteps
             done = step_index + 1
-            if cancel.is_set():
-                pipeline._interrupt = True  # remaining steps are skipped; diffusers still decodes
             if on_step is not None:
                 preview = None
                 if interval and (done % interval == 0 or done == total):
                     preview = latents_to_preview(callback_kwargs["latents"], base.extras["preview_map"])
                 mean_step = sum(timings.step_s) / len(timings.step_s)
                 on_step(StepEvent(done, total, now - started, mean_step * (total - done), preview))
+            if cancel.is_set():
+                pipeline._interrupt = True  # remaining steps are skipped; diffusers still decodes
             return callback_kwargs
 
         # 6. Run.
