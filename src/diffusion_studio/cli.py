@@ -1,0 +1,162 @@
+"""diffusion-studio serve | generate | models"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from .requests import Mode, RequestError, describe_validation_error
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _config(args):
+    from .config import StudioConfig
+
+    overrides = {key: value for key, value in (("data_dir", args.data_dir), ("models_dir", args.models_dir),
+                                               ("device", args.device), ("dtype", args.dtype)) if value}
+    return StudioConfig(**overrides)
+
+
+def _parse_lora(text: str) -> dict:
+    name, _, weight = text.rpartition(":") if ":" in text else (text, "", "1")
+    try:
+        return {"name": name, "weight": float(weight)}
+    except ValueError:
+        return {"name": text, "weight": 1.0}
+
+
+def cmd_generate(args) -> int:
+    from .studio import Studio
+
+    studio = Studio(_config(args))
+    fields = {"mode": args.mode, "model": args.model or studio.config.default_model, "prompt": args.prompt,
+              "negative_prompt": args.negative_prompt, "steps": args.steps, "guidance": args.guidance,
+              "width": args.width, "height": args.height, "seed": args.seed, "scheduler": args.scheduler,
+              "batch_size": args.batch_size, "strength": args.strength, "controlnet": args.controlnet,
+              "control_type": args.control_type, "loras": [_parse_lora(item) for item in args.lora]}
+    for field, path in (("init_image", args.init_image), ("mask_image", args.mask),
+                        ("control_image", args.control_image)):
+        if path:
+            try:
+                fields[field] = Path(path).read_bytes()
+            except OSError as exc:
+                raise RequestError(field, f"can't read '{path}': {exc.strerror}") from None
+    request = studio.validate({k: v for k, v in fields.items() if v is not None})
+
+    def show(event):
+        print(f"\rstep {event.step}/{event.total}  eta {event.eta_s:.1f}s", end="", file=sys.stderr, flush=True)
+
+    result = studio.generate(request, on_step=show)
+    print(file=sys.stderr)
+    for path in studio.save(result, Path(args.out)):
+        print(path)
+    t = result.timings
+    print(f"{len(result.images)} image(s), seed {result.seed}, {t.total_s:.2f}s (load {t.load_s:.2f}s, "
+          f"{t.it_per_s:.1f} it/s), peak memory {result.peak_memory_bytes / 2**20:.0f} MiB on {result.device}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .studio import Studio
+
+    for row in Studio(_config(args)).models():
+        print(f"{row['name']:<28} {row['role']:<10} {row['family'] or '?':<5} {row['origin']:<30} "
+              f"{row['description']}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from .ui.app import build_app
+
+    config = _config(args).model_copy(update={"host": args.host, "port": args.port})
+    if not ipaddress.ip_address(_resolve_host(config.host)).is_loopback:
+        # Auth arrives with the job service; until then the studio is never opened to a network.
+        raise RequestError("host", f"'{config.host}' is not a loopback address; this studio has no auth yet, so "
+                                   "it only listens on 127.0.0.1 / ::1")
+    app = build_app(config)
+    print(f"Diffusion Studio on http://{config.host}:{config.port}/  (API docs: /docs)", file=sys.stderr)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+    return 0
+
+
+def _resolve_host(host: str) -> str:
+    return "127.0.0.1" if host == "localhost" else host
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffusion-studio", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", help="history, outputs, built-in stand-ins (default: ./data)")
+    common.add_argument("--models-dir", help="folder scanned for models (default: ./models)")
+    common.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    common.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", parents=[common], help="start the studio (UI + API)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=7860)
+    serve.set_defaults(func=cmd_serve)
+
+    generate = sub.add_parser("generate", parents=[common], help="generate images into a folder")
+    generate.add_argument("--model")
+    generate.add_argument("--mode", default="txt2img", choices=[m.value for m in Mode])
+    generate.add_argument("--prompt", default="")
+    generate.add_argument("--negative-prompt", default="")
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--steps", type=int, default=20)
+    generate.add_argument("--guidance", type=float, default=7.0)
+    generate.add_argument("--width", type=int)
+    generate.add_argument("--height", type=int)
+    generate.add_argument("--scheduler", default="Euler")
+    generate.add_argument("--batch-size", type=int, default=1)
+    generate.add_argument("--init-image")
+    generate.add_argument("--mask")
+    generate.add_argument("--control-image")
+    generate.add_argument("--control-type", default="canny")
+    generate.add_argument("--strength", type=float)
+    generate.add_argument("--controlnet", help="default: the base's matching built-in ControlNet")
+    generate.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]")
+    generate.add_argument("--out", default="outputs")
+    generate.set_defaults(func=cmd_generate)
+
+    models = sub.add_parser("models", parents=[common], help="list built-in, configured and found models")
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.command == "serve" else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except ValidationError as exc:
+        print(f"error: {describe_validation_error(exc)}", file=sys.stderr)
+    except RequestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

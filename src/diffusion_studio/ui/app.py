@@ -1,0 +1,35 @@
+"""The server: one FastAPI app with the Gradio studio mounted at the root path beside the API routes."""
+
+from __future__ import annotations
+
+import gradio as gr
+from fastapi import FastAPI
+
+from ..config import StudioConfig
+from ..studio import Studio
+from .tabs import generate
+
+THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate")
+
+
+def build_blocks(studio: Studio) -> gr.Blocks:
+    with gr.Blocks(title="Diffusion Studio") as blocks:
+        gr.Markdown("# Diffusion Studio")
+        with gr.Tabs():
+            generate.build(studio)  # later tabs slot in here, one module each
+    blocks.queue(default_concurrency_limit=2, max_size=64)
+    return blocks
+
+
+def build_app(config: StudioConfig, studio: Studio | None = None) -> FastAPI:
+    studio = studio or Studio(config)
+    app = FastAPI(title="Diffusion Studio", version="0.1.0")
+    app.state.studio = studio
+
+    @app.get("/health", tags=["system"])
+    def health() -> dict:
+        return {"status": "ok", "device": str(studio.engine.device), "loaded": studio.engine.manager.loaded()}
+
+    studio.outputs_dir.mkdir(parents=True, exist_ok=True)
+    return gr.mount_gradio_app(app, build_blocks(studio), path="/", theme=THEME,
+                               allowed_paths=[str(studio.outputs_dir)], footer_links=["api", "settings"])

@@ -1,0 +1,83 @@
+"""Generate tab: text to image (SD or SDXL, following the chosen model) with live preview and cancel."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from ...samplers import SAMPLERS
+from ...studio import Studio
+from ..runs import stream, user_error
+
+EXAMPLES = [
+    ["a red circle on a white background", 20, 7.0, 42],
+    ["a blue star on a black background at the top left", 20, 7.0, 7],
+    ["a yellow triangle on a gray background in the center", 20, 7.0, 1234],
+]
+
+
+def status_line(result) -> str:
+    t = result.timings
+    state = "Cancelled" if result.cancelled else "Done"
+    return (f"{state} in {t.total_s:.2f}s (load {t.load_s:.2f}s, {t.it_per_s:.1f} it/s) · seed {result.seed} · "
+            f"peak memory {result.peak_memory_bytes / 2**20:.0f} MiB · {result.device}")
+
+
+def build(studio: Studio) -> None:
+    with gr.Tab("Generate", id="generate"):
+        with gr.Row():
+            with gr.Column(scale=2):
+                model = gr.Dropdown(studio.base_model_names(), value=studio.config.default_model, label="Model",
+                                    allow_custom_value=True,
+                                    info="built-ins first; or type a hub id, folder or checkpoint path")
+                prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle on a white background")
+                negative = gr.Textbox(label="Negative prompt", lines=1)
+                with gr.Row():
+                    steps = gr.Slider(1, studio.config.limits.max_steps, value=20, step=1, label="Steps")
+                    guidance = gr.Slider(0, 20, value=7.0, step=0.5, label="Guidance (CFG)")
+                with gr.Row():
+                    width = gr.Slider(0, studio.config.limits.max_width, value=0, step=8,
+                                      label="Width", info="0 = the model's native size")
+                    height = gr.Slider(0, studio.config.limits.max_height, value=0, step=8,
+                                       label="Height", info="0 = the model's native size")
+                with gr.Row():
+                    seed = gr.Number(-1, precision=0, label="Seed", info="-1 = random")
+                    reuse = gr.Button("♻ Reuse last seed", size="sm")
+                    scheduler = gr.Dropdown(list(SAMPLERS), value="Euler", label="Scheduler")
+                    batch_size = gr.Slider(1, studio.config.limits.max_batch_size, value=1, step=1,
+                                           label="Batch size")
+                with gr.Row():
+                    run = gr.Button("Generate", variant="primary")
+                    cancel = gr.Button("Cancel", variant="stop")
+            with gr.Column(scale=3):
+                preview = gr.Image(label="Live preview", type="pil", height=160, interactive=False)
+                gallery = gr.Gallery(label="Result", columns=2, height=360, format="png")
+                status = gr.Markdown()
+                last_seed = gr.State(None)
+        gr.Examples(EXAMPLES, [prompt, steps, guidance, seed])
+
+        def generate(model, prompt, negative, steps, guidance, width, height, seed, scheduler, batch_size,
+                     progress=gr.Progress()):
+            try:
+                request = studio.validate({
+                    "mode": "txt2img", "model": model, "prompt": prompt, "negative_prompt": negative,
+                    "steps": int(steps), "guidance": guidance, "width": int(width) or None,
+                    "height": int(height) or None, "seed": None if seed is None else int(seed),
+                    "scheduler": scheduler, "batch_size": int(batch_size),
+                })
+            except Exception as exc:
+                raise user_error(exc) from None
+            for kind, value in stream(lambda on_step, flag: studio.generate(request, on_step, flag)):
+                if kind == "event":
+                    progress((value.step, value.total), desc="Sampling")
+                    yield (value.preview if value.preview is not None else gr.skip(), gr.skip(),
+                           f"Step {value.step}/{value.total} · about {value.eta_s:.1f}s left", gr.skip())
+                else:
+                    paths = [str(p) for p in studio.save(value)]
+                    yield value.images[0], paths, status_line(value), value.seed
+
+        event = run.click(generate, [model, prompt, negative, steps, guidance, width, height, seed, scheduler,
+                                     batch_size], [preview, gallery, status, last_seed], api_name="generate")
+        prompt.submit(generate, [model, prompt, negative, steps, guidance, width, height, seed, scheduler,
+                                 batch_size], [preview, gallery, status, last_seed], api_visibility="private")
+        cancel.click(None, None, None, cancels=[event])
+        reuse.click(lambda s: -1 if s is None else s, last_seed, seed, api_visibility="private")
