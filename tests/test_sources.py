@@ -1,0 +1,59 @@
+"""Model sources: folders, single-file checkpoints, hub ids offline, the models list."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from diffusion_studio.engine.checkpoint import export_single_file
+from diffusion_studio.engine.runner import Engine
+from diffusion_studio.engine.sources import list_models, resolve
+from diffusion_studio.requests import GenerationRequest, RequestError
+
+
+def generate(engine, model):
+    request = GenerationRequest(model=model, prompt="a green star", steps=2, seed=4)
+    return np.asarray(engine.run(request).images[0])
+
+
+def test_folder_and_single_file_give_the_same_image(make_config, sd_folder, tmp_path):
+    checkpoint = export_single_file(sd_folder, tmp_path / "tiny.safetensors")
+    shutil.copytree(sd_folder, tmp_path / "tiny")  # the local config folder beside the file (no hub needed)
+    engine = Engine(make_config())
+    source = resolve(str(checkpoint), engine.config)
+    assert (source.kind, source.family, source.config_folder) == ("single_file", "sd", tmp_path / "tiny")
+    from_file = generate(engine, str(checkpoint))
+    from_folder = generate(engine, str(sd_folder))
+    assert np.array_equal(from_file, from_folder)
+    assert engine.manager.load_count == 2
+
+
+def test_single_file_without_configs_is_refused(make_config, sd_folder, tmp_path):
+    checkpoint = export_single_file(sd_folder, tmp_path / "lonely.safetensors")
+    with pytest.raises(RequestError, match="needs a local diffusers config folder"):
+        resolve(str(checkpoint), make_config())
+
+
+def test_configured_single_file_with_explicit_config(make_config, sd_folder, tmp_path):
+    checkpoint = export_single_file(sd_folder, tmp_path / "named.safetensors")
+    config = make_config(models={"my-model": {"source": str(checkpoint), "config": str(sd_folder)}})
+    assert generate(Engine(config), "my-model").shape == (32, 32, 3)
+
+
+def test_hub_id_offline_is_a_clear_error(make_config):
+    engine = Engine(make_config())
+    with pytest.raises(RequestError, match=r"not in the local Hugging Face cache and the hub can.t be reached \(offline\)"):
+        generate(engine, "some-org/some-model-that-is-not-cached")
+
+
+def test_models_list(make_config, sd_folder):
+    config = make_config()
+    config.models_dir.mkdir(parents=True)
+    shutil.copytree(sd_folder, config.models_dir / "found-sd")
+    (config.models_dir / "notes.txt").write_text("not a model")
+    rows = {row["name"]: row for row in list_models(config)}
+    assert list(rows)[:4] == ["builtin:shapes", "builtin:shapes-xl", "builtin:shapes-canny", "builtin:shapes-xl-canny"]
+    assert rows["builtin:shapes"]["origin"] == "built-in (untrained stand-in)"
+    assert rows["found-sd"]["role"] == "base" and rows["found-sd"]["family"] == "sd"
+    assert "notes.txt" not in rows
+    assert generate(Engine(config), "found-sd").shape == (32, 32, 3)  # names in the models folder resolve
