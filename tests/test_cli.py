@@ -1,0 +1,48 @@
+"""The command line: generate writes PNGs that carry their parameters; models lists what exists."""
+
+from PIL import Image
+
+from diffusion_studio.cli import main
+from diffusion_studio.engine.metadata import request_from_png
+
+
+def test_generate_each_mode_writes_pngs_with_metadata(data_dir, tmp_path, capsys, shape_image, center_mask):
+    shape_image.save(tmp_path / "in.png")
+    center_mask.save(tmp_path / "mask.png")
+    common = ["--data-dir", str(data_dir), "--models-dir", str(tmp_path / "none"), "--steps", "2"]
+    runs = [
+        ["--mode", "txt2img", "--prompt", "a red circle", "--seed", "5", "--batch-size", "2"],
+        ["--mode", "sdxl", "--model", "builtin:shapes-xl", "--prompt", "a star", "--seed", "6"],
+        ["--mode", "img2img", "--init-image", str(tmp_path / "in.png"), "--strength", "0.5", "--seed", "7"],
+        ["--mode", "inpaint", "--init-image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png")],
+        ["--mode", "controlnet", "--control-image", str(tmp_path / "in.png"), "--seed", "8"],
+    ]
+    for arguments in runs:
+        out = tmp_path / arguments[1]
+        assert main(["generate", *common, "--out", str(out), *arguments]) == 0
+        written = sorted(out.glob("*.png"))
+        assert written, arguments
+        request = request_from_png(Image.open(written[0]))
+        assert request.mode.value == arguments[1] and request.steps == 2
+    first_batch = [request_from_png(Image.open(p)).seed for p in sorted((tmp_path / "txt2img").glob("*.png"))]
+    assert sorted(first_batch) == [5, 6]
+    assert "seed 5" in capsys.readouterr().err
+
+
+def test_generate_errors_are_one_line_naming_the_field(data_dir, tmp_path, capsys):
+    assert main(["generate", "--data-dir", str(data_dir), "--width", "61", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == "error: width: must be a multiple of 8 between 8 and 1024 (got 61)"
+    assert main(["generate", "--data-dir", str(data_dir), "--mode", "img2img", "--init-image",
+                 str(tmp_path / "missing.png"), "--out", str(tmp_path)]) == 2
+    assert "error: init_image: can't read" in capsys.readouterr().err
+
+
+def test_models_command(data_dir, capsys):
+    assert main(["models", "--data-dir", str(data_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("builtin:shapes ") and "stand-in" in lines[0]
+
+
+def test_serve_refuses_a_network_address_without_auth(data_dir, capsys):
+    assert main(["serve", "--data-dir", str(data_dir), "--host", "0.0.0.0"]) == 2
+    assert "host: '0.0.0.0' is not a loopback address" in capsys.readouterr().err
