@@ -29,6 +29,11 @@ def _quiet_libraries() -> None:
 def _config(args):
     from .config import StudioConfig
 
+    if args.config:
+        if not Path(args.config).is_file():
+            raise RequestError("config", f"config file '{args.config}' does not exist")
+        os.environ["DS_CONFIG_FILE"] = args.config
+
     overrides = {key: value for key, value in (("data_dir", args.data_dir), ("models_dir", args.models_dir),
                                                ("device", args.device), ("dtype", args.dtype)) if value}
     return StudioConfig(**overrides)
@@ -106,6 +111,7 @@ def _resolve_host(host: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffusion-studio", description=__doc__)
     common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="TOML config file (also DS_CONFIG_FILE); see README for the keys")
     common.add_argument("--data-dir", help="history, outputs, built-in stand-ins (default: ./data)")
     common.add_argument("--models-dir", help="folder scanned for models (default: ./models)")
     common.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])

@@ -46,7 +46,7 @@ class ModelEntry(BaseModel):
 
 class StudioConfig(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="DS_", env_nested_delimiter="__", extra="forbid", toml_file=os.environ.get("DS_CONFIG_FILE")
+        env_prefix="DS_", env_nested_delimiter="__", extra="forbid"
     )
 
     data_dir: Path = Field(Path("data"), description="history, built-in stand-ins, outputs")
@@ -72,5 +72,6 @@ class StudioConfig(BaseSettings):
     def settings_customise_sources(
         cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # CLI flags arrive as init kwargs and win; then env; then the optional TOML file.
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+        # CLI flags arrive as init kwargs and win; then env; then the TOML file named by DS_CONFIG_FILE.
+        return (init_settings, env_settings,
+                TomlConfigSettingsSource(settings_cls, toml_file=os.environ.get("DS_CONFIG_FILE")))

@@ -22,6 +22,15 @@ def status_line(result) -> str:
             f"peak memory {result.peak_memory_bytes / 2**20:.0f} MiB · {result.device}")
 
 
+def model_note_for(studio: Studio, name: str) -> str:
+    """Say plainly when a built-in is still an untrained stand-in, so its noise is not mistaken for a model."""
+    for row in studio.models():
+        if row["name"] == name and "stand-in" in row["origin"]:
+            return f"⚠️ `{name}` is an **untrained stand-in** (random weights, same architecture) until its trained " \
+                   "weights are committed: it produces noise."
+    return ""
+
+
 def build(studio: Studio) -> None:
     with gr.Tab("Generate", id="generate"):
         with gr.Row():
@@ -29,6 +38,7 @@ def build(studio: Studio) -> None:
                 model = gr.Dropdown(studio.base_model_names(), value=studio.config.default_model, label="Model",
                                     allow_custom_value=True,
                                     info="built-ins first; or type a hub id, folder or checkpoint path")
+                model_note = gr.Markdown(model_note_for(studio, studio.config.default_model))
                 prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle on a white background")
                 negative = gr.Textbox(label="Negative prompt", lines=1)
                 with gr.Row():
@@ -80,4 +90,5 @@ def build(studio: Studio) -> None:
         prompt.submit(generate, [model, prompt, negative, steps, guidance, width, height, seed, scheduler,
                                  batch_size], [preview, gallery, status, last_seed], api_visibility="private")
         cancel.click(None, None, None, cancels=[event])
+        model.change(lambda name: model_note_for(studio, name), model, model_note, api_visibility="private")
         reuse.click(lambda s: -1 if s is None else s, last_seed, seed, api_visibility="private")
