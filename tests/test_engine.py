@@ -216,3 +216,18 @@ def test_lora_applies_at_its_weight_and_switches_off(engine, data_dir, tmp_path)
     assert np.array_equal(pixels(plain.images[0]), pixels(after.images[0]))  # LoRA off again
     with pytest.raises(RequestError, match="loras: LoRA 'missing' not found"):
         run(engine, loras=[{"name": "missing"}])
+
+
+def test_memory_options_apply_and_keep_results(make_config):
+    plain = Engine(make_config())
+    saving = Engine(make_config(memory={"attention_slicing": True, "vae_slicing": True, "vae_tiling": True}))
+    a, b = run(plain, batch_size=2), run(saving, batch_size=2)
+    with saving.manager.use("builtin:shapes") as (base, _):
+        assert base.pipeline.vae.use_slicing and base.pipeline.vae.use_tiling
+    assert np.abs(pixels(a.images[1]) - pixels(b.images[1])).max() <= 2
+
+
+def test_cpu_offload_needs_an_accelerator(make_config):
+    engine = Engine(make_config(memory={"model_cpu_offload": True}))
+    with pytest.raises(RequestError, match="memory.model_cpu_offload: needs a CUDA or MPS device"):
+        run(engine)

@@ -45,31 +45,37 @@ def _depth_pipeline(model_folder: str):
 
 
 def pose(image: Image.Image, model_folder: str | None) -> Image.Image:
+    """Keypoints of the person filling the frame (VitPose on the whole image), drawn white on black."""
     if not model_folder:
         raise RequestError("control_type", "pose needs a local pose-estimation model: set pose_estimator "
                                            "(DS_POSE_ESTIMATOR) to a transformers VitPose model folder")
     import torch
-    from transformers import AutoProcessor, VitPoseForPoseEstimation
 
+    width, height = image.size
+    boxes = [[[0, 0, width, height]]]
     with _estimator_lock:
-        try:
-            processor = AutoProcessor.from_pretrained(model_folder, local_files_only=True)
-            model = VitPoseForPoseEstimation.from_pretrained(model_folder, local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise RequestError("control_type", f"pose estimator at '{model_folder}' can't be loaded: {exc}") from None
-        width, height = image.size
-        inputs = processor(image.convert("RGB"), boxes=[[[0, 0, width, height]]], return_tensors="pt")
+        processor, model = _pose_model(model_folder)
+        inputs = processor(image.convert("RGB"), boxes=boxes, return_tensors="pt")
         with torch.no_grad():
             outputs = model(**inputs)
-        people = processor.post_process_pose_estimation(outputs, boxes=[[[0, 0, width, height]]])[0]
+        people = processor.post_process_pose_estimation(outputs, boxes=boxes)[0]
     canvas = np.zeros((height, width, 3), np.uint8)
     for person in people:
-        points = person["keypoints"].numpy()
-        scores = person["scores"].numpy()
-        for (x, y), score in zip(points, scores):
+        for (x, y), score in zip(person["keypoints"].numpy(), person["scores"].numpy()):
             if score > 0.3:
                 cv2.circle(canvas, (int(x), int(y)), max(2, width // 128), (255, 255, 255), -1)
     return Image.fromarray(canvas)
+
+
+@lru_cache(maxsize=2)
+def _pose_model(model_folder: str):
+    from transformers import AutoProcessor, VitPoseForPoseEstimation
+
+    try:
+        return (AutoProcessor.from_pretrained(model_folder, local_files_only=True),
+                VitPoseForPoseEstimation.from_pretrained(model_folder, local_files_only=True).eval())
+    except (OSError, ValueError) as exc:
+        raise RequestError("control_type", f"pose estimator at '{model_folder}' can't be loaded: {exc}") from None
 
 
 def make_control_image(image: Image.Image, control_type: str, canny_low: int = 100, canny_high: int = 200,

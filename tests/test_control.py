@@ -1,0 +1,69 @@
+"""ControlNet preprocessors with real (tiny, local) estimator models, and through the engine."""
+
+import numpy as np
+import pytest
+from PIL import Image
+from transformers import (
+    DPTConfig,
+    DPTForDepthEstimation,
+    DPTImageProcessor,
+    VitPoseBackboneConfig,
+    VitPoseConfig,
+    VitPoseForPoseEstimation,
+    VitPoseImageProcessor,
+)
+
+from diffusion_studio.engine.control import canny, depth, pose
+from diffusion_studio.engine.runner import Engine
+from diffusion_studio.requests import GenerationRequest, RequestError
+
+
+@pytest.fixture(scope="module")
+def depth_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dpt")
+    config = DPTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                       intermediate_size=37, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[16, 16, 32, 32],
+                       fusion_hidden_size=16, is_hybrid=False)
+    DPTForDepthEstimation(config).save_pretrained(folder)
+    DPTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def pose_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vitpose")
+    backbone = VitPoseBackboneConfig(image_size=[64, 48], patch_size=[16, 16], hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=37, out_indices=[2])
+    VitPoseForPoseEstimation(VitPoseConfig(backbone_config=backbone)).save_pretrained(folder)
+    VitPoseImageProcessor(size={"height": 64, "width": 48}).save_pretrained(folder)
+    return str(folder)
+
+
+def test_canny_thresholds_change_the_edges(shape_image):
+    strict, loose = np.asarray(canny(shape_image, 250, 255)), np.asarray(canny(shape_image, 10, 20))
+    assert (loose > 0).sum() >= (strict > 0).sum() > 0
+
+
+def test_depth_map_from_a_local_model(depth_folder, shape_image):
+    result = np.asarray(depth(shape_image, depth_folder))
+    assert result.shape == (64, 64, 3) and result.dtype == np.uint8
+    assert result.max() == 255 and result.min() == 0  # normalised to the full range
+
+
+def test_pose_map_from_a_local_model(pose_folder, shape_image):
+    result = np.asarray(pose(shape_image, pose_folder))
+    assert result.shape == (64, 64, 3) and result.dtype == np.uint8
+
+
+def test_missing_or_broken_estimator_is_a_clear_error(tmp_path, shape_image):
+    with pytest.raises(RequestError, match="control_type: depth estimator at .* can't be loaded"):
+        depth(shape_image, str(tmp_path))
+
+
+def test_depth_control_through_the_engine(make_config, depth_folder, shape_image):
+    engine = Engine(make_config(depth_estimator=depth_folder))
+    request = GenerationRequest(mode="controlnet", control_type="depth", control_image=shape_image, steps=2,
+                                seed=1, controlnet="builtin:shapes-canny", prompt="a red circle")
+    result = engine.run(request)
+    assert np.array_equal(np.asarray(result.control_image), np.asarray(depth(shape_image, depth_folder)))
+    assert result.images[0].size == (64, 64)
