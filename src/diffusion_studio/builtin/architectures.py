@@ -39,10 +39,27 @@ class TinySize:
     unet_channels: tuple[int, ...] = (32, 64)
     text_width: int = 32
     text_layers: int = 2
+    attention_levels: tuple[int, ...] | None = None  # UNet levels with cross-attention (None: all but the last)
+    # Pool the text into the time embedding too (UNet addition_embed_type="text"): every ResNet block then sees
+    # the caption, which teaches global attributes (colour, background) far faster than cross-attention alone.
+    global_text: bool = False
+
+    def down_blocks(self) -> tuple[str, ...]:
+        levels = len(self.unet_channels)
+        attention = self.attention_levels if self.attention_levels is not None else tuple(range(levels - 1))
+        return tuple("CrossAttnDownBlock2D" if i in attention else "DownBlock2D" for i in range(levels))
+
+    def up_blocks(self) -> tuple[str, ...]:
+        return tuple(kind.replace("Down", "Up") for kind in reversed(self.down_blocks()))
 
     @property
     def vae_factor(self) -> int:
         return 2 ** (len(self.vae_channels) - 1)
+
+
+# The built-in models' size: ~2.6 M-parameter UNet on 16x16x4 latents of 64 px images (VAE x4), trainable on CPU.
+BUILTIN_SIZE = TinySize(image_px=64, vae_channels=(32, 64, 64), unet_channels=(32, 64, 96), text_width=64,
+                        text_layers=2, attention_levels=(1, 2), global_text=True)
 
 
 def _scheduler() -> EulerDiscreteScheduler:
@@ -75,12 +92,11 @@ def build_sd_pipeline(seed: int = 0, size: TinySize = TinySize()) -> StableDiffu
     torch.manual_seed(seed)
     tokenizer = build_clip_tokenizer(list(SHAPES_WORDS))
     text_encoder = CLIPTextModel(_text_config(size, len(tokenizer), tokenizer))
+    global_text = {"addition_embed_type": "text", "addition_embed_type_num_heads": 4} if size.global_text else {}
     unet = UNet2DConditionModel(
         sample_size=size.image_px // size.vae_factor, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=size.unet_channels, norm_num_groups=16, cross_attention_dim=size.text_width,
-        attention_head_dim=4,
-        down_block_types=("CrossAttnDownBlock2D",) * (len(size.unet_channels) - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(size.unet_channels) - 1),
+        attention_head_dim=4, down_block_types=size.down_blocks(), up_block_types=size.up_blocks(), **global_text,
     )
     return StableDiffusionPipeline(
         vae=_vae(size), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_scheduler(),
@@ -104,8 +120,7 @@ def build_sdxl_pipeline(seed: int = 0, size: TinySize = TinySize()) -> StableDif
         addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
         # six micro-conditioning numbers (original size, crop, target size), each embedded, + pooled text.
         projection_class_embeddings_input_dim=6 * time_embed_dim + size.text_width,
-        down_block_types=("CrossAttnDownBlock2D",) * (len(size.unet_channels) - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(size.unet_channels) - 1),
+        down_block_types=size.down_blocks(), up_block_types=size.up_blocks(),
     )
     return StableDiffusionXLPipeline(
         vae=_vae(size), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,

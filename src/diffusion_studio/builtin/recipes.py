@@ -1,0 +1,124 @@
+"""How the built-in models are made: `diffusion-studio train builtin --name shapes`.
+
+shapes: (1) autoencoder on shapes-world images, (2) its scaling factor so latents have unit variance,
+(3) UNet + text encoder from scratch with the studio's Trainer, (4) the pipeline saved to builtin/models/shapes.
+Every stage checkpoints into the work folder and resumes from it, so a run killed at any point picks up where it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..training.config import TrainConfig
+from ..training.data import encode, to_tensor
+from ..training.events import EventBus, JsonlLog, TrainingEvent
+from ..training.trainer import Trainer
+from .architectures import BUILTIN_SIZE, build_sd_pipeline
+from .catalog import COMMITTED_DIR
+from .shapes import ShapesWorld
+
+log = logging.getLogger(__name__)
+
+SAMPLE_PROMPTS = [
+    "a red circle on a white background",
+    "a blue square on a black background at the top left",
+    "a yellow triangle on a gray background in the center",
+    "a green star on a white background at the bottom right",
+    "a purple circle on a gray background at the top right",
+    "a orange square on a black background at the bottom left",
+    "a blue star on a gray background",
+    "a red triangle on a black background in the center",
+]
+TOKENS = 24  # longest caption is 14 tokens; shorter padding keeps text and cross-attention cheap
+
+
+def train_vae(vae, work: Path, steps: int, bus: EventBus, batch: int = 16, lr: float = 2e-3) -> None:
+    """Autoencoder stage: L1 + MSE on reconstructions from the posterior mean, a whisper of KL."""
+    path = work / "vae-checkpoint.pt"
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr)
+    world, step = ShapesWorld(seed=1), 0
+    if path.exists():
+        state = torch.load(path, weights_only=False)
+        vae.load_state_dict(state["vae"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        world.rng.setstate(state["world"])
+    vae.train()
+    started = time.perf_counter()
+    while step < steps:
+        images, _ = world.batch(batch)
+        pixels = to_tensor(images)
+        posterior = vae.encode(pixels).latent_dist
+        reconstruction = vae.decode(posterior.mean).sample
+        loss = (reconstruction - pixels).abs().mean() + (reconstruction - pixels).pow(2).mean()
+        loss = loss + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        elapsed = time.perf_counter() - started
+        bus.publish(TrainingEvent("step", step, steps, loss=loss.item(), message="vae", eta_s=None))
+        if step % 100 == 0 or step == steps:
+            scratch = path.with_suffix(".tmp")
+            torch.save({"vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                        "world": world.rng.getstate()}, scratch)
+            os.replace(scratch, path)
+            log.info("vae step %d/%d loss %.4f (%.0fs)", step, steps, loss.item(), elapsed)
+    vae.eval()
+
+
+def set_scaling_factor(vae, count: int = 512) -> float:
+    """SD's trick: scale latents to unit variance so the noise schedule fits them."""
+    images, _ = ShapesWorld(seed=2).batch(count)
+    vae.register_to_config(scaling_factor=1.0)
+    latents = encode(vae, images)
+    factor = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=factor)
+    return factor
+
+
+def train_shapes(work: Path, vae_steps: int = 1500, unet_steps: int = 30000, batch_size: int = 64,
+                 install: bool = True, bus: EventBus | None = None) -> Path:
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    bus = bus or EventBus()
+    bus.subscribe(JsonlLog(work / "log.jsonl"))
+    torch.manual_seed(0)
+    pipe = build_sd_pipeline(seed=0, size=BUILTIN_SIZE)
+    pipe.tokenizer.model_max_length = TOKENS
+    # 1. Autoencoder.
+    train_vae(pipe.vae, work, vae_steps, bus)
+    # 2. Latent scale.
+    factor = set_scaling_factor(pipe.vae)
+    log.info("vae scaling factor %.4f", factor)
+    # 3. Denoiser and text encoder, from scratch.
+    config = TrainConfig(
+        base="builtin:shapes", method="full", train_text_encoder=True, dataset="shapes", resolution=64,
+        steps=unet_steps, batch_size=batch_size, learning_rate=1e-3, lr_schedule="cosine", warmup_steps=200,
+        checkpoint_every=100, sample_every=500, sample_prompts=SAMPLE_PROMPTS, sample_steps=20,
+        min_snr_gamma=5.0, caption_dropout=0.1, ema_decay=0.999, pool_size=20000, output_dir=work / "unet",
+    )
+    output = Trainer(config, pipe, bus=bus).run()
+    # 4. Install as the committed built-in.
+    if install and output.name == "model":
+        return install_builtin("shapes", output)
+    return output
+
+
+def install_builtin(name: str, folder: Path) -> Path:
+    target = COMMITTED_DIR / name
+    scratch = COMMITTED_DIR / f".{name}.new"
+    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.copytree(folder, scratch)
+    shutil.rmtree(target, ignore_errors=True)
+    scratch.rename(target)
+    return target
+
+
+RECIPES = {"shapes": train_shapes}

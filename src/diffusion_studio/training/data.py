@@ -1,0 +1,84 @@
+"""Training data as a pool of VAE latents + captions: shapes world (endless, a fresh pool each run) or a folder of
+user images with captions (`name.txt` beside `name.png`) or one instance prompt.
+
+Encoding once, up front, keeps the VAE out of every step: on CPU it would cost as much as the UNet step itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..builtin.shapes import ShapesWorld
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+class DatasetError(ValueError):
+    """The dataset can't be used (names the field `dataset` or `instance_prompt`)."""
+
+
+@dataclass
+class LatentPool:
+    latents: torch.Tensor  # N x C x h x w, already multiplied by the VAE scaling factor
+    captions: list[str]
+    images: list[Image.Image]  # kept for ControlNet conditions and for showing what was trained on
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def batch(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str], list[int]]:
+        index = torch.randint(0, len(self), (size,), generator=generator).tolist()
+        return self.latents[index], [self.captions[i] for i in index], index
+
+
+def to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    array = np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) for image in images])
+    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+@torch.no_grad()
+def encode(vae, images: list[Image.Image], batch: int = 64) -> torch.Tensor:
+    """Latent means (not samples: a tiny VAE's posterior noise drowns the signal) times the scaling factor."""
+    param = next(vae.parameters())
+    chunks = []
+    for start in range(0, len(images), batch):
+        pixels = to_tensor(images[start:start + batch]).to(param.device, param.dtype)
+        chunks.append(vae.encode(pixels).latent_dist.mean.float().cpu())
+    return torch.cat(chunks) * vae.config.scaling_factor
+
+
+def shapes_pool(vae, count: int, resolution: int, seed: int) -> LatentPool:
+    images, captions = ShapesWorld(seed=seed, size=resolution).batch(count)
+    return LatentPool(encode(vae, images), captions, images)
+
+
+def folder_pool(vae, folder: Path, resolution: int, instance_prompt: str | None,
+                warn: Callable[[str], None]) -> LatentPool:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"dataset: '{folder}' is neither 'shapes' nor a folder")
+    images, captions = [], []
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        try:
+            with Image.open(path) as opened:
+                image = ImageOps.fit(opened.convert("RGB"), (resolution, resolution), Image.LANCZOS)
+        except (UnidentifiedImageError, OSError) as exc:
+            warn(f"skipped {path.name}: not a readable image ({exc})")
+            continue
+        caption_file = path.with_suffix(".txt")
+        caption = caption_file.read_text().strip() if caption_file.is_file() else instance_prompt
+        if not caption:
+            warn(f"skipped {path.name}: no {caption_file.name} and no instance_prompt")
+            continue
+        images.append(image)
+        captions.append(caption)
+    if not images:
+        raise DatasetError(f"dataset: no usable images in '{folder}' (PNG/JPEG/WEBP/BMP, each with a .txt caption "
+                           "or an instance_prompt)")
+    return LatentPool(encode(vae, images), captions, images)

@@ -1,0 +1,330 @@
+"""One training loop for full (from-scratch or fine-tune) and LoRA training of an SD-architecture model.
+
+Controls (pause / resume / stop) come from other threads and take effect within one step. A checkpoint is a plain
+dict; resuming reads the same keys and continues the same run (step, optimiser, EMA, RNG, data stream).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers.training_utils import EMAModel
+from diffusers.utils import convert_state_dict_to_diffusers
+
+from ..builtin.shapes import check, parse_caption
+from .config import TrainConfig
+from .data import LatentPool, folder_pool, shapes_pool
+from .events import EventBus, StabilityMeter, TrainingEvent
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.pt"
+ADAPTER = "studio_training"
+
+
+class TrainingError(RuntimeError):
+    """The run stopped on its own (non-finite loss, an incompatible checkpoint); the message says why."""
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, pipeline: StableDiffusionPipeline, bus: EventBus | None = None,
+                 pool: LatentPool | None = None):
+        self.config = config
+        self.pipe = pipeline
+        self.bus = bus or EventBus()
+        self.pool = pool
+        self.step = 0
+        self.state = "idle"  # idle | running | paused | stopped | done | failed
+        self._resume_flag = threading.Event()
+        self._resume_flag.set()
+        self._stop_flag = threading.Event()
+        self.output_dir = Path(config.output_dir)
+        torch.manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)  # batches, noise, timesteps, dropout
+        self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+        self.modules = self._choose_trainable()
+        self.params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate,
+                                           weight_decay=0.0 if config.method == "lora" else 1e-2)
+        self.ema = EMAModel(self.params, decay=config.ema_decay) if config.ema_decay else None
+        self.stability = StabilityMeter()
+
+    # -- set-up ---------------------------------------------------------------------------------------------
+    def _choose_trainable(self) -> dict[str, torch.nn.Module]:
+        unet, text_encoder, vae = self.pipe.unet, self.pipe.text_encoder, self.pipe.vae
+        vae.requires_grad_(False)
+        text_encoder.requires_grad_(False)
+        if self.config.method == "lora":
+            from peft import LoraConfig
+
+            unet.requires_grad_(False)
+            if ADAPTER in getattr(unet, "peft_config", {}):  # a fresh adapter for each run on a reused UNet
+                unet.delete_adapters(ADAPTER)
+            unet.add_adapter(adapter_name=ADAPTER, adapter_config=LoraConfig(r=self.config.lora_rank, lora_alpha=self.config.lora_alpha,
+                                        init_lora_weights="gaussian",
+                                        target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+            unet.set_adapters(ADAPTER)
+            return {"unet": unet}
+        unet.requires_grad_(True)
+        if self.config.train_text_encoder:
+            text_encoder.requires_grad_(True)
+            return {"unet": unet, "text_encoder": text_encoder}
+        return {"unet": unet}
+
+    def _build_pool(self) -> LatentPool:
+        cfg = self.config
+        if cfg.dataset == "shapes":
+            return shapes_pool(self.pipe.vae, cfg.pool_size, cfg.resolution, cfg.seed)
+        return folder_pool(self.pipe.vae, Path(cfg.dataset), cfg.resolution, cfg.instance_prompt, self._warn)
+
+    def _warn(self, message: str) -> None:
+        self.bus.publish(TrainingEvent("warning", self.step, self.config.steps, message=message))
+
+    # -- controls (any thread) ------------------------------------------------------------------------------
+    def pause(self) -> None:
+        self._resume_flag.clear()
+
+    def resume(self) -> None:
+        self._resume_flag.set()
+
+    def stop(self) -> None:
+        self._stop_flag.set()
+        self._resume_flag.set()  # a paused run must wake up to stop
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    def run(self) -> Path:
+        """Train to `config.steps` (resuming a checkpoint in output_dir if there is one). Returns the output."""
+        cfg = self.config
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._load_checkpoint()
+        self.pool = self.pool or self._build_pool()
+        self._set_state("running")
+        for module in self.modules.values():
+            module.train()
+        step_times: list[float] = []
+        while self.step < cfg.steps:
+            started = time.perf_counter()
+            lr = self._set_lr()
+            latents, captions, _ = self.pool.batch(cfg.batch_size, self.generator)
+            loss = self._loss(latents, captions)
+            if not torch.isfinite(loss):
+                self._fail(f"loss became {loss.item()} at step {self.step}; stopped. The last good checkpoint "
+                           f"(step {self._checkpoint_step()}) is kept in {self.output_dir}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.step(self.params)
+            self.step += 1
+            step_times = (step_times + [time.perf_counter() - started])[-50:]
+            self.bus.publish(TrainingEvent(
+                "step", self.step, cfg.steps, loss=loss.item(), grad_norm=grad_norm, lr=lr,
+                stability=self.stability.update(loss.item(), grad_norm),
+                eta_s=sum(step_times) / len(step_times) * (cfg.steps - self.step)))
+            if self.step % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+            if cfg.sample_every and self.step % cfg.sample_every == 0:
+                self.sample()
+            if not self._resume_flag.is_set():
+                self._set_state("paused")
+                self._resume_flag.wait()
+                self._set_state("running")
+            if self._stop_flag.is_set():
+                self.save_checkpoint()
+                self._set_state("stopped")
+                return self.output_dir
+        self.save_checkpoint()
+        output = self.export()
+        self._set_state("done")
+        self.bus.publish(TrainingEvent("done", self.step, cfg.steps, message=str(output),
+                                       data={"output": str(output)}))
+        return output
+
+    def _set_lr(self) -> float:
+        cfg = self.config
+        if self.step < cfg.warmup_steps:
+            scale = (self.step + 1) / cfg.warmup_steps
+        elif cfg.lr_schedule == "cosine":
+            progress = (self.step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+            scale = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        else:
+            scale = 1.0
+        lr = cfg.learning_rate * scale
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        tokenizer = self.pipe.tokenizer
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        return self.pipe.text_encoder(ids.to(self.pipe.text_encoder.device))[0]
+
+    def _loss(self, latents: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        cfg, scheduler = self.config, self.noise_scheduler
+        device = self.pipe.unet.device
+        latents = latents.to(device)
+        # Empty captions teach the unconditional prediction that classifier-free guidance needs.
+        drop = torch.rand(len(captions), generator=self.generator) < cfg.caption_dropout
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        noise = torch.randn(latents.shape, generator=self.generator).to(device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(captions),),
+                                  generator=self.generator).to(device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        with torch.set_grad_enabled(cfg.train_text_encoder):
+            text = self.encode_text(captions)
+        prediction = self.pipe.unet(noisy, timesteps, text).sample
+        if scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        per_sample = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="none")
+        per_sample = per_sample.mean(dim=(1, 2, 3))
+        if cfg.min_snr_gamma:
+            # Min-SNR weighting (Hang et al. 2023): low-noise steps stop dominating, training converges faster.
+            alphas = scheduler.alphas_cumprod.to(device)[timesteps]
+            snr = alphas / (1 - alphas)
+            weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
+            if scheduler.config.prediction_type == "v_prediction":
+                weight = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1)
+            per_sample = per_sample * weight
+        return per_sample.mean()
+
+    # -- samples --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self) -> list[Path]:
+        cfg = self.config
+        folder = self.output_dir / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        with self._ema_weights():
+            for module in self.modules.values():
+                module.eval()
+            pipe = StableDiffusionPipeline(**{**self.pipe.components, "safety_checker": None,
+                                              "feature_extractor": None}, requires_safety_checker=False)
+            pipe.set_progress_bar_config(disable=True)
+            generator = [torch.Generator().manual_seed(i) for i in range(len(cfg.sample_prompts))]
+            images = pipe(cfg.sample_prompts, num_inference_steps=cfg.sample_steps, generator=generator,
+                          height=cfg.resolution, width=cfg.resolution).images
+            for module in self.modules.values():
+                module.train()
+        paths = []
+        for index, image in enumerate(images):
+            path = folder / f"step{self.step:07d}-{index}.png"
+            image.save(path)
+            paths.append(path)
+        data = {"images": [str(p) for p in paths], "prompts": cfg.sample_prompts}
+        adherence = shapes_adherence(images, cfg.sample_prompts)
+        if adherence is not None:
+            data["adherence"] = adherence
+        self.bus.publish(TrainingEvent("sample", self.step, cfg.steps, data=data))
+        return paths
+
+    def _ema_weights(self):
+        trainer = self
+
+        class Swap:
+            def __enter__(self):
+                if trainer.ema is not None:
+                    trainer.ema.store(trainer.params)
+                    trainer.ema.copy_to(trainer.params)
+
+            def __exit__(self, *exc):
+                if trainer.ema is not None:
+                    trainer.ema.restore(trainer.params)
+
+        return Swap()
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+    def _trainable_state(self) -> dict[str, dict]:
+        if self.config.method == "lora":
+            from peft.utils import get_peft_model_state_dict
+
+            return {"unet": get_peft_model_state_dict(self.pipe.unet, adapter_name=ADAPTER)}
+        return {name: module.state_dict() for name, module in self.modules.items()}
+
+    def save_checkpoint(self) -> Path:
+        path = self.output_dir / CHECKPOINT
+        state = {
+            "step": self.step,
+            "config": self.config.model_dump(mode="json", exclude={"steps"}),
+            "trainable": self._trainable_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state()},
+        }
+        scratch = path.with_suffix(".tmp")
+        torch.save(state, scratch)
+        os.replace(scratch, path)  # a crash mid-write never replaces the last good checkpoint
+        self.bus.publish(TrainingEvent("checkpoint", self.step, self.config.steps, data={"path": str(path)}))
+        return path
+
+    def _checkpoint_step(self) -> int:
+        path = self.output_dir / CHECKPOINT
+        return torch.load(path, weights_only=False)["step"] if path.exists() else 0
+
+    def _load_checkpoint(self) -> None:
+        path = self.output_dir / CHECKPOINT
+        if not path.exists():
+            return
+        state = torch.load(path, weights_only=False)
+        mine = self.config.model_dump(mode="json", exclude={"steps"})
+        if state["config"] != mine:
+            changed = sorted(k for k in mine if state["config"].get(k) != mine[k])
+            raise TrainingError(f"output_dir: '{self.output_dir}' holds a run with different settings "
+                                f"({', '.join(changed)}); resume with the same settings or use another folder")
+        if self.config.method == "lora":
+            from peft.utils import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.pipe.unet, state["trainable"]["unet"], adapter_name=ADAPTER)
+        else:
+            for name, module in self.modules.items():
+                module.load_state_dict(state["trainable"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.generator.set_state(state["rng"]["generator"])
+        self.step = state["step"]
+        self._set_state("resumed")
+
+    # -- output ---------------------------------------------------------------------------------------------
+    def export(self) -> Path:
+        """Full: a diffusers folder (EMA weights if kept). LoRA: a .safetensors that load_lora_weights reads."""
+        if self.config.method == "lora":
+            from peft.utils import get_peft_model_state_dict
+
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.pipe.unet, adapter_name=ADAPTER))
+            StableDiffusionPipeline.save_lora_weights(self.output_dir, unet_lora_layers=layers,
+                                                      weight_name="lora.safetensors", safe_serialization=True)
+            return self.output_dir / "lora.safetensors"
+        target = self.output_dir / "model"
+        with self._ema_weights():
+            self.pipe.save_pretrained(target, safe_serialization=True)
+        return target
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        self.bus.publish(TrainingEvent("state", self.step, self.config.steps, message=state))
+
+    def _fail(self, message: str) -> None:
+        self.state = "failed"
+        self.bus.publish(TrainingEvent("error", self.step, self.config.steps, message=message))
+        raise TrainingError(message)
+
+
+def shapes_adherence(images, prompts) -> float | None:
+    """Share of images the shapes-world checker passes, when every prompt is a shapes-world caption."""
+    try:
+        for prompt in prompts:
+            parse_caption(prompt)
+    except ValueError:
+        return None
+    return sum(check(image, prompt).all_ok for image, prompt in zip(images, prompts)) / len(prompts)

@@ -1,0 +1,165 @@
+"""The trainer on a tiny model: events, controls from another thread, exact resume, NaN stop, datasets, outputs."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image, ImageDraw
+from pydantic import ValidationError
+
+from diffusion_studio.engine.runner import Engine
+from diffusion_studio.requests import GenerationRequest
+from diffusion_studio.training.config import TrainConfig
+from diffusion_studio.training.data import DatasetError
+from diffusion_studio.training.events import EventBus
+from diffusion_studio.training.trainer import Trainer, TrainingError
+
+
+@pytest.fixture
+def pipe(sd_folder):
+    return StableDiffusionPipeline.from_pretrained(sd_folder)
+
+
+def config(tmp_path, **overrides) -> TrainConfig:
+    settings = dict(dataset="shapes", resolution=32, steps=6, batch_size=4, pool_size=16, checkpoint_every=2,
+                    learning_rate=1e-3, output_dir=tmp_path / "run", method="lora", lora_rank=4)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def collect(bus: EventBus) -> list:
+    events = []
+    bus.subscribe(events.append)
+    return events
+
+
+def test_lora_run_publishes_metrics_and_gives_a_usable_lora(pipe, tmp_path, make_config, sd_folder):
+    bus = EventBus()
+    events = collect(bus)
+    output = Trainer(config(tmp_path, sample_every=3, sample_steps=2), pipe, bus=bus).run()
+    steps = [e for e in events if e.kind == "step"]
+    assert [e.step for e in steps] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(e.loss) and e.grad_norm > 0 and e.lr == 1e-3 and 0 <= e.stability <= 100
+               for e in steps)
+    assert steps[-1].eta_s == 0
+    samples = [e for e in events if e.kind == "sample"]
+    assert [e.step for e in samples] == [3, 6] and "adherence" in samples[0].data
+    assert [e.message for e in events if e.kind == "state"] == ["running", "done"]
+    assert output.name == "lora.safetensors" and output.exists()
+    # The LoRA loads into generation at a chosen weight.
+    engine = Engine(make_config())
+    plain = engine.run(GenerationRequest(model=str(sd_folder), prompt="a red circle", steps=2, seed=1))
+    with_lora = engine.run(GenerationRequest(model=str(sd_folder), prompt="a red circle", steps=2, seed=1,
+                                             loras=[{"name": str(output), "weight": 1.0}]))
+    assert not np.array_equal(np.asarray(plain.images[0]), np.asarray(with_lora.images[0]))
+
+
+def test_pause_resume_stop_from_another_thread(pipe, tmp_path):
+    bus = EventBus()
+    events = collect(bus)
+    trainer = Trainer(config(tmp_path, steps=1000), pipe, bus=bus)
+    thread = threading.Thread(target=trainer.run)
+    thread.start()
+    deadline = time.time() + 60
+    while not any(e.kind == "step" and e.step >= 2 for e in events):
+        assert time.time() < deadline
+        time.sleep(0.01)
+    trainer.pause()
+    while trainer.state != "paused":
+        assert time.time() < deadline
+        time.sleep(0.01)
+    paused_at = trainer.step
+    time.sleep(0.5)
+    assert trainer.step == paused_at  # nothing trains while paused
+    trainer.resume()
+    while trainer.step < paused_at + 2:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    trainer.stop()
+    thread.join(timeout=30)
+    assert trainer.state == "stopped" and trainer.step < 1000
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert saved["step"] == trainer.step  # stop writes a final checkpoint
+
+
+def _weights(trainer) -> dict:
+    return {k: v.clone() for k, v in trainer.pipe.unet.state_dict().items()}
+
+
+def test_resume_continues_the_same_run(sd_folder, tmp_path):
+    straight = Trainer(config(tmp_path / "a", method="full", steps=6, ema_decay=0.9),
+                       StableDiffusionPipeline.from_pretrained(sd_folder))
+    straight.run()
+    first = Trainer(config(tmp_path / "b", method="full", steps=6, ema_decay=0.9),
+                    StableDiffusionPipeline.from_pretrained(sd_folder))
+    stop_after = first.bus.subscribe(lambda e: e.kind == "step" and e.step == 4 and first.stop())
+    first.run()
+    stop_after()
+    assert first.state == "stopped" and first.step == 4
+    again = Trainer(config(tmp_path / "b", method="full", steps=6, ema_decay=0.9),
+                    StableDiffusionPipeline.from_pretrained(sd_folder))
+    events = collect(again.bus)
+    again.run()
+    assert [e.step for e in events if e.kind == "step"] == [5, 6]
+    a, b = _weights(straight), _weights(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_other_settings_is_refused(pipe, sd_folder, tmp_path):
+    Trainer(config(tmp_path, steps=2), pipe).run()
+    other = Trainer(config(tmp_path, steps=4, lora_rank=8), StableDiffusionPipeline.from_pretrained(sd_folder))
+    with pytest.raises(TrainingError, match=r"output_dir: .* different settings \(lora_rank\)"):
+        other.run()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(pipe, tmp_path):
+    trainer = Trainer(config(tmp_path, steps=10, checkpoint_every=1), pipe)
+    real_loss = trainer._loss
+    trainer._loss = lambda *a: real_loss(*a) * (float("nan") if trainer.step == 3 else 1.0)
+    events = collect(trainer.bus)
+    with pytest.raises(TrainingError, match="loss became nan at step 3.*checkpoint \\(step 3\\)"):
+        trainer.run()
+    assert trainer.state == "failed" and events[-1].kind == "error"
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["step"] == 3
+
+
+def test_folder_dataset_skips_bad_files_and_refuses_empty(pipe, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(3):
+        image = Image.new("RGB", (40, 48), "white")
+        ImageDraw.Draw(image).ellipse((5, 5, 30, 30), fill="red")
+        image.save(folder / f"img{index}.png")
+    (folder / "img0.txt").write_text("a red heart on a white background")
+    (folder / "broken.png").write_bytes(b"not an image")
+    bus = EventBus()
+    events = collect(bus)
+    trainer = Trainer(config(tmp_path, dataset=str(folder), instance_prompt="a red heart", steps=1), pipe, bus=bus)
+    trainer.run()
+    assert sorted(trainer.pool.captions) == ["a red heart", "a red heart", "a red heart on a white background"]
+    assert any("skipped broken.png" in e.message for e in events if e.kind == "warning")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatasetError, match="dataset: no usable images"):
+        Trainer(config(tmp_path / "x", dataset=str(empty)), pipe).run()
+
+
+def test_full_run_exports_a_loadable_model(pipe, tmp_path, make_config):
+    output = Trainer(config(tmp_path, method="full", train_text_encoder=True, ema_decay=0.9, steps=2), pipe).run()
+    assert (output / "model_index.json").exists()
+    result = Engine(make_config()).run(GenerationRequest(model=str(output), prompt="a star", steps=2, seed=1))
+    assert result.images[0].size == (32, 32)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"warmup_steps": 10, "steps": 10}, "warmup_steps: must be smaller than steps"),
+    ({"method": "lora", "train_text_encoder": True}, "train_text_encoder: only with method 'full'"),
+    ({"resolution": 60}, "multiple of 8"),
+    ({"learning_rate": 0}, "greater than 0"),
+])
+def test_config_errors_name_the_field(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        TrainConfig(**fields)
