@@ -79,6 +79,66 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _print_training_event(event) -> None:
+    if event.kind == "step" and (event.step % 50 == 0 or event.step == event.total):
+        parts = [f"{event.message or 'train'} step {event.step}/{event.total}", f"loss {event.loss:.4f}"]
+        if event.grad_norm is not None:
+            parts += [f"grad {event.grad_norm:.3f}", f"lr {event.lr:.2e}", f"stability {event.stability:.0f}"]
+        if event.eta_s is not None:
+            parts.append(f"eta {event.eta_s / 60:.1f} min")
+        print("  ".join(parts), file=sys.stderr, flush=True)
+    elif event.kind == "sample":
+        adherence = event.data.get("adherence")
+        print(f"samples at step {event.step}" + (f": checker adherence {adherence:.0%}" if adherence is not None
+                                                  else ""), file=sys.stderr, flush=True)
+    elif event.kind in ("warning", "error", "done", "state"):
+        print(f"{event.kind}: {event.message}", file=sys.stderr, flush=True)
+
+
+def cmd_train_builtin(args) -> int:
+    from .builtin.recipes import RECIPES
+    from .training.events import EventBus
+
+    if args.name not in RECIPES:
+        raise RequestError("name", f"no training recipe for '{args.name}' yet; recipes: {', '.join(RECIPES)}")
+    bus = EventBus()
+    bus.subscribe(_print_training_event)
+    work = Path(args.work or Path("data/training") / args.name)
+    output = RECIPES[args.name](work, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+                               batch_size=args.batch_size, install=not args.no_install, bus=bus)
+    print(output)
+    return 0
+
+
+def cmd_train_lora(args) -> int:
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    from .engine.sources import resolve
+    from .training.config import TrainConfig
+    from .training.events import EventBus, JsonlLog
+    from .training.trainer import Trainer
+
+    config = _config(args)
+    train = TrainConfig(base=args.base, method="lora", dataset=args.dataset, instance_prompt=args.instance_prompt,
+                        resolution=args.resolution, steps=args.steps, batch_size=args.batch_size,
+                        learning_rate=args.learning_rate, lora_rank=args.rank, lora_alpha=args.rank,
+                        seed=args.seed, output_dir=Path(config.data_dir) / "training" / f"lora-{args.name}")
+    source = resolve(train.base, config)
+    if source.family != "sd" or source.kind in ("hub", "single_file"):
+        raise RequestError("base", "LoRA training takes an SD-family diffusers folder or built-in for now")
+    bus = EventBus()
+    bus.subscribe(_print_training_event)
+    bus.subscribe(JsonlLog(train.output_dir / "log.jsonl"))
+    output = Trainer(train, StableDiffusionPipeline.from_pretrained(source.location), bus=bus).run()
+    target = Path(config.data_dir) / "loras" / f"{args.name}.safetensors"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(output, target)  # where generation looks LoRAs up by name
+    print(target)
+    return 0
+
+
 def cmd_models(args) -> int:
     from .studio import Studio
 
@@ -145,6 +205,29 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", default="outputs")
     generate.set_defaults(func=cmd_generate)
 
+    train = sub.add_parser("train", help="train the built-in models or a LoRA")
+    train_sub = train.add_subparsers(dest="what", required=True)
+    builtin = train_sub.add_parser("builtin", parents=[common], help="rebuild a built-in model from scratch")
+    builtin.add_argument("--name", required=True, help="built-in to train (shapes)")
+    builtin.add_argument("--work", help="checkpoints and logs (default: data/training/<name>); resumes from it")
+    builtin.add_argument("--vae-steps", type=int, default=1500)
+    builtin.add_argument("--unet-steps", type=int, default=30000)
+    builtin.add_argument("--batch-size", type=int, default=64)
+    builtin.add_argument("--no-install", action="store_true", help="don't copy the result into builtin/models")
+    builtin.set_defaults(func=cmd_train_builtin)
+    lora = train_sub.add_parser("lora", parents=[common], help="fine-tune a LoRA on a folder of images")
+    lora.add_argument("--name", required=True, help="the LoRA's name in generation (loras=[{name: ...}])")
+    lora.add_argument("--base", default="builtin:shapes")
+    lora.add_argument("--dataset", required=True, help="folder of images (+ name.txt captions) or 'shapes'")
+    lora.add_argument("--instance-prompt")
+    lora.add_argument("--resolution", type=int, default=64)
+    lora.add_argument("--steps", type=int, default=300)
+    lora.add_argument("--batch-size", type=int, default=8)
+    lora.add_argument("--learning-rate", type=float, default=1e-3)
+    lora.add_argument("--rank", type=int, default=8)
+    lora.add_argument("--seed", type=int, default=0)
+    lora.set_defaults(func=cmd_train_lora)
+
     models = sub.add_parser("models", parents=[common], help="list built-in, configured and found models")
     models.set_defaults(func=cmd_models)
     return parser
@@ -152,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.command == "serve" else logging.WARNING,
+    logging.basicConfig(level=logging.INFO if args.command in ("serve", "train") else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
     try:
@@ -160,6 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"error: {describe_validation_error(exc)}", file=sys.stderr)
     except RequestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    except (ValueError, RuntimeError) as exc:  # training: DatasetError, TrainingError
+        from .training.data import DatasetError
+        from .training.trainer import TrainingError
+
+        if not isinstance(exc, (DatasetError, TrainingError)):
+            raise
         print(f"error: {exc}", file=sys.stderr)
     return 2
 

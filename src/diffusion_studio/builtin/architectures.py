@@ -43,6 +43,10 @@ class TinySize:
     # Pool the text into the time embedding too (UNet addition_embed_type="text"): every ResNet block then sees
     # the caption, which teaches global attributes (colour, background) far faster than cross-attention alone.
     global_text: bool = False
+    # GroupNorm with few channels per group normalises each channel over the image, which erases the absolute
+    # colour of flat regions: fatal for flat-colour shapes. The built-ins use few, wide groups.
+    vae_norm_groups: int = 16
+    unet_norm_groups: int = 16
 
     def down_blocks(self) -> tuple[str, ...]:
         levels = len(self.unet_channels)
@@ -58,8 +62,9 @@ class TinySize:
 
 
 # The built-in models' size: ~2.6 M-parameter UNet on 16x16x4 latents of 64 px images (VAE x4), trainable on CPU.
-BUILTIN_SIZE = TinySize(image_px=64, vae_channels=(32, 64, 64), unet_channels=(32, 64, 96), text_width=64,
-                        text_layers=2, attention_levels=(1, 2), global_text=True)
+BUILTIN_SIZE = TinySize(image_px=64, vae_channels=(16, 32, 64), unet_channels=(32, 64, 96), text_width=64,
+                        text_layers=2, attention_levels=(1, 2), global_text=True, vae_norm_groups=1,
+                        unet_norm_groups=8)
 
 
 def _scheduler() -> EulerDiscreteScheduler:
@@ -72,7 +77,7 @@ def _scheduler() -> EulerDiscreteScheduler:
 def _vae(size: TinySize) -> AutoencoderKL:
     levels = len(size.vae_channels)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=16,
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=size.vae_norm_groups,
         block_out_channels=size.vae_channels, sample_size=size.image_px,
         down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
     )
@@ -95,8 +100,8 @@ def build_sd_pipeline(seed: int = 0, size: TinySize = TinySize()) -> StableDiffu
     global_text = {"addition_embed_type": "text", "addition_embed_type_num_heads": 4} if size.global_text else {}
     unet = UNet2DConditionModel(
         sample_size=size.image_px // size.vae_factor, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=size.unet_channels, norm_num_groups=16, cross_attention_dim=size.text_width,
-        attention_head_dim=4, down_block_types=size.down_blocks(), up_block_types=size.up_blocks(), **global_text,
+        block_out_channels=size.unet_channels, norm_num_groups=size.unet_norm_groups,
+        cross_attention_dim=size.text_width, attention_head_dim=4, down_block_types=size.down_blocks(), up_block_types=size.up_blocks(), **global_text,
     )
     return StableDiffusionPipeline(
         vae=_vae(size), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_scheduler(),
