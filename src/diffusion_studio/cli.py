@@ -96,7 +96,7 @@ def _print_training_event(event) -> None:
 
 
 def cmd_train_builtin(args) -> int:
-    from .builtin.recipes import RECIPES
+    from .builtin.recipes import RECIPES, SNAPSHOTS
     from .training.events import EventBus
 
     if args.name not in RECIPES:
@@ -104,7 +104,8 @@ def cmd_train_builtin(args) -> int:
     bus = EventBus()
     bus.subscribe(_print_training_event)
     work = Path(args.work or Path("data/training") / args.name)
-    output = RECIPES[args.name](work, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+    recipe = SNAPSHOTS[args.name] if args.snapshot else RECIPES[args.name]
+    output = recipe(work, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
                                batch_size=args.batch_size, install=not args.no_install, bus=bus)
     print(output)
     return 0
@@ -214,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     builtin.add_argument("--unet-steps", type=int, default=30000)
     builtin.add_argument("--batch-size", type=int, default=64)
     builtin.add_argument("--no-install", action="store_true", help="don't copy the result into builtin/models")
+    builtin.add_argument("--snapshot", action="store_true",
+                         help="export the run's latest checkpoint now (EMA weights), without training")
     builtin.set_defaults(func=cmd_train_builtin)
     lora = train_sub.add_parser("lora", parents=[common], help="fine-tune a LoRA on a folder of images")
     lora.add_argument("--name", required=True, help="the LoRA's name in generation (loras=[{name: ...}])")

@@ -7,6 +7,7 @@ Every stage checkpoints into the work folder and resumes from it, so a run kille
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -14,11 +15,12 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers import StableDiffusionPipeline
 
 from ..training.config import TrainConfig
 from ..training.data import encode, to_tensor
 from ..training.events import EventBus, JsonlLog, TrainingEvent
-from ..training.trainer import Trainer
+from ..training.trainer import Trainer, TrainingError
 from .architectures import BUILTIN_SIZE, build_sd_pipeline
 from .catalog import COMMITTED_DIR
 from .shapes import ShapesWorld
@@ -35,6 +37,7 @@ SAMPLE_PROMPTS = [
     "a blue star on a gray background",
     "a red triangle on a black background in the center",
 ]
+PROGRESS_FILE = "training.json"  # how far the installed weights were trained
 TOKENS = 24  # longest caption is 14 tokens; shorter padding keeps text and cross-attention cheap
 
 
@@ -92,42 +95,72 @@ def set_scaling_factor(vae, count: int = 512) -> float:
     return factor
 
 
-def train_shapes(work: Path, vae_steps: int = 1500, unet_steps: int = 30000, batch_size: int = 64,
-                 install: bool = True, bus: EventBus | None = None) -> Path:
-    work = Path(work)
-    work.mkdir(parents=True, exist_ok=True)
-    bus = bus or EventBus()
-    bus.subscribe(JsonlLog(work / "log.jsonl"))
-    torch.manual_seed(0)
-    pipe = build_sd_pipeline(seed=0, size=BUILTIN_SIZE)
-    pipe.tokenizer.model_max_length = TOKENS
-    # 1. Autoencoder.
-    train_vae(pipe.vae, work, vae_steps, bus)
-    # 2. Latent scale.
-    factor = set_scaling_factor(pipe.vae)
-    log.info("vae scaling factor %.4f", factor)
-    # 3. Denoiser and text encoder, from scratch.
-    config = TrainConfig(
+def shapes_config(work: Path, unet_steps: int, batch_size: int) -> TrainConfig:
+    return TrainConfig(
         base="builtin:shapes", method="full", train_text_encoder=True, dataset="shapes", resolution=64,
         steps=unet_steps, batch_size=batch_size, learning_rate=1e-3, lr_schedule="cosine", warmup_steps=200,
         checkpoint_every=100, sample_every=500, sample_prompts=SAMPLE_PROMPTS, sample_steps=20,
         min_snr_gamma=5.0, caption_dropout=0.1, ema_decay=0.999, pool_size=20000, output_dir=work / "unet",
     )
-    output = Trainer(config, pipe, bus=bus).run()
-    # 4. Install as the committed built-in.
-    if install and output.name == "model":
-        return install_builtin("shapes", output)
+
+
+def _fresh_pipeline(work: Path, vae_steps: int, bus: EventBus):
+    torch.manual_seed(0)
+    pipe = build_sd_pipeline(seed=0, size=BUILTIN_SIZE)
+    pipe.tokenizer.model_max_length = TOKENS
+    train_vae(pipe.vae, work, vae_steps, bus)  # 1. autoencoder (loads it when already trained)
+    factor = set_scaling_factor(pipe.vae)  # 2. latent scale
+    log.info("vae scaling factor %.4f", factor)
+    return pipe
+
+
+def train_shapes(work: Path, vae_steps: int = 1500, unet_steps: int = 30000, batch_size: int = 64,
+                 install: bool = True, bus: EventBus | None = None) -> Path:
+    """Train builtin:shapes. Resumes from `work` exactly; with an empty `work` but an installed built-in that
+    records its training step (a run continued in a new session), it warm-starts from those weights."""
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    bus = bus or EventBus()
+    bus.subscribe(JsonlLog(work / "log.jsonl"))
+    config = shapes_config(work, unet_steps, batch_size)
+    installed = COMMITTED_DIR / "shapes" / PROGRESS_FILE
+    if not (work / "unet" / "checkpoint.pt").exists() and installed.exists():
+        progress = json.loads(installed.read_text())
+        pipe = StableDiffusionPipeline.from_pretrained(COMMITTED_DIR / "shapes")
+        trainer = Trainer(config, pipe, bus=bus)
+        trainer.warm_start(progress["unet_step"])
+    else:
+        trainer = Trainer(config, _fresh_pipeline(work, vae_steps, bus), bus=bus)  # 3. denoiser + text encoder
+    output = trainer.run()
+    if install and output.name == "model":  # 4. install as the committed built-in
+        return install_builtin("shapes", output, {"unet_step": trainer.step, "finished": True})
     return output
 
 
-def install_builtin(name: str, folder: Path) -> Path:
+def snapshot_shapes(work: Path, vae_steps: int = 1500, unet_steps: int = 30000, batch_size: int = 64,
+                    install: bool = True, bus: EventBus | None = None) -> Path:
+    """Export the latest checkpoint of a run (EMA weights) without waiting for it to finish."""
+    work = Path(work)
+    bus = bus or EventBus()
+    trainer = Trainer(shapes_config(work, unet_steps, batch_size), _fresh_pipeline(work, vae_steps, bus), bus=bus)
+    if not trainer.load_checkpoint():
+        raise TrainingError(f"work: no UNet checkpoint in '{work / 'unet'}' yet")
+    output = trainer.export()
+    if install:
+        return install_builtin("shapes", output, {"unet_step": trainer.step, "finished": False})
+    return output
+
+
+def install_builtin(name: str, folder: Path, progress: dict) -> Path:
     target = COMMITTED_DIR / name
     scratch = COMMITTED_DIR / f".{name}.new"
     shutil.rmtree(scratch, ignore_errors=True)
     shutil.copytree(folder, scratch)
+    (scratch / PROGRESS_FILE).write_text(json.dumps(progress) + "\n")
     shutil.rmtree(target, ignore_errors=True)
     scratch.rename(target)
     return target
 
 
 RECIPES = {"shapes": train_shapes}
+SNAPSHOTS = {"shapes": snapshot_shapes}

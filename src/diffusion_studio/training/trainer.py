@@ -40,6 +40,7 @@ class Trainer:
         self.bus = bus or EventBus()
         self.pool = pool
         self.step = 0
+        self.warmup_from = 0  # a warm start re-warms the fresh optimiser from here
         self.state = "idle"  # idle | running | paused | stopped | done | failed
         self._resume_flag = threading.Event()
         self._resume_flag.set()
@@ -102,7 +103,7 @@ class Trainer:
         """Train to `config.steps` (resuming a checkpoint in output_dir if there is one). Returns the output."""
         cfg = self.config
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._load_checkpoint()
+        self.load_checkpoint()
         self.pool = self.pool or self._build_pool()
         self._set_state("running")
         for module in self.modules.values():
@@ -149,8 +150,11 @@ class Trainer:
 
     def _set_lr(self) -> float:
         cfg = self.config
-        if self.step < cfg.warmup_steps:
-            scale = (self.step + 1) / cfg.warmup_steps
+        if self.step - self.warmup_from < cfg.warmup_steps:
+            scale = (self.step - self.warmup_from + 1) / cfg.warmup_steps
+            if self.warmup_from:  # re-warming towards where the schedule is now
+                progress = (self.step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+                scale *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)) if cfg.lr_schedule == "cosine" else 1
         elif cfg.lr_schedule == "cosine":
             progress = (self.step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
             scale = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
@@ -269,10 +273,15 @@ class Trainer:
         path = self.output_dir / CHECKPOINT
         return torch.load(path, weights_only=False)["step"] if path.exists() else 0
 
-    def _load_checkpoint(self) -> None:
+    def warm_start(self, step: int) -> None:
+        """Continue a run whose checkpoint is gone but whose weights were kept (e.g. an installed model): the
+        step count and LR schedule continue; the optimiser starts fresh, so the LR is warmed up again."""
+        self.step = self.warmup_from = step
+
+    def load_checkpoint(self) -> bool:
         path = self.output_dir / CHECKPOINT
         if not path.exists():
-            return
+            return False
         state = torch.load(path, weights_only=False)
         mine = self.config.model_dump(mode="json", exclude={"steps"})
         if state["config"] != mine:
@@ -293,6 +302,7 @@ class Trainer:
         self.generator.set_state(state["rng"]["generator"])
         self.step = state["step"]
         self._set_state("resumed")
+        return True
 
     # -- output ---------------------------------------------------------------------------------------------
     def export(self) -> Path:
