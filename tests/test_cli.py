@@ -40,7 +40,8 @@ def test_generate_errors_are_one_line_naming_the_field(data_dir, tmp_path, capsy
 def test_models_command(data_dir, capsys):
     assert main(["models", "--data-dir", str(data_dir)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("builtin:shapes ") and "stand-in" in lines[0]
+    assert lines[0].startswith("builtin:shapes ") and "built-in" in lines[0]
+    assert "untrained stand-in" in lines[3]  # builtin:shapes-xl-canny has no trained weights yet
 
 
 def test_serve_refuses_a_network_address_without_auth(data_dir, capsys):

@@ -66,7 +66,8 @@ def test_img2img_starts_from_the_image(engine, shape_image):
 
 
 def test_inpaint_keeps_pixels_outside_the_mask(engine, shape_image, center_mask):
-    result = run(engine, mode="inpaint", init_image=shape_image, mask_image=center_mask, mask_blur=0, strength=1.0)
+    result = run(engine, mode="inpaint", init_image=shape_image, mask_image=center_mask, mask_blur=0, strength=1.0,
+                 prompt="a blue square on a black background")
     out, original = pixels(result.images[0]), pixels(shape_image)
     outside = np.asarray(center_mask) == 0
     assert np.array_equal(out[outside], original[outside])

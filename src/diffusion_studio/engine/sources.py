@@ -112,10 +112,8 @@ def list_models(config: StudioConfig) -> list[dict]:
     """Built-ins first, then configured models, then what the models folder holds."""
     rows = []
     for spec in BUILTINS.values():
-        committed = (COMMITTED_DIR / spec.name).is_dir()
         rows.append({"name": f"builtin:{spec.name}", "role": spec.kind, "family": spec.family,
-                     "origin": "built-in" if committed else "built-in (untrained stand-in)",
-                     "description": spec.description})
+                     "origin": builtin_origin(spec.name), "description": spec.description})
     for name, entry in config.models.items():
         rows.append({"name": name, "role": entry.kind, "family": None, "origin": "configured",
                      "description": entry.source})
@@ -134,6 +132,19 @@ def list_models(config: StudioConfig) -> list[dict]:
                 rows.append({"name": path.name, "role": source.role, "family": source.family,
                              "origin": "models folder", "description": str(path)})
     return rows
+
+
+def builtin_origin(short: str) -> str:
+    """'built-in', or what is still missing: untrained stand-in, or trained only part of the way."""
+    folder = COMMITTED_DIR / short
+    if not folder.is_dir():
+        return "built-in (untrained stand-in)"
+    progress_file = folder / "training.json"
+    if progress_file.is_file():
+        progress = json.loads(progress_file.read_text())
+        if not progress.get("finished", True):
+            return f"built-in (partly trained: {progress.get('unet_step', '?')} steps)"
+    return "built-in"
 
 
 def resolve_lora(name: str, config: StudioConfig) -> Path:

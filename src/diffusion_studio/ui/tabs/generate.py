@@ -28,6 +28,8 @@ def model_note_for(studio: Studio, name: str) -> str:
         if row["name"] == name and "stand-in" in row["origin"]:
             return f"⚠️ `{name}` is an **untrained stand-in** (random weights, same architecture) until its trained " \
                    "weights are committed: it produces noise."
+        if row["name"] == name and "partly trained" in row["origin"]:
+            return f"ℹ️ `{name}` is {row['origin'].removeprefix('built-in (').rstrip(')')}; its training continues."
     return ""
 
 
