@@ -163,3 +163,20 @@ def test_full_run_exports_a_loadable_model(pipe, tmp_path, make_config):
 def test_config_errors_name_the_field(fields, message):
     with pytest.raises(ValidationError, match=message):
         TrainConfig(**fields)
+
+
+def test_controlnet_training_exports_a_usable_controlnet(pipe, tmp_path, make_config, sd_folder):
+    from diffusers import ControlNetModel
+
+    trainer = Trainer(config(tmp_path, method="controlnet", ema_decay=0.9, steps=3, sample_every=3, sample_steps=2),
+                      pipe)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    output = trainer.run()
+    assert output.name == "controlnet" and (output / "config.json").exists()
+    assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())  # the base stays frozen
+    assert trainer.pool.conditions.shape[1:] == (3, 32, 32) and 0 <= trainer.pool.conditions.min()
+    ControlNetModel.from_pretrained(output)
+    engine = Engine(make_config())
+    result = engine.run(GenerationRequest(model=str(sd_folder), mode="controlnet", controlnet=str(output),
+                                          control_image=Image.new("RGB", (32, 32), "white"), steps=2, seed=1))
+    assert result.images[0].size == (32, 32)

@@ -96,17 +96,16 @@ def _print_training_event(event) -> None:
 
 
 def cmd_train_builtin(args) -> int:
-    from .builtin.recipes import RECIPES, SNAPSHOTS
+    from .builtin.recipes import TRAINERS, train_builtin
     from .training.events import EventBus
 
-    if args.name not in RECIPES:
-        raise RequestError("name", f"no training recipe for '{args.name}' yet; recipes: {', '.join(RECIPES)}")
+    if args.name not in TRAINERS:
+        raise RequestError("name", f"no training recipe for '{args.name}' yet; recipes: {', '.join(TRAINERS)}")
     bus = EventBus()
     bus.subscribe(_print_training_event)
     work = Path(args.work or Path("data/training") / args.name)
-    recipe = SNAPSHOTS[args.name] if args.snapshot else RECIPES[args.name]
-    output = recipe(work, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
-                               batch_size=args.batch_size, install=not args.no_install, bus=bus)
+    output = train_builtin(args.name, work, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
+                           batch_size=args.batch_size, install=not args.no_install, bus=bus, snapshot=args.snapshot)
     print(output)
     return 0
 
@@ -209,10 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train the built-in models or a LoRA")
     train_sub = train.add_subparsers(dest="what", required=True)
     builtin = train_sub.add_parser("builtin", parents=[common], help="rebuild a built-in model from scratch")
-    builtin.add_argument("--name", required=True, help="built-in to train (shapes)")
+    builtin.add_argument("--name", required=True, help="built-in to train: shapes, then shapes-canny")
     builtin.add_argument("--work", help="checkpoints and logs (default: data/training/<name>); resumes from it")
     builtin.add_argument("--vae-steps", type=int, default=1500)
-    builtin.add_argument("--unet-steps", type=int, default=30000)
+    builtin.add_argument("--unet-steps", type=int, default=30000, help="UNet (or ControlNet) training steps")
     builtin.add_argument("--batch-size", type=int, default=64)
     builtin.add_argument("--no-install", action="store_true", help="don't copy the result into builtin/models")
     builtin.add_argument("--snapshot", action="store_true",

@@ -114,40 +114,54 @@ def _fresh_pipeline(work: Path, vae_steps: int, bus: EventBus):
     return pipe
 
 
-def train_shapes(work: Path, vae_steps: int = 1500, unet_steps: int = 30000, batch_size: int = 64,
-                 install: bool = True, bus: EventBus | None = None) -> Path:
-    """Train builtin:shapes. Resumes from `work` exactly; with an empty `work` but an installed built-in that
-    records its training step (a run continued in a new session), it warm-starts from those weights."""
-    work = Path(work)
-    work.mkdir(parents=True, exist_ok=True)
-    bus = bus or EventBus()
-    bus.subscribe(JsonlLog(work / "log.jsonl"))
+def shapes_trainer(work: Path, vae_steps: int, unet_steps: int, batch_size: int, bus: EventBus) -> Trainer:
+    """builtin:shapes. With an empty `work` but an installed built-in that records its training step (a run
+    continued in a new session), it warm-starts from those weights; otherwise it resumes `work` exactly."""
     config = shapes_config(work, unet_steps, batch_size)
     installed = COMMITTED_DIR / "shapes" / PROGRESS_FILE
     if not (work / "unet" / "checkpoint.pt").exists() and installed.exists():
-        progress = json.loads(installed.read_text())
-        pipe = StableDiffusionPipeline.from_pretrained(COMMITTED_DIR / "shapes")
-        trainer = Trainer(config, pipe, bus=bus)
-        trainer.warm_start(progress["unet_step"])
-    else:
-        trainer = Trainer(config, _fresh_pipeline(work, vae_steps, bus), bus=bus)  # 3. denoiser + text encoder
-    output = trainer.run()
-    if install and output.name == "model":  # 4. install as the committed built-in
-        return install_builtin("shapes", output, {"unet_step": trainer.step, "finished": True})
-    return output
+        trainer = Trainer(config, StableDiffusionPipeline.from_pretrained(COMMITTED_DIR / "shapes"), bus=bus)
+        trainer.warm_start(json.loads(installed.read_text())["unet_step"])
+        return trainer
+    return Trainer(config, _fresh_pipeline(work, vae_steps, bus), bus=bus)  # 3. denoiser + text encoder
 
 
-def snapshot_shapes(work: Path, vae_steps: int = 1500, unet_steps: int = 30000, batch_size: int = 64,
-                    install: bool = True, bus: EventBus | None = None) -> Path:
-    """Export the latest checkpoint of a run (EMA weights) without waiting for it to finish."""
+def shapes_canny_trainer(work: Path, vae_steps: int, unet_steps: int, batch_size: int, bus: EventBus) -> Trainer:
+    """builtin:shapes-canny: a ControlNet on canny edges of shapes-world images, beside the frozen builtin:shapes."""
+    if not (COMMITTED_DIR / "shapes").is_dir():
+        raise TrainingError("name: shapes-canny is trained beside builtin:shapes; train shapes first")
+    config = TrainConfig(
+        base="builtin:shapes", method="controlnet", dataset="shapes", resolution=64, steps=unet_steps,
+        batch_size=batch_size, learning_rate=3e-4, lr_schedule="cosine", warmup_steps=100, checkpoint_every=100,
+        sample_every=500, sample_prompts=SAMPLE_PROMPTS[:4], sample_steps=20, min_snr_gamma=5.0,
+        caption_dropout=0.1, ema_decay=0.999, pool_size=8000, output_dir=work / "controlnet",
+    )
+    return Trainer(config, StableDiffusionPipeline.from_pretrained(COMMITTED_DIR / "shapes"), bus=bus)
+
+
+TRAINERS = {"shapes": shapes_trainer, "shapes-canny": shapes_canny_trainer}
+
+
+def train_builtin(name: str, work: Path, vae_steps: int = 1500, unet_steps: int = 30000, batch_size: int = 64,
+                  install: bool = True, bus: EventBus | None = None, snapshot: bool = False) -> Path:
+    """Train (or, with `snapshot`, export the latest checkpoint of) built-in `name`; installs it unless told not."""
     work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
     bus = bus or EventBus()
-    trainer = Trainer(shapes_config(work, unet_steps, batch_size), _fresh_pipeline(work, vae_steps, bus), bus=bus)
-    if not trainer.load_checkpoint():
-        raise TrainingError(f"work: no UNet checkpoint in '{work / 'unet'}' yet")
-    output = trainer.export()
-    if install:
-        return install_builtin("shapes", output, {"unet_step": trainer.step, "finished": False})
+    if snapshot and not any((work / stage / "checkpoint.pt").exists() for stage in ("unet", "controlnet")):
+        raise TrainingError(f"work: no checkpoint in '{work}' yet")  # before building: that would train a VAE
+    if not snapshot:
+        bus.subscribe(JsonlLog(work / "log.jsonl"))
+    trainer = TRAINERS[name](work, vae_steps, unet_steps, batch_size, bus)
+    if snapshot:
+        if not trainer.load_checkpoint():
+            raise TrainingError(f"work: no checkpoint in '{trainer.output_dir}' yet")
+        output, finished = trainer.export(), False
+    else:
+        output = trainer.run()
+        finished = trainer.state == "done"
+    if install and output.name in ("model", "controlnet"):  # 4. install as the committed built-in
+        return install_builtin(name, output, {"unet_step": trainer.step, "finished": finished})
     return output
 
 
@@ -162,5 +176,4 @@ def install_builtin(name: str, folder: Path, progress: dict) -> Path:
     return target
 
 
-RECIPES = {"shapes": train_shapes}
-SNAPSHOTS = {"shapes": snapshot_shapes}
+

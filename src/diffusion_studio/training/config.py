@@ -12,7 +12,9 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     base: str = Field("builtin:shapes", description="model whose weights start the run (or give the architecture)")
-    method: Literal["full", "lora"] = "lora"
+    method: Literal["full", "lora", "controlnet"] = Field(
+        "lora", description="full: UNet (+ text encoder); lora: adapters on the UNet's attention; controlnet: a "
+                            "canny ControlNet beside a frozen base")
     train_text_encoder: bool = Field(False, description="full training only: also train the text encoder")
     dataset: str = Field("shapes", description="'shapes' (shapes world) or a folder of images")
     instance_prompt: str | None = Field(None, description="caption for images without a .txt caption file")
@@ -31,7 +33,7 @@ class TrainConfig(BaseModel):
     sample_steps: int = Field(20, ge=1, le=150)
     min_snr_gamma: float | None = Field(5.0, gt=0, description="Min-SNR loss weighting (None: plain MSE)")
     caption_dropout: float = Field(0.1, ge=0, le=1, description="share of empty captions, for guidance")
-    ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an EMA of the weights (full training)")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an EMA of the weights (not for LoRA)")
     max_grad_norm: float = Field(1.0, gt=0)
     pool_size: int = Field(4096, ge=1, description="shapes world: samples encoded once and drawn from")
     output_dir: Path = Path("data/training/run")
@@ -43,5 +45,5 @@ class TrainConfig(BaseModel):
         if self.method == "lora" and self.train_text_encoder:
             raise ValueError("train_text_encoder: only with method 'full' (LoRA adapts the UNet)")
         if self.ema_decay is not None and self.method == "lora":
-            raise ValueError("ema_decay: only with method 'full'")
+            raise ValueError("ema_decay: only with method 'full' or 'controlnet'")
         return self

@@ -28,6 +28,7 @@ class LatentPool:
     latents: torch.Tensor  # N x C x h x w, already multiplied by the VAE scaling factor
     captions: list[str]
     images: list[Image.Image]  # kept for ControlNet conditions and for showing what was trained on
+    conditions: torch.Tensor | None = None  # ControlNet training: N x 3 x H x W control maps in [0, 1]
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -35,6 +36,11 @@ class LatentPool:
     def batch(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str], list[int]]:
         index = torch.randint(0, len(self), (size,), generator=generator).tolist()
         return self.latents[index], [self.captions[i] for i in index], index
+
+
+def control_maps(images: list[Image.Image], make_map: Callable[[Image.Image], Image.Image]) -> torch.Tensor:
+    """Control maps as the ControlNet pipelines feed them: RGB in [0, 1]."""
+    return (to_tensor([make_map(image) for image in images]) + 1) / 2
 
 
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:

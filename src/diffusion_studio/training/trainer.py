@@ -14,13 +14,14 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import ControlNetModel, DDPMScheduler, StableDiffusionControlNetPipeline, StableDiffusionPipeline
 from diffusers.training_utils import EMAModel
 from diffusers.utils import convert_state_dict_to_diffusers
 
 from ..builtin.shapes import check, parse_caption
 from .config import TrainConfig
-from .data import LatentPool, folder_pool, shapes_pool
+from ..engine.control import canny
+from .data import LatentPool, control_maps, folder_pool, shapes_pool
 from .events import EventBus, StabilityMeter, TrainingEvent
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,10 @@ class TrainingError(RuntimeError):
 
 class Trainer:
     def __init__(self, config: TrainConfig, pipeline: StableDiffusionPipeline, bus: EventBus | None = None,
-                 pool: LatentPool | None = None):
+                 pool: LatentPool | None = None, controlnet: ControlNetModel | None = None):
         self.config = config
         self.pipe = pipeline
+        self.controlnet = controlnet
         self.bus = bus or EventBus()
         self.pool = pool
         self.step = 0
@@ -72,6 +74,14 @@ class Trainer:
                                         target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
             unet.set_adapters(ADAPTER)
             return {"unet": unet}
+        if self.config.method == "controlnet":
+            unet.requires_grad_(False)
+            if self.controlnet is None:  # starts as a copy of the UNet's encoder, outputs zeroed (standard)
+                levels = len(vae.config.block_out_channels)
+                self.controlnet = ControlNetModel.from_unet(
+                    unet, conditioning_embedding_out_channels=tuple(16 * 2**i for i in range(levels)))
+            self.controlnet.requires_grad_(True)
+            return {"controlnet": self.controlnet}
         unet.requires_grad_(True)
         if self.config.train_text_encoder:
             text_encoder.requires_grad_(True)
@@ -81,8 +91,12 @@ class Trainer:
     def _build_pool(self) -> LatentPool:
         cfg = self.config
         if cfg.dataset == "shapes":
-            return shapes_pool(self.pipe.vae, cfg.pool_size, cfg.resolution, cfg.seed)
-        return folder_pool(self.pipe.vae, Path(cfg.dataset), cfg.resolution, cfg.instance_prompt, self._warn)
+            pool = shapes_pool(self.pipe.vae, cfg.pool_size, cfg.resolution, cfg.seed)
+        else:
+            pool = folder_pool(self.pipe.vae, Path(cfg.dataset), cfg.resolution, cfg.instance_prompt, self._warn)
+        if cfg.method == "controlnet":
+            pool.conditions = control_maps(pool.images, canny)
+        return pool
 
     def _warn(self, message: str) -> None:
         self.bus.publish(TrainingEvent("warning", self.step, self.config.steps, message=message))
@@ -112,8 +126,8 @@ class Trainer:
         while self.step < cfg.steps:
             started = time.perf_counter()
             lr = self._set_lr()
-            latents, captions, _ = self.pool.batch(cfg.batch_size, self.generator)
-            loss = self._loss(latents, captions)
+            latents, captions, index = self.pool.batch(cfg.batch_size, self.generator)
+            loss = self._loss(latents, captions, index)
             if not torch.isfinite(loss):
                 self._fail(f"loss became {loss.item()} at step {self.step}; stopped. The last good checkpoint "
                            f"(step {self._checkpoint_step()}) is kept in {self.output_dir}")
@@ -171,7 +185,7 @@ class Trainer:
                         return_tensors="pt").input_ids
         return self.pipe.text_encoder(ids.to(self.pipe.text_encoder.device))[0]
 
-    def _loss(self, latents: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    def _loss(self, latents: torch.Tensor, captions: list[str], index: list[int]) -> torch.Tensor:
         cfg, scheduler = self.config, self.noise_scheduler
         device = self.pipe.unet.device
         latents = latents.to(device)
@@ -184,7 +198,14 @@ class Trainer:
         noisy = scheduler.add_noise(latents, noise, timesteps)
         with torch.set_grad_enabled(cfg.train_text_encoder):
             text = self.encode_text(captions)
-        prediction = self.pipe.unet(noisy, timesteps, text).sample
+        if self.config.method == "controlnet":
+            condition = self.pool.conditions[index].to(device)
+            down, middle = self.controlnet(noisy, timesteps, encoder_hidden_states=text, controlnet_cond=condition,
+                                           return_dict=False)
+            prediction = self.pipe.unet(noisy, timesteps, text, down_block_additional_residuals=down,
+                                        mid_block_additional_residual=middle).sample
+        else:
+            prediction = self.pipe.unet(noisy, timesteps, text).sample
         if scheduler.config.prediction_type == "v_prediction":
             target = scheduler.get_velocity(latents, noise, timesteps)
         else:
@@ -210,12 +231,18 @@ class Trainer:
         with self._ema_weights():
             for module in self.modules.values():
                 module.eval()
-            pipe = StableDiffusionPipeline(**{**self.pipe.components, "safety_checker": None,
-                                              "feature_extractor": None}, requires_safety_checker=False)
+            components = {**self.pipe.components, "safety_checker": None, "feature_extractor": None}
+            extra = {}
+            if cfg.method == "controlnet":
+                pipe = StableDiffusionControlNetPipeline(**components, controlnet=self.controlnet,
+                                                         requires_safety_checker=False)
+                extra["image"] = [canny(self.pool.images[i]) for i in range(len(cfg.sample_prompts))]
+            else:
+                pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
             pipe.set_progress_bar_config(disable=True)
             generator = [torch.Generator().manual_seed(i) for i in range(len(cfg.sample_prompts))]
             images = pipe(cfg.sample_prompts, num_inference_steps=cfg.sample_steps, generator=generator,
-                          height=cfg.resolution, width=cfg.resolution).images
+                          height=cfg.resolution, width=cfg.resolution, **extra).images
             for module in self.modules.values():
                 module.train()
         paths = []
@@ -224,7 +251,7 @@ class Trainer:
             image.save(path)
             paths.append(path)
         data = {"images": [str(p) for p in paths], "prompts": cfg.sample_prompts}
-        adherence = shapes_adherence(images, cfg.sample_prompts)
+        adherence = None if cfg.method == "controlnet" else shapes_adherence(images, cfg.sample_prompts)
         if adherence is not None:
             data["adherence"] = adherence
         self.bus.publish(TrainingEvent("sample", self.step, cfg.steps, data=data))
@@ -306,7 +333,8 @@ class Trainer:
 
     # -- output ---------------------------------------------------------------------------------------------
     def export(self) -> Path:
-        """Full: a diffusers folder (EMA weights if kept). LoRA: a .safetensors that load_lora_weights reads."""
+        """Full: a diffusers folder (EMA weights if kept). LoRA: a .safetensors that load_lora_weights reads.
+        ControlNet: a ControlNet folder."""
         if self.config.method == "lora":
             from peft.utils import get_peft_model_state_dict
 
@@ -314,9 +342,10 @@ class Trainer:
             StableDiffusionPipeline.save_lora_weights(self.output_dir, unet_lora_layers=layers,
                                                       weight_name="lora.safetensors", safe_serialization=True)
             return self.output_dir / "lora.safetensors"
-        target = self.output_dir / "model"
+        target = self.output_dir / ("controlnet" if self.config.method == "controlnet" else "model")
         with self._ema_weights():
-            self.pipe.save_pretrained(target, safe_serialization=True)
+            saved = self.controlnet if self.config.method == "controlnet" else self.pipe
+            saved.save_pretrained(target, safe_serialization=True)
         return target
 
     # -- state ----------------------------------------------------------------------------------------------
