@@ -180,3 +180,18 @@ def test_controlnet_training_exports_a_usable_controlnet(pipe, tmp_path, make_co
     result = engine.run(GenerationRequest(model=str(sd_folder), mode="controlnet", controlnet=str(output),
                                           control_image=Image.new("RGB", (32, 32), "white"), steps=2, seed=1))
     assert result.images[0].size == (32, 32)
+
+
+def test_sdxl_full_training_with_both_text_encoders(tmp_path, make_config):
+    from diffusion_studio.builtin.architectures import TinySize, build_sdxl_pipeline
+
+    pipe = build_sdxl_pipeline(seed=3, size=TinySize(image_px=32))
+    second_encoder = {k: v.clone() for k, v in pipe.text_encoder_2.state_dict().items()}
+    trainer = Trainer(config(tmp_path, method="full", train_text_encoder=True, steps=2, sample_every=2,
+                             sample_steps=2, caption_dropout=0.5), pipe)
+    output = trainer.run()
+    assert set(trainer.modules) == {"unet", "text_encoder", "text_encoder_2"}
+    assert any(not torch.equal(second_encoder[k], v) for k, v in pipe.text_encoder_2.state_dict().items())
+    result = Engine(make_config()).run(GenerationRequest(model=str(output), mode="sdxl", prompt="a star", steps=2,
+                                                         seed=1))
+    assert result.images[0].size == (32, 32)

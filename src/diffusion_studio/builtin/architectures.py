@@ -109,8 +109,10 @@ def build_sd_pipeline(seed: int = 0, size: TinySize = TinySize()) -> StableDiffu
     )
 
 
-def build_sdxl_pipeline(seed: int = 0, size: TinySize = TinySize()) -> StableDiffusionXLPipeline:
-    """A randomly initialised SDXL-architecture pipeline: two text encoders and text_time conditioning."""
+def build_sdxl_pipeline(seed: int = 0, size: TinySize = TinySize(), vae: AutoencoderKL | None = None
+                        ) -> StableDiffusionXLPipeline:
+    """A randomly initialised SDXL-architecture pipeline: two text encoders and text_time conditioning.
+    `vae`: reuse an autoencoder (the built-ins share the one trained for the shapes world)."""
     torch.manual_seed(seed)
     tokenizer = build_clip_tokenizer(list(SHAPES_WORDS))
     text_encoder = CLIPTextModel(_text_config(size, len(tokenizer), tokenizer))
@@ -120,7 +122,8 @@ def build_sdxl_pipeline(seed: int = 0, size: TinySize = TinySize()) -> StableDif
     time_embed_dim = 8
     unet = UNet2DConditionModel(
         sample_size=size.image_px // size.vae_factor, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=size.unet_channels, norm_num_groups=16, cross_attention_dim=size.text_width * 2,
+        block_out_channels=size.unet_channels, norm_num_groups=size.unet_norm_groups,
+        cross_attention_dim=size.text_width * 2,
         attention_head_dim=4, use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
         # six micro-conditioning numbers (original size, crop, target size), each embedded, + pooled text.
@@ -128,7 +131,7 @@ def build_sdxl_pipeline(seed: int = 0, size: TinySize = TinySize()) -> StableDif
         down_block_types=size.down_blocks(), up_block_types=size.up_blocks(),
     )
     return StableDiffusionXLPipeline(
-        vae=_vae(size), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        vae=vae if vae is not None else _vae(size), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
         tokenizer_2=tokenizer, unet=unet, scheduler=_scheduler(), force_zeros_for_empty_prompt=True,
     )
 

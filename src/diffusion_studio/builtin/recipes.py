@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline
 
 from ..training.config import TrainConfig
 from ..training.data import encode, to_tensor
 from ..training.events import EventBus, JsonlLog, TrainingEvent
 from ..training.trainer import Trainer, TrainingError
-from .architectures import BUILTIN_SIZE, build_sd_pipeline
+from .architectures import BUILTIN_SIZE, build_sd_pipeline, build_sdxl_pipeline
 from .catalog import COMMITTED_DIR
 from .shapes import ShapesWorld
 
@@ -114,16 +114,40 @@ def _fresh_pipeline(work: Path, vae_steps: int, bus: EventBus):
     return pipe
 
 
-def shapes_trainer(work: Path, vae_steps: int, unet_steps: int, batch_size: int, bus: EventBus) -> Trainer:
-    """builtin:shapes. With an empty `work` but an installed built-in that records its training step (a run
-    continued in a new session), it warm-starts from those weights; otherwise it resumes `work` exactly."""
-    config = shapes_config(work, unet_steps, batch_size)
-    installed = COMMITTED_DIR / "shapes" / PROGRESS_FILE
-    if not (work / "unet" / "checkpoint.pt").exists() and installed.exists():
-        trainer = Trainer(config, StableDiffusionPipeline.from_pretrained(COMMITTED_DIR / "shapes"), bus=bus)
-        trainer.warm_start(json.loads(installed.read_text())["unet_step"])
+def _resume_or_start(name: str, config: TrainConfig, start, bus: EventBus) -> Trainer:
+    """Resume `work` exactly if it holds a checkpoint. Else, if an installed built-in records how far it was
+    trained (a run continued in a new session, whose checkpoint did not travel), warm-start from its weights.
+    Else start fresh with `start()`."""
+    installed = COMMITTED_DIR / name / PROGRESS_FILE
+    if not (config.output_dir / "checkpoint.pt").exists() and installed.exists():
+        progress = json.loads(installed.read_text())
+        trainer = Trainer(config, DiffusionPipeline.from_pretrained(COMMITTED_DIR / name), bus=bus)
+        trainer.warm_start(progress["unet_step"])
         return trainer
-    return Trainer(config, _fresh_pipeline(work, vae_steps, bus), bus=bus)  # 3. denoiser + text encoder
+    return Trainer(config, start(), bus=bus)
+
+
+def shapes_trainer(work: Path, vae_steps: int, unet_steps: int, batch_size: int, bus: EventBus) -> Trainer:
+    """builtin:shapes: autoencoder, latent scale, then UNet + text encoder from scratch."""
+    return _resume_or_start("shapes", shapes_config(work, unet_steps, batch_size),
+                            lambda: _fresh_pipeline(work, vae_steps, bus), bus)
+
+
+def shapes_xl_trainer(work: Path, vae_steps: int, unet_steps: int, batch_size: int, bus: EventBus) -> Trainer:
+    """builtin:shapes-xl: SDXL architecture trained from scratch on the shapes world, reusing the autoencoder
+    trained for builtin:shapes (same images, so the same latent space; no second VAE stage)."""
+    if not (COMMITTED_DIR / "shapes").is_dir():
+        raise TrainingError("name: shapes-xl reuses builtin:shapes' autoencoder; train shapes first")
+
+    def start():
+        torch.manual_seed(0)
+        vae = AutoencoderKL.from_pretrained(COMMITTED_DIR / "shapes", subfolder="vae")
+        pipe = build_sdxl_pipeline(seed=0, size=BUILTIN_SIZE, vae=vae)
+        pipe.tokenizer.model_max_length = pipe.tokenizer_2.model_max_length = TOKENS
+        return pipe
+
+    config = shapes_config(work, unet_steps, batch_size).model_copy(update={"base": "builtin:shapes-xl"})
+    return _resume_or_start("shapes-xl", config, start, bus)
 
 
 def shapes_canny_trainer(work: Path, vae_steps: int, unet_steps: int, batch_size: int, bus: EventBus) -> Trainer:
@@ -139,7 +163,7 @@ def shapes_canny_trainer(work: Path, vae_steps: int, unet_steps: int, batch_size
     return Trainer(config, StableDiffusionPipeline.from_pretrained(COMMITTED_DIR / "shapes"), bus=bus)
 
 
-TRAINERS = {"shapes": shapes_trainer, "shapes-canny": shapes_canny_trainer}
+TRAINERS = {"shapes": shapes_trainer, "shapes-canny": shapes_canny_trainer, "shapes-xl": shapes_xl_trainer}
 
 
 def train_builtin(name: str, work: Path, vae_steps: int = 1500, unet_steps: int = 30000, batch_size: int = 64,

@@ -14,7 +14,13 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import ControlNetModel, DDPMScheduler, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+from diffusers import (
+    ControlNetModel,
+    DDPMScheduler,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLControlNetPipeline,
+)
 from diffusers.training_utils import EMAModel
 from diffusers.utils import convert_state_dict_to_diffusers
 
@@ -39,6 +45,7 @@ class Trainer:
         self.config = config
         self.pipe = pipeline
         self.controlnet = controlnet
+        self.is_xl = getattr(pipeline, "text_encoder_2", None) is not None  # SDXL: two encoders, micro-conditions
         self.bus = bus or EventBus()
         self.pool = pool
         self.step = 0
@@ -61,8 +68,12 @@ class Trainer:
     # -- set-up ---------------------------------------------------------------------------------------------
     def _choose_trainable(self) -> dict[str, torch.nn.Module]:
         unet, text_encoder, vae = self.pipe.unet, self.pipe.text_encoder, self.pipe.vae
+        encoders = {"text_encoder": text_encoder}
+        if self.is_xl:
+            encoders["text_encoder_2"] = self.pipe.text_encoder_2
         vae.requires_grad_(False)
-        text_encoder.requires_grad_(False)
+        for encoder in encoders.values():
+            encoder.requires_grad_(False)
         if self.config.method == "lora":
             from peft import LoraConfig
 
@@ -84,8 +95,9 @@ class Trainer:
             return {"controlnet": self.controlnet}
         unet.requires_grad_(True)
         if self.config.train_text_encoder:
-            text_encoder.requires_grad_(True)
-            return {"unet": unet, "text_encoder": text_encoder}
+            for encoder in encoders.values():
+                encoder.requires_grad_(True)
+            return {"unet": unet, **encoders}
         return {"unet": unet}
 
     def _build_pool(self) -> LatentPool:
@@ -179,11 +191,22 @@ class Trainer:
             group["lr"] = lr
         return lr
 
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        tokenizer = self.pipe.tokenizer
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
-        return self.pipe.text_encoder(ids.to(self.pipe.text_encoder.device))[0]
+    def encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(token embeddings, pooled embedding or None) exactly as the matching pipeline computes them."""
+        pipe = self.pipe
+        pairs = [(pipe.tokenizer, pipe.text_encoder)]
+        if self.is_xl:
+            pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+        hidden, pooled = [], None
+        for tokenizer, encoder in pairs:
+            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(encoder.device)
+            if not self.is_xl:
+                return encoder(ids)[0], None
+            output = encoder(ids, output_hidden_states=True)
+            pooled = output[0]  # SDXL pools from the last (projection) encoder
+            hidden.append(output.hidden_states[-2])  # and takes each encoder's penultimate layer
+        return torch.cat(hidden, dim=-1), pooled
 
     def _loss(self, latents: torch.Tensor, captions: list[str], index: list[int]) -> torch.Tensor:
         cfg, scheduler = self.config, self.noise_scheduler
@@ -191,21 +214,30 @@ class Trainer:
         latents = latents.to(device)
         # Empty captions teach the unconditional prediction that classifier-free guidance needs.
         drop = torch.rand(len(captions), generator=self.generator) < cfg.caption_dropout
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        if not self.is_xl:
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         noise = torch.randn(latents.shape, generator=self.generator).to(device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(captions),),
                                   generator=self.generator).to(device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         with torch.set_grad_enabled(cfg.train_text_encoder):
-            text = self.encode_text(captions)
+            text, pooled = self.encode_text(captions)
+        conditions = {}
+        if self.is_xl:
+            # SDXL's empty prompt is all zeros (force_zeros_for_empty_prompt), so dropped captions are zeros too.
+            keep = (~drop).to(device, text.dtype)
+            text, pooled = text * keep[:, None, None], pooled * keep[:, None]
+            size = cfg.resolution  # micro-conditioning: original size, crop (0, 0), target size
+            time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=text.dtype, device=device)
+            conditions["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.repeat(len(captions), 1)}
         if self.config.method == "controlnet":
             condition = self.pool.conditions[index].to(device)
             down, middle = self.controlnet(noisy, timesteps, encoder_hidden_states=text, controlnet_cond=condition,
-                                           return_dict=False)
+                                           return_dict=False, **conditions)
             prediction = self.pipe.unet(noisy, timesteps, text, down_block_additional_residuals=down,
-                                        mid_block_additional_residual=middle).sample
+                                        mid_block_additional_residual=middle, **conditions).sample
         else:
-            prediction = self.pipe.unet(noisy, timesteps, text).sample
+            prediction = self.pipe.unet(noisy, timesteps, text, **conditions).sample
         if scheduler.config.prediction_type == "v_prediction":
             target = scheduler.get_velocity(latents, noise, timesteps)
         else:
@@ -231,14 +263,15 @@ class Trainer:
         with self._ema_weights():
             for module in self.modules.values():
                 module.eval()
-            components = {**self.pipe.components, "safety_checker": None, "feature_extractor": None}
-            extra = {}
+            components, extra = dict(self.pipe.components), {}
+            if not self.is_xl:
+                components["requires_safety_checker"] = False
             if cfg.method == "controlnet":
-                pipe = StableDiffusionControlNetPipeline(**components, controlnet=self.controlnet,
-                                                         requires_safety_checker=False)
+                family = StableDiffusionXLControlNetPipeline if self.is_xl else StableDiffusionControlNetPipeline
+                pipe = family(**components, controlnet=self.controlnet)
                 extra["image"] = [canny(self.pool.images[i]) for i in range(len(cfg.sample_prompts))]
             else:
-                pipe = StableDiffusionPipeline(**components, requires_safety_checker=False)
+                pipe = type(self.pipe)(**components)
             pipe.set_progress_bar_config(disable=True)
             generator = [torch.Generator().manual_seed(i) for i in range(len(cfg.sample_prompts))]
             images = pipe(cfg.sample_prompts, num_inference_steps=cfg.sample_steps, generator=generator,
