@@ -70,3 +70,15 @@ def test_checker_catches_each_wrong_attribute():
     blank = Image.new("RGB", (64, 64), (250, 250, 250))
     empty = check(blank, "a red star on a white background")
     assert empty.background_ok and empty.shape is None and not empty.all_ok
+
+
+def test_template_match_knows_a_shape_outside_the_vocabulary():
+    from diffusion_studio.builtin.shapes import nearest_template
+
+    rng = random.Random(5)
+    for shape in (*SHAPES, "heart"):
+        for _ in range(10):
+            spec = ShapeSpec(rng.choice(list(COLOURS)), shape, rng.choice(list(BACKGROUNDS)),
+                             rng.choice(list(POSITIONS)))
+            assert nearest_template(render(spec, rng=rng)) == shape
+    assert nearest_template(Image.new("RGB", (64, 64), "white")) is None

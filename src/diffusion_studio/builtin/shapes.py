@@ -92,6 +92,17 @@ def shape_points(shape: str, cx: float, cy: float, radius: float) -> list[tuple[
     return points
 
 
+def heart_points(cx: float, cy: float, radius: float, count: int = 64) -> list[tuple[float, float]]:
+    """A heart: a shape outside the vocabulary, for teaching a model a new word (the LoRA proof)."""
+    points = []
+    for k in range(count):
+        t = 2 * math.pi * k / count
+        x = 16 * math.sin(t) ** 3
+        y = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+        points.append((cx + radius * x / 17, cy - radius * (y + 2.5) / 17))
+    return points
+
+
 def render(spec: ShapeSpec, size: int = 64, rng: random.Random | None = None) -> Image.Image:
     """Draw `spec` at `size` px (4x supersampled, so edges are smooth). Size, placement and colours jitter."""
     rng = rng or random.Random(0)
@@ -105,7 +116,7 @@ def render(spec: ShapeSpec, size: int = 64, rng: random.Random | None = None) ->
     radius = rng.uniform(0.15, 0.2) * big
     fill = _jitter(COLOURS[spec.colour], rng)
     draw = ImageDraw.Draw(image)
-    points = shape_points(spec.shape, cx, cy, radius)
+    points = heart_points(cx, cy, radius) if spec.shape == "heart" else shape_points(spec.shape, cx, cy, radius)
     if points is None:
         draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
     else:
@@ -183,31 +194,59 @@ def classify_shape(mask: np.ndarray) -> str | None:
     return max(scores, key=scores.get)
 
 
+def _background_and_blob(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The background colour (median of a 3-px border ring) and the largest region far from it (the shape), or
+    None when there is no region of at least 1% of the image."""
+    ring = np.concatenate([pixels[:3].reshape(-1, 3), pixels[-3:].reshape(-1, 3), pixels[:, :3].reshape(-1, 3),
+                           pixels[:, -3:].reshape(-1, 3)])
+    background = np.median(ring, axis=0)
+    foreground = (np.linalg.norm(pixels - background, axis=-1) > 60).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(foreground, connectivity=8)
+    if count < 2:
+        return background, None
+    mask = labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    return background, (mask if mask.sum() >= 0.01 * mask.size else None)
+
+
+def blob_mask(image: Image.Image) -> np.ndarray | None:
+    return _background_and_blob(np.asarray(image.convert("RGB"), dtype=np.float32))[1]
+
+
+def _normalised(mask: np.ndarray, size: int = 32) -> np.ndarray:
+    ys, xs = np.nonzero(mask)
+    crop = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1].astype(np.uint8) * 255
+    return cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA) > 127
+
+
+def nearest_template(image: Image.Image, shapes: tuple[str, ...] = (*SHAPES, "heart")) -> str | None:
+    """Which shape's template (rendered, cropped to its box) the image's blob overlaps most (IoU): a simple
+    template match that also knows shapes the checker's geometry rules don't."""
+    mask = blob_mask(image)
+    if mask is None:
+        return None
+    blob = _normalised(mask)
+    scores = {}
+    for shape in shapes:
+        template = _normalised(np.asarray(render(ShapeSpec("red", shape, "white", "center"), 128).convert("L")) < 200)
+        scores[shape] = (blob & template).sum() / max((blob | template).sum(), 1)
+    return max(scores, key=scores.get)
+
+
 def check(image: Image.Image, caption: str) -> Check:
     spec = parse_caption(caption)
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
-    size = pixels.shape[0]
-    # 1. Background: the median of a 3-px border ring.
-    ring = np.concatenate([pixels[:3].reshape(-1, 3), pixels[-3:].reshape(-1, 3), pixels[:, :3].reshape(-1, 3),
-                           pixels[:, -3:].reshape(-1, 3)])
-    background_rgb = np.median(ring, axis=0)
+    background_rgb, mask = _background_and_blob(pixels)
     background = _nearest(background_rgb, BACKGROUNDS)
-    # 2. Foreground: far from the background colour; keep the largest connected blob.
-    distance = np.linalg.norm(pixels - background_rgb, axis=-1)
-    foreground = (distance > 60).astype(np.uint8)
-    count, labels, stats, centroids = cv2.connectedComponentsWithStats(foreground, connectivity=8)
     colour = shape = position = None
-    if count > 1:
-        blob = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-        mask = labels == blob
-        if mask.sum() >= 0.01 * size * size:
-            # 3. Colour: median of the blob's interior (edges are blended with the background).
-            interior = cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
-            colour = _nearest(np.median(pixels[interior if interior.sum() > 4 else mask], axis=0), COLOURS)
-            shape = classify_shape(mask)
-            # 4. Position: the nearest anchor to the blob's centroid.
-            cx, cy = centroids[blob] / size
-            position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx) ** 2 + (POSITIONS[p][1] - cy) ** 2)
+    if mask is not None:
+        # Colour: median of the blob's interior (edges are blended with the background).
+        interior = cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+        colour = _nearest(np.median(pixels[interior if interior.sum() > 4 else mask], axis=0), COLOURS)
+        shape = classify_shape(mask)
+        # Position: the anchor nearest to the blob's centroid.
+        ys, xs = np.nonzero(mask)
+        cx, cy = xs.mean() / mask.shape[1], ys.mean() / mask.shape[0]
+        position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx) ** 2 + (POSITIONS[p][1] - cy) ** 2)
     return Check(
         colour=colour, shape=shape, background=background, position=position,
         colour_ok=colour == spec.colour, shape_ok=shape == spec.shape, background_ok=background == spec.background,
