@@ -1,0 +1,237 @@
+"""JobService: the one way work reaches the engine. A bounded asyncio queue, fair across users (round-robin,
+higher priority first), with states queued -> running -> done / failed / cancelled / interrupted, cancel of queued
+and running jobs, pause/resume of the whole queue, per-job event streams, and records that outlive a crash.
+
+Engine calls run in worker threads (`asyncio.to_thread`), `workers` at a time, so nothing blocks the event loop and
+there is no global lock: two jobs on different models, or on one model, run side by side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..requests import GenerationRequest, GenerationResult, RequestError, StepEvent
+from .store import JobRecord, JobStatus, JobStore
+
+log = logging.getLogger(__name__)
+
+Runner = Callable[..., GenerationResult]  # Engine.run(request, on_step=..., cancel=...)
+Saver = Callable[[GenerationResult], list]  # Studio.save(result) -> image paths
+
+
+class QueueFull(RuntimeError):
+    """The queue is at its bound; `retry_after_s` is a hint for HTTP 429 / the UI message."""
+
+    def __init__(self, length: int, retry_after_s: int = 5):
+        super().__init__(f"the queue is full ({length} jobs waiting); try again in {retry_after_s} s")
+        self.length = length
+        self.retry_after_s = retry_after_s
+
+
+class JobNotFound(KeyError):
+    pass
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """What a job's subscribers receive: a state change, a step (with preview), or the final record."""
+
+    kind: str  # "queued" | "position" | "running" | "step" | "done" | "failed" | "cancelled" | "interrupted"
+    job_id: str
+    data: dict[str, Any]
+
+
+class FairQueue:
+    """Per-user FIFO lanes served round-robin; among the lanes' heads, higher priority goes first."""
+
+    def __init__(self):
+        self._lanes: OrderedDict[str, deque[JobRecord]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return sum(len(lane) for lane in self._lanes.values())
+
+    def push(self, job: JobRecord) -> None:
+        self._lanes.setdefault(job.user, deque()).append(job)
+
+    def pop(self) -> JobRecord | None:
+        if not self._lanes:
+            return None
+        best = max(self._lanes, key=lambda user: self._lanes[user][0].priority)  # max keeps the first: round-robin
+        job = self._lanes[best].popleft()
+        lane = self._lanes.pop(best)
+        if lane:
+            self._lanes[best] = lane  # to the back of the rotation
+        return job
+
+    def remove(self, job_id: str) -> JobRecord | None:
+        for user, lane in self._lanes.items():
+            for job in lane:
+                if job.id == job_id:
+                    lane.remove(job)
+                    if not lane:
+                        del self._lanes[user]
+                    return job
+        return None
+
+    def order(self) -> list[str]:
+        """Job ids in the order they would run now."""
+        lanes = OrderedDict((user, deque(lane)) for user, lane in self._lanes.items())
+        shadow = FairQueue()
+        shadow._lanes = lanes
+        ids = []
+        while (job := shadow.pop()) is not None:
+            ids.append(job.id)
+        return ids
+
+
+class JobService:
+    def __init__(self, store: JobStore, run: Runner, save: Saver, max_queue: int = 64, workers: int = 1,
+                 validate: Callable[[dict], GenerationRequest] | None = None):
+        self.store = store
+        self._run = run
+        self._save = save
+        self._validate = validate or GenerationRequest.model_validate
+        self.max_queue = max_queue
+        self.workers = workers
+        self._queue = FairQueue()
+        self._wakeup: asyncio.Condition | None = None
+        self._paused = False
+        self._running: dict[str, threading.Event] = {}
+        self._subscribers: dict[str, list[asyncio.Queue]] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wakeup = asyncio.Condition()
+        for job in self.store.recover():  # a crash left these queued: they run again, in their old order
+            self._queue.push(job)
+        self._tasks = [asyncio.create_task(self._worker(), name=f"job-worker-{i}") for i in range(self.workers)]
+
+    async def stop(self) -> None:
+        for cancel in self._running.values():
+            cancel.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    # -- clients --------------------------------------------------------------------------------------------
+    async def submit(self, request: GenerationRequest, user: str, priority: int = 0) -> JobRecord:
+        if len(self._queue) >= self.max_queue:
+            raise QueueFull(len(self._queue))
+        job = JobRecord(id=secrets.token_hex(8), user=user, request=request.model_dump(mode="json"),
+                        priority=priority)
+        self.store.add(job)
+        async with self._wakeup:
+            self._queue.push(job)
+            self._wakeup.notify()
+        self._publish(job.id, "queued", {"position": self.position(job.id)})
+        return job
+
+    def get(self, job_id: str, user: str | None = None) -> JobRecord:
+        job = self.store.get(job_id)
+        if job is None or (user is not None and job.user != user):
+            raise JobNotFound(job_id)  # another user's job is reported as missing, not as forbidden
+        return job
+
+    def position(self, job_id: str) -> int | None:
+        """1 = next to run; None when not waiting."""
+        order = self._queue.order()
+        return order.index(job_id) + 1 if job_id in order else None
+
+    async def cancel(self, job_id: str, user: str | None = None) -> JobRecord:
+        job = self.get(job_id, user)
+        if job.status == JobStatus.queued and self._queue.remove(job_id) is not None:
+            self._finish(job, JobStatus.cancelled, error="cancelled before it started")
+        elif job.id in self._running:
+            self._running[job.id].set()  # the engine stops within one step; the worker records it
+        return self.store.get(job_id)
+
+    async def pause(self) -> None:
+        self._paused = True
+
+    async def resume(self) -> None:
+        async with self._wakeup:
+            self._paused = False
+            self._wakeup.notify_all()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def queue_length(self) -> int:
+        return len(self._queue)
+
+    def subscribe(self, job_id: str) -> asyncio.Queue:
+        """A queue of JobEvents for one job; unsubscribe when done."""
+        events: asyncio.Queue = asyncio.Queue()
+        self._subscribers.setdefault(job_id, []).append(events)
+        return events
+
+    def unsubscribe(self, job_id: str, events: asyncio.Queue) -> None:
+        listeners = self._subscribers.get(job_id, [])
+        if events in listeners:
+            listeners.remove(events)
+        if not listeners:
+            self._subscribers.pop(job_id, None)
+
+    # -- work -----------------------------------------------------------------------------------------------
+    async def _worker(self) -> None:
+        while True:
+            async with self._wakeup:
+                await self._wakeup.wait_for(lambda: not self._paused and len(self._queue) > 0)
+                job = self._queue.pop()
+            for waiting_id in self._queue.order():
+                self._publish(waiting_id, "position", {"position": self.position(waiting_id)})
+            await self._execute(job)
+
+    async def _execute(self, job: JobRecord) -> None:
+        cancel = threading.Event()
+        self._running[job.id] = cancel
+        job.status, job.started_at = JobStatus.running, time.time()
+        self.store.update(job)
+        self._publish(job.id, "running", {"queue_wait_s": job.started_at - job.created_at})
+        loop = asyncio.get_running_loop()
+
+        def on_step(event: StepEvent) -> None:
+            data = {"step": event.step, "total": event.total, "eta_s": event.eta_s, "preview": event.preview}
+            loop.call_soon_threadsafe(self._publish, job.id, "step", data)
+
+        try:
+            request = self._validate(job.request)
+            result = await asyncio.to_thread(self._run, request, on_step=on_step, cancel=cancel)
+            paths = await asyncio.to_thread(self._save, result)
+            image_ids = self.store.add_images(job, paths, result.seeds)
+            job.result = {"seeds": result.seeds, "image_ids": image_ids, "model_id": result.model_id,
+                          "timings": {"load_s": result.timings.load_s, "total_s": result.timings.total_s,
+                                      "it_per_s": result.timings.it_per_s},
+                          "peak_memory_bytes": result.peak_memory_bytes}
+            if result.cancelled:
+                self._finish(job, JobStatus.cancelled, error="cancelled while running")
+            else:
+                self._finish(job, JobStatus.done)
+        except RequestError as exc:
+            self._finish(job, JobStatus.failed, error=str(exc))
+        except Exception as exc:  # reported as data on the job; the worker lives on for the next job
+            log.exception("job %s failed", job.id)
+            self._finish(job, JobStatus.failed, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self._running.pop(job.id, None)
+
+    def _finish(self, job: JobRecord, status: JobStatus, error: str | None = None) -> None:
+        job.status, job.finished_at, job.error = status, time.time(), error
+        self.store.update(job)
+        self._publish(job.id, status.value, {"error": error, "result": job.result})
+
+    def _publish(self, job_id: str, kind: str, data: dict[str, Any]) -> None:
+        for events in self._subscribers.get(job_id, []):
+            events.put_nowait(JobEvent(kind, job_id, data))

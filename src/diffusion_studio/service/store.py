@@ -1,0 +1,174 @@
+"""JobStore: job records and their images in SQLite (WAL), so the queue and the history outlive a restart.
+
+One connection, guarded by a lock: SQLite serialises writers anyway, and the studio's write rate (a few rows per
+job) is far below what one connection sustains.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class JobStatus(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+    cancelled = "cancelled"
+    interrupted = "interrupted"
+
+    @property
+    def finished(self) -> bool:
+        return self not in (JobStatus.queued, JobStatus.running)
+
+
+@dataclass
+class JobRecord:
+    id: str
+    user: str
+    request: dict[str, Any]  # GenerationRequest.model_dump(mode="json"): images included, so a re-queue can run
+    status: JobStatus = JobStatus.queued
+    priority: int = 0
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    result: dict[str, Any] = field(default_factory=dict)  # seeds, timings, image ids, cached flag
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, user TEXT NOT NULL, status TEXT NOT NULL, priority INTEGER NOT NULL,
+    request TEXT NOT NULL, prompt TEXT NOT NULL, mode TEXT NOT NULL, model TEXT NOT NULL,
+    created_at REAL NOT NULL, started_at REAL, finished_at REAL, error TEXT, result TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_user_created ON jobs (user, created_at);
+CREATE TABLE IF NOT EXISTS images (
+    id TEXT PRIMARY KEY, job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE, user TEXT NOT NULL,
+    path TEXT NOT NULL, seed INTEGER NOT NULL, position INTEGER NOT NULL, share_token TEXT
+);
+CREATE INDEX IF NOT EXISTS images_job ON images (job_id);
+"""
+
+
+class JobStore:
+    def __init__(self, path: Path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(SCHEMA)
+
+    # -- jobs -----------------------------------------------------------------------------------------------
+    def add(self, job: JobRecord) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job.id, job.user, job.status.value, job.priority, json.dumps(job.request),
+                 job.request.get("prompt", ""), job.request.get("mode", ""), job.request.get("model", ""),
+                 job.created_at, job.started_at, job.finished_at, job.error, json.dumps(job.result)),
+            )
+
+    def update(self, job: JobRecord) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE jobs SET status=?, started_at=?, finished_at=?, error=?, result=? WHERE id=?",
+                (job.status.value, job.started_at, job.finished_at, job.error, json.dumps(job.result), job.id),
+            )
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return _record(row) if row else None
+
+    def find(self, user: str | None = None, status: JobStatus | None = None, prompt: str | None = None,
+             mode: str | None = None, model: str | None = None, since: float | None = None,
+             until: float | None = None, limit: int = 100, offset: int = 0) -> list[JobRecord]:
+        """Newest first. `prompt` matches anywhere in the prompt, case-insensitively."""
+        clauses, values = [], []
+        for column, value in (("user", user), ("status", status.value if status else None), ("mode", mode),
+                              ("model", model)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                values.append(value)
+        if prompt:
+            clauses.append("prompt LIKE ? ESCAPE '\\'")
+            values.append("%" + prompt.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%")
+        if since is not None:
+            clauses.append("created_at >= ?")
+            values.append(since)
+        if until is not None:
+            clauses.append("created_at < ?")
+            values.append(until)
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        with self._lock:
+            rows = self._db.execute(f"SELECT * FROM jobs {where} ORDER BY created_at DESC LIMIT ? OFFSET ?",
+                                    (*values, limit, offset)).fetchall()
+        return [_record(row) for row in rows]
+
+    def recover(self) -> list[JobRecord]:
+        """After a restart: jobs that were running are marked interrupted; queued ones are returned, oldest
+        first, to be queued again."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("UPDATE jobs SET status=?, finished_at=?, error=? WHERE status=?",
+                             (JobStatus.interrupted.value, now, "the studio stopped while this job ran",
+                              JobStatus.running.value))
+            rows = self._db.execute("SELECT * FROM jobs WHERE status=? ORDER BY created_at",
+                                    (JobStatus.queued.value,)).fetchall()
+        return [_record(row) for row in rows]
+
+    def delete(self, job_id: str) -> list[Path]:
+        """Remove a job and its image rows; returns the image files for the caller to delete."""
+        with self._lock:
+            paths = [Path(r["path"]) for r in
+                     self._db.execute("SELECT path FROM images WHERE job_id=?", (job_id,)).fetchall()]
+            self._db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+        return paths
+
+    # -- images ---------------------------------------------------------------------------------------------
+    def add_images(self, job: JobRecord, paths: list[Path], seeds: list[int]) -> list[str]:
+        ids = [secrets.token_hex(8) for _ in paths]
+        with self._lock:
+            self._db.executemany(
+                "INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, NULL)",
+                [(image_id, job.id, job.user, str(path), seed, position)
+                 for position, (image_id, path, seed) in enumerate(zip(ids, paths, seeds))],
+            )
+        return ids
+
+    def image(self, image_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM images WHERE id=?", (image_id,)).fetchone()
+        return dict(row) if row else None
+
+    def share(self, image_id: str) -> str:
+        """An unguessable token that opens this one image without an account."""
+        token = secrets.token_urlsafe(24)
+        with self._lock:
+            self._db.execute("UPDATE images SET share_token=? WHERE id=?", (token, image_id))
+        return token
+
+    def shared_image(self, token: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM images WHERE share_token=?", (token,)).fetchone()
+        return dict(row) if row else None
+
+
+def _record(row: sqlite3.Row) -> JobRecord:
+    return JobRecord(
+        id=row["id"], user=row["user"], request=json.loads(row["request"]), status=JobStatus(row["status"]),
+        priority=row["priority"], created_at=row["created_at"], started_at=row["started_at"],
+        finished_at=row["finished_at"], error=row["error"], result=json.loads(row["result"]),
+    )

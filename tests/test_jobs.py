@@ -1,0 +1,183 @@
+"""The job service with a stand-in engine (the real engine has its own tests): fairness, priorities, states,
+cancel, pause/resume, the queue bound, per-job events and restart recovery."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from diffusion_studio.requests import GenerationRequest, GenerationResult, StepEvent, Timings
+from diffusion_studio.service.jobs import FairQueue, JobNotFound, JobService, QueueFull
+from diffusion_studio.service.store import JobRecord, JobStatus, JobStore
+
+
+class FakeEngine:
+    """Runs `steps` steps of `step_s` each, honouring cancel; records the order prompts ran in."""
+
+    def __init__(self, step_s: float = 0.01):
+        self.step_s = step_s
+        self.ran: list[str] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def run(self, request, on_step=None, cancel=None):
+        self.gate.wait(10)
+        self.ran.append(request.prompt)
+        done = 0
+        for done in range(1, request.steps + 1):
+            time.sleep(self.step_s)
+            if on_step:
+                on_step(StepEvent(done, request.steps, 0.0, 0.0))
+            if cancel is not None and cancel.is_set():
+                break
+        if request.prompt == "explode":
+            raise RuntimeError("out of memory")
+        return GenerationResult(request=request, images=[Image.new("RGB", (8, 8))], seeds=[request.seed or 1],
+                                model_id="fake", timings=Timings(total_s=0.1), peak_memory_bytes=1, device="cpu",
+                                cancelled=cancel is not None and cancel.is_set())
+
+
+def make_service(tmp_path, engine, **options):
+    def save(result):
+        path = tmp_path / f"{time.time_ns()}.png"
+        result.images[0].save(path)
+        return [path]
+
+    return JobService(JobStore(tmp_path / "jobs.db"), engine.run, save, **options)
+
+
+def job_request(prompt, steps=2):
+    return GenerationRequest(prompt=prompt, steps=steps, seed=1)
+
+
+async def wait_for(predicate, timeout=10):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def test_fair_queue_round_robin_and_priority():
+    queue = FairQueue()
+    for user, name, priority in [("a", "a1", 0), ("a", "a2", 0), ("a", "a3", 0), ("b", "b1", 0), ("c", "c1", 0),
+                                 ("b", "b2", 5)]:
+        queue.push(JobRecord(id=name, user=user, request={}, priority=priority))
+    assert queue.order() == ["a1", "b1", "b2", "c1", "a2", "a3"]  # b2 heads its lane after b1 and outranks all
+    assert queue.remove("c1").id == "c1" and len(queue) == 5
+
+
+def test_jobs_run_fairly_and_record_results(tmp_path):
+    engine = FakeEngine()
+
+    async def scenario():
+        service = make_service(tmp_path, engine)
+        engine.gate.clear()  # hold the first job so the rest queue up
+        await service.start()
+        jobs = [await service.submit(job_request(p), user) for user, p in
+                [("alice", "a1"), ("alice", "a2"), ("alice", "a3"), ("bob", "b1"), ("bob", "b2")]]
+        await wait_for(lambda: engine.ran == ["a1"] or service.store.get(jobs[0].id).status == JobStatus.running)
+        assert service.position(jobs[3].id) == 1  # bob's first job is next, ahead of alice's backlog
+        engine.gate.set()
+        await wait_for(lambda: all(service.store.get(j.id).status == JobStatus.done for j in jobs))
+        await service.stop()
+        return service, jobs
+
+    service, jobs = asyncio.run(scenario())
+    assert engine.ran == ["a1", "b1", "a2", "b2", "a3"]
+    record = service.store.get(jobs[0].id)
+    assert record.started_at >= record.created_at and record.finished_at >= record.started_at
+    assert record.result["seeds"] == [1] and len(record.result["image_ids"]) == 1
+    assert service.store.image(record.result["image_ids"][0])["job_id"] == record.id
+
+
+def test_cancel_queued_and_running_and_failures_as_data(tmp_path):
+    engine = FakeEngine(step_s=0.02)
+
+    async def scenario():
+        service = make_service(tmp_path, engine)
+        await service.start()
+        running = await service.submit(job_request("long", steps=150), "u")
+        queued = await service.submit(job_request("waiting"), "u")
+        await wait_for(lambda: service.store.get(running.id).status == JobStatus.running)
+        await service.cancel(queued.id, "u")
+        await service.cancel(running.id, "u")
+        broken = await service.submit(job_request("explode"), "u")
+        after = await service.submit(job_request("after"), "u")
+        await wait_for(lambda: service.store.get(after.id).status == JobStatus.done)
+        with pytest.raises(JobNotFound):
+            service.get(running.id, user="someone else")
+        await service.stop()
+        return [service.store.get(j.id) for j in (running, queued, broken)]
+
+    running, queued, broken = asyncio.run(scenario())
+    assert queued.status == JobStatus.cancelled and queued.started_at is None
+    assert running.status == JobStatus.cancelled and "while running" in running.error
+    assert broken.status == JobStatus.failed and broken.error == "RuntimeError: out of memory"
+    assert "waiting" not in engine.ran
+
+
+def test_queue_bound_pause_resume_and_events(tmp_path):
+    engine = FakeEngine()
+
+    async def scenario():
+        service = make_service(tmp_path, engine, max_queue=2)
+        await service.start()
+        await service.pause()
+        first = await service.submit(job_request("one", steps=3), "u")
+        events = service.subscribe(first.id)
+        await service.submit(job_request("two"), "u")
+        with pytest.raises(QueueFull, match=r"queue is full \(2 jobs waiting\)"):
+            await service.submit(job_request("three"), "u")
+        await asyncio.sleep(0.1)
+        assert engine.ran == [] and service.queue_length() == 2  # paused: nothing starts
+        await service.resume()
+        kinds = []
+        while not kinds or kinds[-1] != "done":
+            kinds.append((await asyncio.wait_for(events.get(), 10)).kind)
+        await service.stop()
+        return kinds
+
+    kinds = asyncio.run(scenario())
+    assert kinds == ["running", "step", "step", "step", "done"]
+
+
+def test_restart_recovers_queued_and_marks_running_interrupted(tmp_path):
+    store = JobStore(tmp_path / "jobs.db")
+    running = JobRecord(id="r", user="u", request=job_request("was running").model_dump(mode="json"),
+                        status=JobStatus.running)
+    queued = JobRecord(id="q", user="u", request=job_request("was queued").model_dump(mode="json"))
+    store.add(running)
+    store.add(queued)
+    engine = FakeEngine()
+
+    async def scenario():
+        service = make_service(tmp_path, engine)  # a new process: same database file
+        await service.start()
+        await wait_for(lambda: service.store.get("q").status == JobStatus.done)
+        await service.stop()
+        return service.store.get("r")
+
+    interrupted = asyncio.run(scenario())
+    assert interrupted.status == JobStatus.interrupted and "stopped while this job ran" in interrupted.error
+    assert engine.ran == ["was queued"]
+
+
+def test_history_search_and_delete(tmp_path):
+    store = JobStore(tmp_path / "jobs.db")
+    for index, (user, prompt, mode) in enumerate([("a", "a red circle", "txt2img"), ("a", "a blue star", "img2img"),
+                                                  ("b", "a red star", "txt2img")]):
+        store.add(JobRecord(id=str(index), user=user, request={"prompt": prompt, "mode": mode, "model": "m"},
+                            created_at=100.0 + index))
+    assert [j.id for j in store.find(user="a")] == ["1", "0"]
+    assert [j.id for j in store.find(prompt="RED")] == ["2", "0"]
+    assert [j.id for j in store.find(user="a", mode="img2img")] == ["1"]
+    assert [j.id for j in store.find(since=101.0, until=102.0)] == ["1"]
+    assert [j.id for j in store.find(prompt="100%_")] == []  # LIKE wildcards are literal
+    image = tmp_path / "x.png"
+    image.write_bytes(b"png")
+    [image_id] = store.add_images(store.get("0"), [image], [5])
+    token = store.share(image_id)
+    assert len(token) >= 32 and store.shared_image(token)["id"] == image_id
+    assert store.delete("0") == [image] and store.get("0") is None and store.image(image_id) is None
