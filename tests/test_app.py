@@ -26,19 +26,21 @@ def server(data_dir, tmp_path_factory):
 
     config = StudioConfig(data_dir=data_dir, models_dir=tmp_path_factory.mktemp("no-models"), preview_interval=1)
     port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(build_app(config), host="127.0.0.1", port=port, log_level="warning"))
+    app = build_app(config)
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     deadline = time.time() + 60
     while not uv.started:
         assert time.time() < deadline, "server did not start"
         time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
+    yield f"http://127.0.0.1:{port}", app.state.studio
     uv.should_exit = True
     thread.join(timeout=10)
 
 
 def test_health_and_page(server):
+    server, _ = server
     health = httpx.get(f"{server}/health").json()
     assert health["status"] == "ok" and health["device"] == "cpu"
     page = httpx.get(f"{server}/")
@@ -47,6 +49,7 @@ def test_health_and_page(server):
 
 
 def test_generate_through_gradio_client(server):
+    server, studio = server
     client = Client(server, download_files=False, verbose=False)
     job = client.submit("builtin:shapes", "a blue square on a black background", "", 4, 7.0, 0, 0, 321,
                         "Euler", 2, api_name="/generate")
@@ -58,9 +61,15 @@ def test_generate_through_gradio_client(server):
     saved = Image.open(gallery[0]["image"]["path"])
     request = request_from_png(saved)
     assert (request.prompt, request.seed, request.steps) == ("a blue square on a black background", 321, 4)
+    # The UI went through the job service: the job and its images are in the persistent history.
+    [job] = studio.store.find(prompt="a blue square on a black background")
+    assert job.status.value == "done" and job.user == "local" and job.result["seeds"] == [321, 322]
+    saved_names = [p.name for p in studio.image_paths(job.result["image_ids"])]
+    assert saved_names == [g["image"]["path"].rsplit("/", 1)[-1] for g in gallery]
 
 
 def test_invalid_input_names_the_field(server):
+    server, _ = server
     client = Client(server, download_files=False, verbose=False)
     with pytest.raises(Exception, match="width: must be a multiple of 8"):
         client.predict("builtin:shapes", "x", "", 4, 7.0, 60, 0, 1, "Euler", 1, api_name="/generate")
@@ -69,6 +78,7 @@ def test_invalid_input_names_the_field(server):
 
 
 def test_cancel_a_running_generation(server):
+    server, studio = server
     client = Client(server, download_files=False, verbose=False)
     job = client.submit("builtin:shapes", "a red star", "", 150, 7.0, 256, 256, 5, "Euler", 1,
                         api_name="/generate")
@@ -87,3 +97,5 @@ def test_cancel_a_running_generation(server):
         assert time.time() < deadline, "the engine run kept going after cancel"
         time.sleep(0.1)
         health = httpx.get(f"{server}/health").json()
+    [job] = studio.store.find(prompt="a red star")
+    assert job.status.value == "cancelled"

@@ -65,6 +65,9 @@ class StudioConfig(BaseSettings):
     depth_estimator: str | None = Field(None, description="local transformers depth-estimation model folder")
     pose_estimator: str | None = Field(None, description="local transformers VitPose model folder")
 
+    max_queue: int = Field(64, ge=1, description="queued jobs beyond this are refused (HTTP 429)")
+    workers: int = Field(1, ge=1, le=16, description="jobs run at once (engine calls in threads)")
+
     host: str = "127.0.0.1"
     port: int = Field(7860, ge=1, le=65535)
 

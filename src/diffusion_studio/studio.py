@@ -14,6 +14,8 @@ from .engine.metadata import image_request, save_png
 from .engine.runner import CancelFlag, Engine, StepCallback
 from .engine.sources import list_models
 from .requests import GenerationRequest, GenerationResult
+from .service.jobs import JobService
+from .service.store import JobStore
 
 
 class Studio:
@@ -21,6 +23,9 @@ class Studio:
         self.config = config
         self.engine = Engine(config)
         self.outputs_dir = Path(config.data_dir) / "outputs"
+        self.store = JobStore(Path(config.data_dir) / "studio.db")
+        self.jobs = JobService(self.store, self.engine.run, self.save, max_queue=config.max_queue,
+                               workers=config.workers, validate=self.validate)
 
     def validate(self, data: dict) -> GenerationRequest:
         """Build a request against this studio's limits (raises pydantic.ValidationError naming each field)."""
@@ -40,6 +45,9 @@ class Studio:
             path = folder / f"{stamp}-{result.request.mode.value}-{seed}-{index}.png"
             paths.append(save_png(path, image, image_request(result.request, seed), seed, result.request.model))
         return paths
+
+    def image_paths(self, image_ids: list[str]) -> list[Path]:
+        return [Path(self.store.image(image_id)["path"]) for image_id in image_ids]
 
     def models(self) -> list[dict]:
         return list_models(self.config)

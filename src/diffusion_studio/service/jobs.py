@@ -125,12 +125,16 @@ class JobService:
         self._tasks = []
 
     # -- clients --------------------------------------------------------------------------------------------
-    async def submit(self, request: GenerationRequest, user: str, priority: int = 0) -> JobRecord:
+    async def submit(self, request: GenerationRequest, user: str, priority: int = 0,
+                     listener: asyncio.Queue | None = None) -> JobRecord:
+        """Queue a job. `listener` is subscribed before the job can start, so it misses none of its events."""
         if len(self._queue) >= self.max_queue:
             raise QueueFull(len(self._queue))
         job = JobRecord(id=secrets.token_hex(8), user=user, request=request.model_dump(mode="json"),
                         priority=priority)
         self.store.add(job)
+        if listener is not None:
+            self._subscribers.setdefault(job.id, []).append(listener)
         async with self._wakeup:
             self._queue.push(job)
             self._wakeup.notify()
@@ -212,6 +216,7 @@ class JobService:
             paths = await asyncio.to_thread(self._save, result)
             image_ids = self.store.add_images(job, paths, result.seeds)
             job.result = {"seeds": result.seeds, "image_ids": image_ids, "model_id": result.model_id,
+                          "device": result.device,
                           "timings": {"load_s": result.timings.load_s, "total_s": result.timings.total_s,
                                       "it_per_s": result.timings.it_per_s},
                           "peak_memory_bytes": result.peak_memory_bytes}

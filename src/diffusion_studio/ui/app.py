@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import gradio as gr
 from fastapi import FastAPI
 
@@ -23,7 +25,16 @@ def build_blocks(studio: Studio) -> gr.Blocks:
 
 def build_app(config: StudioConfig, studio: Studio | None = None) -> FastAPI:
     studio = studio or Studio(config)
-    app = FastAPI(title="Diffusion Studio", version="0.1.0")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await studio.jobs.start()  # on the server's own event loop
+        try:
+            yield
+        finally:
+            await studio.jobs.stop()
+
+    app = FastAPI(title="Diffusion Studio", version="0.1.0", lifespan=lifespan)
     app.state.studio = studio
 
     @app.get("/health", tags=["system"])

@@ -1,23 +1,22 @@
-"""Run studio work from a Gradio generator handler: in a worker thread, with live events and a cancel path.
+"""Follow studio work from a Gradio generator handler, with live events and a cancel path.
 
-Gradio cancels a generator by closing it (GeneratorExit); the `finally` below turns that into the engine's
-cooperative cancel flag and waits for the worker, so no run is left going in the background.
+UI work goes through the job service like every other client: it queues, is recorded, and lands in the history.
+Gradio cancels a generator by closing it; the `finally` below turns that into a cancel of the job, so no run is
+left going unseen.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import queue
-import threading
-from typing import Any, Callable, Iterator
 
 import gradio as gr
 from pydantic import ValidationError
 
-from ..requests import RequestError, describe_validation_error
+from ..requests import GenerationRequest, RequestError, describe_validation_error
+from ..service.jobs import QueueFull
 
 log = logging.getLogger(__name__)
-_DONE = object()
 
 
 def user_error(exc: BaseException) -> gr.Error:
@@ -26,33 +25,34 @@ def user_error(exc: BaseException) -> gr.Error:
         return gr.Error(describe_validation_error(exc), title="Invalid input")
     if isinstance(exc, RequestError):
         return gr.Error(str(exc), title="Invalid input")
+    if isinstance(exc, QueueFull):
+        return gr.Error(str(exc), title="Busy")
     log.exception("run failed", exc_info=exc)
     return gr.Error(f"{type(exc).__name__}: {exc}", title="Generation failed")
 
 
-def stream(work: Callable[[Callable[[Any], None], threading.Event], Any]) -> Iterator[tuple[str, Any]]:
-    """Yields ("event", e) for each event `work` reports, then ("result", r). Raises gr.Error on failure."""
-    events: queue.Queue = queue.Queue()
-    cancel = threading.Event()
-    outcome: dict[str, Any] = {}
+FINISHED = {"done", "failed", "cancelled", "interrupted"}
 
-    def target():
-        try:
-            outcome["result"] = work(events.put, cancel)
-        except BaseException as exc:  # reported to the handler as data, never lost in the thread
-            outcome["error"] = exc
-        finally:
-            events.put(_DONE)
 
-    worker = threading.Thread(target=target, name="studio-run", daemon=True)
-    worker.start()
+async def follow_job(studio, request: GenerationRequest, user: str = "local"):
+    """Submit through the job service and yield ("waiting", position), ("step", data) and finally
+    ("result", job record). A failed job raises gr.Error with its reason."""
+    events: asyncio.Queue = asyncio.Queue()
     try:
-        while (event := events.get()) is not _DONE:
-            yield "event", event
+        job = await studio.jobs.submit(request, user, listener=events)
+    except QueueFull as exc:
+        raise user_error(exc) from None
+    try:
+        while (event := await events.get()).kind not in FINISHED:
+            if event.kind in ("queued", "position") and event.data.get("position"):
+                yield "waiting", event.data["position"]
+            elif event.kind == "step":
+                yield "step", event.data
     finally:
-        if worker.is_alive():
-            cancel.set()
-        worker.join()
-    if "error" in outcome:
-        raise user_error(outcome["error"])
-    yield "result", outcome["result"]
+        studio.jobs.unsubscribe(job.id, events)
+        if not studio.jobs.get(job.id).status.finished:  # the browser cancelled, or went away
+            await studio.jobs.cancel(job.id)
+    record = studio.jobs.get(job.id)
+    if record.status.value in ("failed", "interrupted"):
+        raise gr.Error(record.error or record.status.value, title="Generation failed")
+    yield "result", record

@@ -6,7 +6,7 @@ import gradio as gr
 
 from ...samplers import SAMPLERS
 from ...studio import Studio
-from ..runs import stream, user_error
+from ..runs import follow_job, user_error
 
 EXAMPLES = [
     ["a red circle on a white background", 20, 7.0, 42],
@@ -15,11 +15,13 @@ EXAMPLES = [
 ]
 
 
-def status_line(result) -> str:
-    t = result.timings
-    state = "Cancelled" if result.cancelled else "Done"
-    return (f"{state} in {t.total_s:.2f}s (load {t.load_s:.2f}s, {t.it_per_s:.1f} it/s) · seed {result.seed} · "
-            f"peak memory {result.peak_memory_bytes / 2**20:.0f} MiB · {result.device}")
+def status_line(job) -> str:
+    result = job.result
+    timings = result.get("timings", {})
+    state = "Cancelled" if job.status.value == "cancelled" else "Done"
+    return (f"{state} in {timings.get('total_s', 0):.2f}s (load {timings.get('load_s', 0):.2f}s, "
+            f"{timings.get('it_per_s', 0):.1f} it/s) · seed {result['seeds'][0]} · "
+            f"peak memory {result.get('peak_memory_bytes', 0) / 2**20:.0f} MiB · {result.get('device', '?')}")
 
 
 def model_note_for(studio: Studio, name: str) -> str:
@@ -67,8 +69,8 @@ def build(studio: Studio) -> None:
                 last_seed = gr.State(None)
         gr.Examples(EXAMPLES, [prompt, steps, guidance, seed])
 
-        def generate(model, prompt, negative, steps, guidance, width, height, seed, scheduler, batch_size,
-                     progress=gr.Progress()):
+        async def generate(model, prompt, negative, steps, guidance, width, height, seed, scheduler, batch_size,
+                           progress=gr.Progress()):
             try:
                 request = studio.validate({
                     "mode": "txt2img", "model": model, "prompt": prompt, "negative_prompt": negative,
@@ -78,14 +80,18 @@ def build(studio: Studio) -> None:
                 })
             except Exception as exc:
                 raise user_error(exc) from None
-            for kind, value in stream(lambda on_step, flag: studio.generate(request, on_step, flag)):
-                if kind == "event":
-                    progress((value.step, value.total), desc="Sampling")
-                    yield (value.preview if value.preview is not None else gr.skip(), gr.skip(),
-                           f"Step {value.step}/{value.total} · about {value.eta_s:.1f}s left", gr.skip())
+            async for kind, value in follow_job(studio, request):
+                if kind == "waiting":
+                    yield gr.skip(), gr.skip(), f"Queued · position {value}", gr.skip()
+                elif kind == "step":
+                    progress((value["step"], value["total"]), desc="Sampling")
+                    yield (value["preview"] if value["preview"] is not None else gr.skip(), gr.skip(),
+                           f"Step {value['step']}/{value['total']} · about {value['eta_s']:.1f}s left", gr.skip())
+                elif not value.result.get("image_ids"):  # cancelled before it started
+                    yield gr.skip(), gr.skip(), "Cancelled before it started", gr.skip()
                 else:
-                    paths = [str(p) for p in studio.save(value)]
-                    yield value.images[0], paths, status_line(value), value.seed
+                    paths = [str(p) for p in studio.image_paths(value.result["image_ids"])]
+                    yield paths[0], paths, status_line(value), value.result["seeds"][0]
 
         event = run.click(generate, [model, prompt, negative, steps, guidance, width, height, seed, scheduler,
                                      batch_size], [preview, gallery, status, last_seed], api_name="generate")
