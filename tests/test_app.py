@@ -1,42 +1,13 @@
 """The served studio over real HTTP: health, page, and generation through gradio_client."""
 
-import socket
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 from gradio_client import Client
 from PIL import Image
 
 from diffusion_studio.engine.metadata import request_from_png
-from diffusion_studio.ui.app import build_app
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(data_dir, tmp_path_factory):
-    from diffusion_studio.config import StudioConfig
-
-    config = StudioConfig(data_dir=data_dir, models_dir=tmp_path_factory.mktemp("no-models"), preview_interval=1)
-    port = free_port()
-    app = build_app(config)
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not uv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}", app.state.studio
-    uv.should_exit = True
-    thread.join(timeout=10)
 
 
 def test_health_and_page(server):

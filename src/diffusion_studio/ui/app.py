@@ -7,6 +7,7 @@ import contextlib
 import gradio as gr
 from fastapi import FastAPI
 
+from ..api.routes import build_router, install_error_handlers
 from ..config import StudioConfig
 from ..studio import Studio
 from .tabs import generate
@@ -36,6 +37,8 @@ def build_app(config: StudioConfig, studio: Studio | None = None) -> FastAPI:
 
     app = FastAPI(title="Diffusion Studio", version="0.1.0", lifespan=lifespan)
     app.state.studio = studio
+    app.include_router(build_router(studio))
+    install_error_handlers(app)
 
     @app.get("/health", tags=["system"])
     def health() -> dict:

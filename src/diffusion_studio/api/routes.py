@@ -1,0 +1,163 @@
+"""/api/v1: thin routes over the Studio's services. Each turns HTTP into one service call; domain errors map to
+HTTP codes in one place (`install_error_handlers`)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, File, Query, Request, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, Field, ValidationError
+
+from ..engine.metadata import read_png_text, request_from_png
+from ..requests import RequestError, describe_validation_error, image_to_base64
+from ..service.jobs import JobEvent, JobNotFound, QueueFull
+from ..service.store import JobRecord
+from ..studio import Studio
+
+LOCAL_USER = "local"  # until auth exists, the loopback-only studio has one user
+FINISHED = {"done", "failed", "cancelled", "interrupted"}
+
+
+class JobCreated(BaseModel):
+    id: str
+    status: str
+    position: int | None
+
+
+class PngInfoBody(BaseModel):
+    image: str = Field(description="base64 PNG (or a data URL)")
+
+
+def job_json(studio: Studio, job: JobRecord) -> dict[str, Any]:
+    parameters = {k: v for k, v in job.request.items() if not k.endswith("_image")}
+    return {"id": job.id, "status": job.status.value, "position": studio.jobs.position(job.id),
+            "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
+            "error": job.error, "request": parameters, "result": job.result,
+            "images": [f"/api/v1/images/{image_id}" for image_id in job.result.get("image_ids", [])]}
+
+
+def event_json(event: JobEvent) -> dict[str, Any]:
+    data = dict(event.data)
+    if data.get("preview") is not None:
+        data["preview"] = image_to_base64(data["preview"])
+    return {"kind": event.kind, "job_id": event.job_id, **data}
+
+
+def build_router(studio: Studio) -> APIRouter:
+    router = APIRouter(prefix="/api/v1", tags=["jobs"])
+
+    @router.post("/jobs", status_code=202, response_model=JobCreated, operation_id="create_job")
+    async def create_job(request: Request, priority: int = Query(0, ge=-10, le=10)) -> JobCreated:
+        """Queue a generation (any mode; images as base64). Returns at once with the job id."""
+        body = await request.json()
+        job = await studio.jobs.submit(studio.validate(body), LOCAL_USER, priority)
+        return JobCreated(id=job.id, status=job.status.value, position=studio.jobs.position(job.id))
+
+    @router.get("/jobs/{job_id}", operation_id="get_job")
+    def get_job(job_id: str) -> dict:
+        """State, queue position, timings, seeds and image links of one job."""
+        return job_json(studio, studio.jobs.get(job_id, LOCAL_USER))
+
+    @router.post("/jobs/{job_id}/cancel", operation_id="cancel_job")
+    async def cancel_job(job_id: str) -> dict:
+        """Cancel a queued job, or stop a running one within one step."""
+        return job_json(studio, await studio.jobs.cancel(job_id, LOCAL_USER))
+
+    @router.get("/jobs/{job_id}/events", operation_id="job_events")
+    async def job_events(job_id: str) -> StreamingResponse:
+        """Server-sent events: queue position, running, each step (with a base64 preview), then the outcome."""
+        job = studio.jobs.get(job_id, LOCAL_USER)
+        events: asyncio.Queue = studio.jobs.subscribe(job_id)
+
+        async def stream():
+            try:
+                current = studio.jobs.get(job_id, LOCAL_USER)
+                if current.status.finished:  # already over: say so and end
+                    yield f"event: {current.status.value}\ndata: {json.dumps(job_json(studio, current))}\n\n"
+                    return
+                position = studio.jobs.position(job.id)
+                if position:
+                    yield f"event: position\ndata: {json.dumps({'position': position})}\n\n"
+                while True:
+                    event = await events.get()
+                    yield f"event: {event.kind}\ndata: {json.dumps(event_json(event), default=str)}\n\n"
+                    if event.kind in FINISHED:
+                        return
+            finally:
+                studio.jobs.unsubscribe(job_id, events)
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @router.get("/history", tags=["history"], operation_id="history")
+    def history(prompt: str | None = None, mode: str | None = None, model: str | None = None,
+                since: float | None = None, until: float | None = None, limit: int = Query(50, ge=1, le=500),
+                offset: int = Query(0, ge=0)) -> list[dict]:
+        """This user's jobs, newest first; search by prompt, filter by mode, model and time (unix seconds)."""
+        jobs = studio.store.find(user=LOCAL_USER, prompt=prompt, mode=mode, model=model, since=since,
+                                 until=until, limit=limit, offset=offset)
+        return [job_json(studio, job) for job in jobs]
+
+    @router.get("/images/{image_id}", tags=["history"], operation_id="get_image")
+    def get_image(image_id: str) -> FileResponse:
+        """A generated PNG, with its parameters in its metadata."""
+        image = studio.store.image(image_id)
+        if image is None or image["user"] != LOCAL_USER:
+            raise JobNotFound(image_id)
+        return FileResponse(image["path"], media_type="image/png")
+
+    @router.get("/models", tags=["models"], operation_id="list_models")
+    def models() -> dict:
+        """Every model the studio can use, and which are loaded now."""
+        return {"available": studio.models(), "loaded": studio.engine.manager.loaded()}
+
+    @router.post("/models/{name:path}/unload", tags=["models"], operation_id="unload_model")
+    def unload(name: str) -> dict:
+        """Free a loaded model's memory (refused while a job uses it)."""
+        return {"name": name, "unloaded": studio.engine.manager.unload(name)}
+
+    @router.post("/png-info", tags=["history"], operation_id="png_info")
+    async def png_info(request: Request, file: UploadFile | None = File(None)) -> dict:
+        """Parameters of a PNG (ours or A1111's): upload it, or send {"image": base64}."""
+        if file is not None:
+            data = await file.read()
+        else:
+            data = base64.b64decode(PngInfoBody.model_validate(await request.json()).image.split(",")[-1])
+        try:
+            image = Image.open(io.BytesIO(data))
+        except (UnidentifiedImageError, OSError):
+            raise RequestError("image", "is not a readable image") from None
+        text = read_png_text(image)
+        try:
+            parameters = request_from_png(image).parameters()
+        except ValueError as exc:
+            raise RequestError("image", str(exc)) from None
+        return {"parameters": parameters, "text": text}
+
+    return router
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Domain exceptions -> HTTP, in one place. Messages name the field; never a stack trace."""
+
+    @app.exception_handler(ValidationError)
+    async def invalid(_, exc: ValidationError):
+        return JSONResponse({"detail": describe_validation_error(exc)}, status_code=422)
+
+    @app.exception_handler(RequestError)
+    async def bad_request(_, exc: RequestError):
+        return JSONResponse({"detail": str(exc), "field": exc.field}, status_code=422)
+
+    @app.exception_handler(JobNotFound)
+    async def not_found(_, exc: JobNotFound):
+        return JSONResponse({"detail": f"no such job or image: {exc.args[0]}"}, status_code=404)
+
+    @app.exception_handler(QueueFull)
+    async def busy(_, exc: QueueFull):
+        return JSONResponse({"detail": str(exc), "queue_length": exc.length}, status_code=429,
+                            headers={"Retry-After": str(exc.retry_after_s)})

@@ -1,0 +1,100 @@
+"""/api/v1 over real HTTP against a running server: jobs, events (SSE), history, images, models, png-info."""
+
+import base64
+import io
+import json
+import time
+
+import httpx
+from PIL import Image
+
+from diffusion_studio.requests import image_to_base64
+
+
+def wait_done(base, job_id, timeout=60):
+    deadline = time.time() + timeout
+    while (job := httpx.get(f"{base}/api/v1/jobs/{job_id}").json())["status"] in ("queued", "running"):
+        assert time.time() < deadline
+        time.sleep(0.05)
+    return job
+
+
+def test_job_lifecycle_and_image(server):
+    base, _ = server
+    created = httpx.post(f"{base}/api/v1/jobs", json={"prompt": "api circle", "steps": 3, "seed": 9})
+    assert created.status_code == 202 and created.json()["status"] == "queued"
+    job = wait_done(base, created.json()["id"])
+    assert job["status"] == "done" and job["result"]["seeds"] == [9] and job["request"]["prompt"] == "api circle"
+    png = httpx.get(base + job["images"][0])
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    info = httpx.post(f"{base}/api/v1/png-info", json={"image": base64.b64encode(png.content).decode()}).json()
+    assert info["parameters"]["seed"] == 9 and "Steps: 3" in info["text"]["parameters"]
+    uploaded = httpx.post(f"{base}/api/v1/png-info", files={"file": ("x.png", png.content, "image/png")}).json()
+    assert uploaded["parameters"] == info["parameters"]
+
+
+def test_img2img_with_base64_image(server):
+    base, _ = server
+    image = Image.new("RGB", (64, 64), "red")
+    created = httpx.post(f"{base}/api/v1/jobs", json={"mode": "img2img", "prompt": "api img2img", "steps": 2,
+                                                      "init_image": image_to_base64(image), "strength": 0.5})
+    job = wait_done(base, created.json()["id"])
+    assert job["status"] == "done" and "init_image" not in job["request"]
+
+
+def test_events_stream_steps_then_done(server):
+    base, _ = server
+    job_id = httpx.post(f"{base}/api/v1/jobs", json={"prompt": "api events", "steps": 3, "seed": 1}).json()["id"]
+    kinds, previews = [], 0
+    with httpx.stream("GET", f"{base}/api/v1/jobs/{job_id}/events", timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                kinds.append(line.removeprefix("event: "))
+            elif line.startswith("data: "):
+                data = json.loads(line.removeprefix("data: "))
+                previews += bool(data.get("preview"))
+    assert kinds[-1] == "done" and kinds.count("step") >= 1
+    assert previews >= 1  # base64 latent previews
+    again = httpx.get(f"{base}/api/v1/jobs/{job_id}/events", timeout=10).text
+    assert again.startswith("event: done")  # a finished job's stream says so and ends
+
+
+def test_cancel_errors_history_and_models(server):
+    base, _ = server
+    job_id = httpx.post(f"{base}/api/v1/jobs", json={"prompt": "api long", "steps": 150, "width": 256,
+                                                     "height": 256}).json()["id"]
+    deadline = time.time() + 30
+    while httpx.get(f"{base}/api/v1/jobs/{job_id}").json()["status"] != "running":
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert httpx.post(f"{base}/api/v1/jobs/{job_id}/cancel").status_code == 200
+    assert wait_done(base, job_id)["status"] == "cancelled"
+
+    bad = httpx.post(f"{base}/api/v1/jobs", json={"prompt": "x", "width": 61})
+    assert bad.status_code == 422 and "width: must be a multiple of 8" in bad.json()["detail"]
+    failed = wait_done(base, httpx.post(f"{base}/api/v1/jobs", json={"model": "nowhere"}).json()["id"])
+    assert failed["status"] == "failed" and failed["error"].startswith("model: 'nowhere'")
+    assert httpx.get(f"{base}/api/v1/jobs/nope").status_code == 404
+    assert httpx.get(f"{base}/api/v1/images/nope").status_code == 404
+    not_png = httpx.post(f"{base}/api/v1/png-info", json={"image": base64.b64encode(b"text").decode()})
+    assert not_png.status_code == 422 and not_png.json()["field"] == "image"
+
+    found = httpx.get(f"{base}/api/v1/history", params={"prompt": "api circle"}).json()
+    assert [job["request"]["prompt"] for job in found] == ["api circle"]
+    assert all(job["request"]["mode"] == "img2img" for job in
+               httpx.get(f"{base}/api/v1/history", params={"mode": "img2img"}).json())
+
+    models = httpx.get(f"{base}/api/v1/models").json()
+    assert models["available"][0]["name"] == "builtin:shapes"
+    assert any(m["name"] == "builtin:shapes" for m in models["loaded"])
+    unloaded = httpx.post(f"{base}/api/v1/models/builtin:shapes/unload").json()
+    assert unloaded == {"name": "builtin:shapes", "unloaded": True}
+
+
+def test_openapi_lists_the_routes(server):
+    base, _ = server
+    paths = httpx.get(f"{base}/openapi.json").json()["paths"]
+    for path in ("/api/v1/jobs", "/api/v1/jobs/{job_id}", "/api/v1/jobs/{job_id}/cancel",
+                 "/api/v1/jobs/{job_id}/events", "/api/v1/history", "/api/v1/images/{image_id}", "/api/v1/models",
+                 "/api/v1/png-info", "/health"):
+        assert path in paths, path
