@@ -98,3 +98,51 @@ def test_openapi_lists_the_routes(server):
                  "/api/v1/jobs/{job_id}/events", "/api/v1/history", "/api/v1/images/{image_id}", "/api/v1/models",
                  "/api/v1/png-info", "/health"):
         assert path in paths, path
+
+
+def test_a1111_client_calls(server):
+    base, _ = server
+    samplers = httpx.get(f"{base}/sdapi/v1/samplers").json()
+    assert {"Euler a", "DPM++ 2M Karras"} <= {s["name"] for s in samplers}
+    assert httpx.get(f"{base}/sdapi/v1/sd-models").json()[0]["title"] == "builtin:shapes"
+    payload = {"prompt": "a1111 circle", "negative_prompt": "", "steps": 3, "cfg_scale": 6, "seed": 77,
+               "sampler_name": "DPM++ 2M", "scheduler": "Karras", "batch_size": 2, "n_iter": 2, "width": 64,
+               "height": 64, "restore_faces": False, "send_images": True}  # unknown A1111 keys are ignored
+    reply = httpx.post(f"{base}/sdapi/v1/txt2img", json=payload, timeout=120).json()
+    assert len(reply["images"]) == 4 and reply["parameters"] == payload
+    info = json.loads(reply["info"])
+    assert info["all_seeds"] == [77, 78, 79, 80] and info["sampler_name"] == "DPM++ 2M Karras"
+    assert "Seed: 79" in info["infotexts"][2]
+    first = Image.open(io.BytesIO(base64.b64decode(reply["images"][0])))
+    read = httpx.post(f"{base}/sdapi/v1/png-info", json={"image": reply["images"][0]}).json()
+    assert read["info"].startswith("a1111 circle\nSteps: 3, Sampler: DPM++ 2M Karras") and first.size == (64, 64)
+
+    source = image_to_base64(Image.new("RGB", (64, 64), "white"))
+    mask = image_to_base64(Image.new("L", (64, 64), 255))
+    inpainted = httpx.post(f"{base}/sdapi/v1/img2img", timeout=120, json={
+        "prompt": "a1111 inpaint", "init_images": [source], "mask": mask, "denoising_strength": 0.6, "steps": 2,
+        "seed": 3}).json()
+    assert len(inpainted["images"]) == 1 and json.loads(inpainted["info"])["seed"] == 3
+    missing = httpx.post(f"{base}/sdapi/v1/img2img", json={"prompt": "x"})
+    assert missing.status_code == 422 and "init_images" in missing.json()["detail"]
+    idle = httpx.get(f"{base}/sdapi/v1/progress").json()
+    assert idle["progress"] == 0 and idle["state"]["sampling_steps"] == 0
+
+
+def test_a1111_progress_and_interrupt(server):
+    import threading
+
+    base, _ = server
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(reply=httpx.post(
+        f"{base}/sdapi/v1/txt2img", json={"prompt": "a1111 long", "steps": 150, "width": 256, "height": 256},
+        timeout=120)))
+    thread.start()
+    deadline = time.time() + 60
+    while (progress := httpx.get(f"{base}/sdapi/v1/progress").json())["state"]["sampling_step"] < 2:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert 0 < progress["progress"] < 1 and progress["state"]["sampling_steps"] == 150
+    httpx.post(f"{base}/sdapi/v1/interrupt")
+    thread.join(60)
+    assert outcome["reply"].status_code == 200  # A1111 returns what was made before the interrupt

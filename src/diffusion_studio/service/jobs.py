@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 from ..requests import GenerationRequest, GenerationResult, RequestError, StepEvent
 from .store import JobRecord, JobStatus, JobStore
@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 Runner = Callable[..., GenerationResult]  # Engine.run(request, on_step=..., cancel=...)
 Saver = Callable[[GenerationResult], list]  # Studio.save(result) -> image paths
+
+
+FINISHED_KINDS = {status.value for status in JobStatus if status.finished}
 
 
 class QueueFull(RuntimeError):
@@ -140,6 +143,22 @@ class JobService:
             self._wakeup.notify()
         self._publish(job.id, "queued", {"position": self.position(job.id)})
         return job
+
+    async def follow(self, request: GenerationRequest, user: str, priority: int = 0) -> AsyncIterator[JobEvent]:
+        """Submit and yield the job's events up to and including its outcome. A client that stops listening
+        (a closed browser tab, a cancelled handler) cancels the job, so no work runs for nobody."""
+        events: asyncio.Queue = asyncio.Queue()
+        job = await self.submit(request, user, priority, listener=events)
+        try:
+            while True:
+                event = await events.get()
+                yield event
+                if event.kind in FINISHED_KINDS:
+                    return
+        finally:
+            self.unsubscribe(job.id, events)
+            if not self.store.get(job.id).status.finished:
+                await self.cancel(job.id)
 
     def get(self, job_id: str, user: str | None = None) -> JobRecord:
         job = self.store.get(job_id)

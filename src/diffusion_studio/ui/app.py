@@ -7,6 +7,7 @@ import contextlib
 import gradio as gr
 from fastapi import FastAPI
 
+from ..api.a1111 import build_router as build_a1111_router
 from ..api.routes import build_router, install_error_handlers
 from ..config import StudioConfig
 from ..studio import Studio
@@ -38,6 +39,7 @@ def build_app(config: StudioConfig, studio: Studio | None = None) -> FastAPI:
     app = FastAPI(title="Diffusion Studio", version="0.1.0", lifespan=lifespan)
     app.state.studio = studio
     app.include_router(build_router(studio))
+    app.include_router(build_a1111_router(studio, user="local"))
     install_error_handlers(app)
 
     @app.get("/health", tags=["system"])

@@ -7,7 +7,6 @@ left going unseen.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import gradio as gr
@@ -31,28 +30,19 @@ def user_error(exc: BaseException) -> gr.Error:
     return gr.Error(f"{type(exc).__name__}: {exc}", title="Generation failed")
 
 
-FINISHED = {"done", "failed", "cancelled", "interrupted"}
-
-
 async def follow_job(studio, request: GenerationRequest, user: str = "local"):
-    """Submit through the job service and yield ("waiting", position), ("step", data) and finally
-    ("result", job record). A failed job raises gr.Error with its reason."""
-    events: asyncio.Queue = asyncio.Queue()
+    """Through the job service: yields ("waiting", position), ("step", data), then ("result", job record).
+    A failed job raises gr.Error with its reason."""
     try:
-        job = await studio.jobs.submit(request, user, listener=events)
-    except QueueFull as exc:
-        raise user_error(exc) from None
-    try:
-        while (event := await events.get()).kind not in FINISHED:
+        async for event in studio.jobs.follow(request, user):
             if event.kind in ("queued", "position") and event.data.get("position"):
                 yield "waiting", event.data["position"]
             elif event.kind == "step":
                 yield "step", event.data
-    finally:
-        studio.jobs.unsubscribe(job.id, events)
-        if not studio.jobs.get(job.id).status.finished:  # the browser cancelled, or went away
-            await studio.jobs.cancel(job.id)
-    record = studio.jobs.get(job.id)
+            job_id = event.job_id
+    except QueueFull as exc:
+        raise user_error(exc) from None
+    record = studio.jobs.get(job_id)
     if record.status.value in ("failed", "interrupted"):
         raise gr.Error(record.error or record.status.value, title="Generation failed")
     yield "result", record
