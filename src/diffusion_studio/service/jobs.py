@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from ..requests import GenerationRequest, GenerationResult, RequestError, StepEvent
+from .metrics import StudioMetrics
 from .store import JobRecord, JobStatus, JobStore
 
 log = logging.getLogger(__name__)
@@ -109,11 +110,10 @@ class JobService:
         self._running: dict[str, threading.Event] = {}
         self._subscribers: dict[str, list[asyncio.Queue]] = {}
         self._tasks: list[asyncio.Task] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.metrics = StudioMetrics(queue_length=self.queue_length, running=lambda: len(self._running))
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Condition()
         for job in self.store.recover():  # a crash left these queued: they run again, in their old order
             self._queue.push(job)
@@ -254,6 +254,8 @@ class JobService:
     def _finish(self, job: JobRecord, status: JobStatus, error: str | None = None) -> None:
         job.status, job.finished_at, job.error = status, time.time(), error
         self.store.update(job)
+        wait = job.started_at - job.created_at if job.started_at else None
+        self.metrics.observe(status.value, wait, job.result, error)
         self._publish(job.id, status.value, {"error": error, "result": job.result})
 
     def _publish(self, job_id: str, kind: str, data: dict[str, Any]) -> None:

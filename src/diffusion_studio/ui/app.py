@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 
 import gradio as gr
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..api.a1111 import build_router as build_a1111_router
 from ..api.routes import build_router, install_error_handlers
@@ -41,6 +42,12 @@ def build_app(config: StudioConfig, studio: Studio | None = None) -> FastAPI:
     app.include_router(build_router(studio))
     app.include_router(build_a1111_router(studio, user="local"))
     install_error_handlers(app)
+
+    @app.get("/metrics", tags=["system"])
+    def metrics() -> Response:
+        """Prometheus: jobs by outcome, errors by kind, queue wait / load / step / job time, it/s, memory,
+        queue length, running jobs (and GPU utilisation where nvidia-ml-py finds a GPU)."""
+        return Response(studio.jobs.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health", tags=["system"])
     def health() -> dict:
