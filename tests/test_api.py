@@ -157,3 +157,16 @@ def test_metrics_after_jobs(server):
                  "studio_last_it_per_second", "studio_last_peak_memory_bytes", "studio_queue_length",
                  "studio_jobs_running"):
         assert name in text, name
+
+
+def test_cache_hit_over_http(server):
+    base, _ = server
+    body = {"prompt": "api cached", "steps": 4, "seed": 1234}
+    first = wait_done(base, httpx.post(f"{base}/api/v1/jobs", json=body).json()["id"])
+    again = httpx.post(f"{base}/api/v1/jobs", json=body).json()
+    assert again["status"] == "done"  # answered at submit time, without queueing
+    second = httpx.get(f"{base}/api/v1/jobs/{again['id']}").json()
+    assert second["result"]["cached"] is True and second["result"]["seeds"] == first["result"]["seeds"]
+    assert httpx.get(base + second["images"][0]).content == httpx.get(base + first["images"][0]).content
+    bad_model = httpx.post(f"{base}/api/v1/jobs", json={"model": "nowhere", "seed": 1})
+    assert bad_model.status_code == 422 and bad_model.json()["field"] == "model"

@@ -181,3 +181,32 @@ def test_history_search_and_delete(tmp_path):
     token = store.share(image_id)
     assert len(token) >= 32 and store.shared_image(token)["id"] == image_id
     assert store.delete("0") == [image] and store.get("0") is None and store.image(image_id) is None
+
+
+def test_explicit_seed_repeats_come_from_the_cache(tmp_path):
+    engine = FakeEngine()
+
+    async def scenario():
+        service = make_service(tmp_path, engine)
+        service._identify = lambda request: "weights-v1"
+        await service.start()
+        first = await service.submit(job_request("same"), "u")
+        await wait_for(lambda: service.store.get(first.id).status == JobStatus.done)
+        repeat = await service.submit(job_request("same"), "other user")
+        random_seed = await service.submit(GenerationRequest(prompt="same", steps=2), "u")
+        await wait_for(lambda: service.store.get(random_seed.id).status == JobStatus.done)
+        service._identify = lambda request: "weights-v2"  # new weights under the same name: no stale hit
+        fresh = await service.submit(job_request("same"), "u")
+        await wait_for(lambda: service.store.get(fresh.id).status == JobStatus.done)
+        await service.stop()
+        return [service.store.get(j.id) for j in (first, repeat, random_seed, fresh)], service
+
+    (first, repeat, random_seed, fresh), service = asyncio.run(scenario())
+    assert engine.ran == ["same", "same", "same"]  # the repeat never reached the engine
+    assert repeat.status == JobStatus.done and repeat.result["cached"] is True
+    assert repeat.result["seeds"] == first.result["seeds"] and "cached" not in first.result
+    first_path = service.store.image(first.result["image_ids"][0])["path"]
+    repeat_path = service.store.image(repeat.result["image_ids"][0])["path"]
+    assert repeat_path != first_path and open(repeat_path, "rb").read() == open(first_path, "rb").read()
+    assert "cached" not in random_seed.result and "cached" not in fresh.result
+    assert service.metrics.cache_hits._value.get() == 1

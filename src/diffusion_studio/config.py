@@ -67,6 +67,7 @@ class StudioConfig(BaseSettings):
 
     max_queue: int = Field(64, ge=1, description="queued jobs beyond this are refused (HTTP 429)")
     workers: int = Field(1, ge=1, le=16, description="jobs run at once (engine calls in threads)")
+    cache_entries: int = Field(1024, ge=0, description="results kept for repeat requests with explicit seeds")
 
     host: str = "127.0.0.1"
     port: int = Field(7860, ge=1, le=65535)

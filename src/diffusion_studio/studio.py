@@ -12,7 +12,7 @@ from pathlib import Path
 from .config import StudioConfig
 from .engine.metadata import image_request, save_png
 from .engine.runner import CancelFlag, Engine, StepCallback
-from .engine.sources import list_models
+from .engine.sources import list_models, resolve
 from .requests import GenerationRequest, GenerationResult
 from .service.jobs import JobService
 from .service.store import JobStore
@@ -25,7 +25,8 @@ class Studio:
         self.outputs_dir = Path(config.data_dir) / "outputs"
         self.store = JobStore(Path(config.data_dir) / "studio.db")
         self.jobs = JobService(self.store, self.engine.run, self.save, max_queue=config.max_queue,
-                               workers=config.workers, validate=self.validate)
+                               workers=config.workers, validate=self.validate, identify=self.weights_identity,
+                               cache_entries=config.cache_entries)
 
     def validate(self, data: dict) -> GenerationRequest:
         """Build a request against this studio's limits (raises pydantic.ValidationError naming each field)."""
@@ -45,6 +46,13 @@ class Studio:
             path = folder / f"{stamp}-{result.request.mode.value}-{seed}-{index}.png"
             paths.append(save_png(path, image, image_request(result.request, seed), seed, result.request.model))
         return paths
+
+    def weights_identity(self, request: GenerationRequest) -> str:
+        """Which weights a request runs on (base, and ControlNet in that mode): a part of its cache key."""
+        parts = [resolve(request.model, self.config).identity]
+        if request.mode.value == "controlnet":
+            parts.append(resolve(self.engine.controlnet_name(request), self.config).identity)
+        return "+".join(parts)
 
     def image_paths(self, image_ids: list[str]) -> list[Path]:
         return [Path(self.store.image(image_id)["path"]) for image_id in image_ids]

@@ -23,7 +23,7 @@ from ..requests import GenerationRequest, GenerationResult, Mode, RequestError, 
 from .control import make_control_image
 from .pipelines import LoadedModel, PipelineManager
 from .preview import latents_to_preview, preview_map
-from .sources import resolve_lora
+from .sources import resolve, resolve_lora
 
 
 class CancelFlag(Protocol):
@@ -101,7 +101,7 @@ class Engine:
             if request.mode == Mode.sdxl and base.family != "sdxl":
                 raise RequestError("mode", f"'sdxl' needs an SDXL base; '{request.model}' is {base.family.upper()}")
             if request.mode == Mode.controlnet:
-                controlnet_name = self._controlnet_name(request, base)
+                controlnet_name = self.controlnet_name(request)
                 with self.manager.use(controlnet_name, "controlnet") as (control_model, control_load_s):
                     if control_model.family != base.family:
                         raise RequestError("controlnet", f"'{controlnet_name}' is for {control_model.family.upper()}"
@@ -110,11 +110,13 @@ class Engine:
                                         load_s + control_load_s)
             return self._run_on(base, None, request, on_step, cancel, started, load_s)
 
-    def _controlnet_name(self, request: GenerationRequest, base: LoadedModel) -> str:
+    def controlnet_name(self, request: GenerationRequest) -> str:
+        """The ControlNet a controlnet request uses: its own, or the base's built-in for the control type."""
         if request.controlnet:
             return request.controlnet
-        if base.source.kind == "builtin":
-            name = builtin_controlnet_for(base.source.name.removeprefix("builtin:"), request.control_type)
+        base = resolve(request.model, self.config)
+        if base.kind == "builtin":
+            name = builtin_controlnet_for(base.name.removeprefix("builtin:"), request.control_type)
             if name:
                 return f"builtin:{name}"
         raise RequestError("controlnet", f"no default {request.control_type} ControlNet for '{request.model}'; "

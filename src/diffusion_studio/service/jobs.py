@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import shutil
 import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from ..requests import GenerationRequest, GenerationResult, RequestError, StepEvent
+from .cache import ResultCache
 from .metrics import StudioMetrics
 from .store import JobRecord, JobStatus, JobStore
 
@@ -97,8 +100,13 @@ class FairQueue:
 
 class JobService:
     def __init__(self, store: JobStore, run: Runner, save: Saver, max_queue: int = 64, workers: int = 1,
-                 validate: Callable[[dict], GenerationRequest] | None = None):
+                 validate: Callable[[dict], GenerationRequest] | None = None,
+                 identify: Callable[[GenerationRequest], str] | None = None, cache_entries: int = 1024):
+        """`identify(request)` names the weights a request would use (for cache keys); without it, no cache."""
         self.store = store
+        self._identify = identify
+        self.cache = ResultCache(cache_entries)
+        self._cache_keys: dict[str, str] = {}  # job id -> cache key, for jobs that may fill the cache
         self._run = run
         self._save = save
         self._validate = validate or GenerationRequest.model_validate
@@ -131,11 +139,18 @@ class JobService:
     async def submit(self, request: GenerationRequest, user: str, priority: int = 0,
                      listener: asyncio.Queue | None = None) -> JobRecord:
         """Queue a job. `listener` is subscribed before the job can start, so it misses none of its events."""
+        cacheable = self._identify is not None and request.seed is not None and self.cache.max_entries > 0
+        key = self.cache.key(request, self._identify(request)) if cacheable else None
+        cached = self._cached(key, request, user, priority, listener) if key else None
+        if cached is not None:
+            return cached
         if len(self._queue) >= self.max_queue:
             raise QueueFull(len(self._queue))
         job = JobRecord(id=secrets.token_hex(8), user=user, request=request.model_dump(mode="json"),
                         priority=priority)
         self.store.add(job)
+        if key:
+            self._cache_keys[job.id] = key
         if listener is not None:
             self._subscribers.setdefault(job.id, []).append(listener)
         async with self._wakeup:
@@ -159,6 +174,30 @@ class JobService:
             self.unsubscribe(job.id, events)
             if not self.store.get(job.id).status.finished:
                 await self.cancel(job.id)
+
+    def _cached(self, key: str, request: GenerationRequest, user: str, priority: int,
+                listener: asyncio.Queue | None) -> JobRecord | None:
+        """A finished job answering from an earlier identical one: its images copied, `cached: True`."""
+        source = self.store.get(self.cache.get(key) or "")
+        if source is None or source.status != JobStatus.done:
+            return None
+        now = time.time()
+        job = JobRecord(id=secrets.token_hex(8), user=user, request=request.model_dump(mode="json"),
+                        priority=priority, status=JobStatus.running, created_at=now, started_at=now)
+        self.store.add(job)
+        copies = []
+        for image_id in source.result["image_ids"]:
+            original = Path(self.store.image(image_id)["path"])
+            copy = original.with_name(f"{original.stem}-{job.id}{original.suffix}")
+            shutil.copyfile(original, copy)  # each job owns its files: deleting one never breaks another
+            copies.append(copy)
+        job.result = {**source.result, "cached": True,
+                      "image_ids": self.store.add_images(job, copies, source.result["seeds"])}
+        if listener is not None:
+            self._subscribers.setdefault(job.id, []).append(listener)
+        self.metrics.cache_hits.inc()
+        self._finish(job, JobStatus.done)
+        return job
 
     def get(self, job_id: str, user: str | None = None) -> JobRecord:
         job = self.store.get(job_id)
@@ -243,6 +282,8 @@ class JobService:
                 self._finish(job, JobStatus.cancelled, error="cancelled while running")
             else:
                 self._finish(job, JobStatus.done)
+                if job.id in self._cache_keys:
+                    self.cache.put(self._cache_keys[job.id], job.id)
         except RequestError as exc:
             self._finish(job, JobStatus.failed, error=str(exc))
         except Exception as exc:  # reported as data on the job; the worker lives on for the next job
@@ -250,6 +291,7 @@ class JobService:
             self._finish(job, JobStatus.failed, error=f"{type(exc).__name__}: {exc}")
         finally:
             self._running.pop(job.id, None)
+            self._cache_keys.pop(job.id, None)
 
     def _finish(self, job: JobRecord, status: JobStatus, error: str | None = None) -> None:
         job.status, job.finished_at, job.error = status, time.time(), error
