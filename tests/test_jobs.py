@@ -34,6 +34,10 @@ class FakeEngine:
                 break
         if request.prompt == "explode":
             raise RuntimeError("out of memory")
+        if request.prompt == "oom":
+            import torch
+
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return GenerationResult(request=request, images=[Image.new("RGB", (8, 8))], seeds=[request.seed or 1],
                                 model_id="fake", timings=Timings(total_s=0.1), peak_memory_bytes=1, device="cpu",
                                 cancelled=cancel is not None and cancel.is_set())
@@ -104,14 +108,16 @@ def test_cancel_queued_and_running_and_failures_as_data(tmp_path):
         await service.cancel(queued.id, "u")
         await service.cancel(running.id, "u")
         broken = await service.submit(job_request("explode"), "u")
+        oom = await service.submit(job_request("oom"), "u")
         after = await service.submit(job_request("after"), "u")
         await wait_for(lambda: service.store.get(after.id).status == JobStatus.done)
         with pytest.raises(JobNotFound):
             service.get(running.id, user="someone else")
         await service.stop()
-        return [service.store.get(j.id) for j in (running, queued, broken)]
+        return [service.store.get(j.id) for j in (running, queued, broken, oom)]
 
-    running, queued, broken = asyncio.run(scenario())
+    running, queued, broken, oom = asyncio.run(scenario())
+    assert oom.status == JobStatus.failed and oom.error.startswith("out_of_memory: ") and "vae_tiling" in oom.error
     assert queued.status == JobStatus.cancelled and queued.started_at is None
     assert running.status == JobStatus.cancelled and "while running" in running.error
     assert broken.status == JobStatus.failed and broken.error == "RuntimeError: out of memory"
@@ -210,3 +216,49 @@ def test_explicit_seed_repeats_come_from_the_cache(tmp_path):
     assert repeat_path != first_path and open(repeat_path, "rb").read() == open(first_path, "rb").read()
     assert "cached" not in random_seed.result and "cached" not in fresh.result
     assert service.metrics.cache_hits._value.get() == 1
+
+
+def test_rate_and_active_job_limits_say_when_to_retry(tmp_path):
+    from diffusion_studio.service.limits import LimitExceeded, UserLimits
+
+    limits = UserLimits(rate_per_minute=60, burst=2, max_active_jobs=10)
+    limits.admit("u", 0)
+    limits.admit("u", 0)
+    with pytest.raises(LimitExceeded, match="rate limit: 60 requests per minute; retry in 1 s") as caught:
+        limits.admit("u", 0)
+    assert caught.value.retry_after_s == 1
+    limits.admit("someone else", 0)  # buckets are per user
+    with pytest.raises(LimitExceeded, match="you have 3 unfinished jobs \\(the limit is 3\\)"):
+        UserLimits(60, 5, max_active_jobs=3).admit("u", 3)
+
+    engine = FakeEngine()
+
+    async def scenario():
+        service = make_service(tmp_path, engine, limits=UserLimits(6000, 100, max_active_jobs=2))
+        await service.pause()
+        await service.start()
+        await service.submit(job_request("a"), "u")
+        await service.submit(job_request("b"), "u")
+        with pytest.raises(LimitExceeded, match="2 unfinished jobs"):
+            await service.submit(job_request("c"), "u")
+        await service.submit(job_request("d"), "v")
+        await service.stop()
+
+    asyncio.run(scenario())
+
+
+def test_wall_time_limit_fails_the_job_and_the_next_runs(tmp_path):
+    engine = FakeEngine(step_s=0.05)
+
+    async def scenario():
+        service = make_service(tmp_path, engine, time_limit_s=0.3)
+        await service.start()
+        slow = await service.submit(job_request("slow", steps=150), "u")
+        quick = await service.submit(job_request("quick", steps=2), "u")
+        await wait_for(lambda: service.store.get(quick.id).status == JobStatus.done)
+        await service.stop()
+        return service.store.get(slow.id)
+
+    slow = asyncio.run(scenario())
+    assert slow.status == JobStatus.failed and slow.error.startswith("time_limit: stopped after the 0.3 s limit")
+    assert slow.finished_at - slow.started_at < 2

@@ -68,6 +68,10 @@ class StudioConfig(BaseSettings):
     max_queue: int = Field(64, ge=1, description="queued jobs beyond this are refused (HTTP 429)")
     workers: int = Field(1, ge=1, le=16, description="jobs run at once (engine calls in threads)")
     cache_entries: int = Field(1024, ge=0, description="results kept for repeat requests with explicit seeds")
+    job_time_limit_s: float = Field(600, gt=0, description="a running job past this is stopped and failed")
+    rate_per_minute: float = Field(120, gt=0, description="per-user request rate (token bucket refill)")
+    rate_burst: int = Field(20, ge=1, description="per-user burst above the rate")
+    max_active_jobs: int = Field(16, ge=1, description="per-user queued + running jobs")
 
     host: str = "127.0.0.1"
     port: int = Field(7860, ge=1, le=65535)

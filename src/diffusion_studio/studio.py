@@ -15,6 +15,7 @@ from .engine.runner import CancelFlag, Engine, StepCallback
 from .engine.sources import list_models, resolve
 from .requests import GenerationRequest, GenerationResult
 from .service.jobs import JobService
+from .service.limits import UserLimits
 from .service.store import JobStore
 
 
@@ -26,7 +27,8 @@ class Studio:
         self.store = JobStore(Path(config.data_dir) / "studio.db")
         self.jobs = JobService(self.store, self.engine.run, self.save, max_queue=config.max_queue,
                                workers=config.workers, validate=self.validate, identify=self.weights_identity,
-                               cache_entries=config.cache_entries)
+                               cache_entries=config.cache_entries, time_limit_s=config.job_time_limit_s,
+                               limits=UserLimits(config.rate_per_minute, config.rate_burst, config.max_active_jobs))
 
     def validate(self, data: dict) -> GenerationRequest:
         """Build a request against this studio's limits (raises pydantic.ValidationError naming each field)."""

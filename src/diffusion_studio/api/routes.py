@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, ValidationError
 from ..engine.metadata import read_png_text, request_from_png
 from ..requests import RequestError, describe_validation_error, image_to_base64
 from ..service.jobs import JobEvent, JobNotFound, QueueFull
+from ..service.limits import LimitExceeded
 from ..service.store import JobRecord
 from ..studio import Studio
 
@@ -156,6 +157,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(JobNotFound)
     async def not_found(_, exc: JobNotFound):
         return JSONResponse({"detail": f"no such job or image: {exc.args[0]}"}, status_code=404)
+
+    @app.exception_handler(LimitExceeded)
+    async def limited(_, exc: LimitExceeded):
+        return JSONResponse({"detail": str(exc)}, status_code=429, headers={"Retry-After": str(exc.retry_after_s)})
 
     @app.exception_handler(QueueFull)
     async def busy(_, exc: QueueFull):

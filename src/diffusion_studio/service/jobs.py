@@ -9,6 +9,7 @@ there is no global lock: two jobs on different models, or on one model, run side
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import secrets
 import shutil
@@ -19,8 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
+import torch
+
 from ..requests import GenerationRequest, GenerationResult, RequestError, StepEvent
 from .cache import ResultCache
+from .limits import UserLimits
 from .metrics import StudioMetrics
 from .store import JobRecord, JobStatus, JobStore
 
@@ -101,10 +105,13 @@ class FairQueue:
 class JobService:
     def __init__(self, store: JobStore, run: Runner, save: Saver, max_queue: int = 64, workers: int = 1,
                  validate: Callable[[dict], GenerationRequest] | None = None,
-                 identify: Callable[[GenerationRequest], str] | None = None, cache_entries: int = 1024):
+                 identify: Callable[[GenerationRequest], str] | None = None, cache_entries: int = 1024,
+                 time_limit_s: float | None = None, limits: UserLimits | None = None):
         """`identify(request)` names the weights a request would use (for cache keys); without it, no cache."""
         self.store = store
         self._identify = identify
+        self.time_limit_s = time_limit_s
+        self.limits = limits
         self.cache = ResultCache(cache_entries)
         self._cache_keys: dict[str, str] = {}  # job id -> cache key, for jobs that may fill the cache
         self._run = run
@@ -116,6 +123,7 @@ class JobService:
         self._wakeup: asyncio.Condition | None = None
         self._paused = False
         self._running: dict[str, threading.Event] = {}
+        self._users: dict[str, str] = {}  # job id -> user, for jobs queued or running
         self._subscribers: dict[str, list[asyncio.Queue]] = {}
         self._tasks: list[asyncio.Task] = []
         self.metrics = StudioMetrics(queue_length=self.queue_length, running=lambda: len(self._running))
@@ -125,6 +133,7 @@ class JobService:
         self._wakeup = asyncio.Condition()
         for job in self.store.recover():  # a crash left these queued: they run again, in their old order
             self._queue.push(job)
+            self._users[job.id] = job.user
         self._tasks = [asyncio.create_task(self._worker(), name=f"job-worker-{i}") for i in range(self.workers)]
 
     async def stop(self) -> None:
@@ -139,6 +148,8 @@ class JobService:
     async def submit(self, request: GenerationRequest, user: str, priority: int = 0,
                      listener: asyncio.Queue | None = None) -> JobRecord:
         """Queue a job. `listener` is subscribed before the job can start, so it misses none of its events."""
+        if self.limits is not None:
+            self.limits.admit(user, self.active_jobs(user))
         cacheable = self._identify is not None and request.seed is not None and self.cache.max_entries > 0
         key = self.cache.key(request, self._identify(request)) if cacheable else None
         cached = self._cached(key, request, user, priority, listener) if key else None
@@ -151,6 +162,7 @@ class JobService:
         self.store.add(job)
         if key:
             self._cache_keys[job.id] = key
+        self._users[job.id] = user
         if listener is not None:
             self._subscribers.setdefault(job.id, []).append(listener)
         async with self._wakeup:
@@ -213,6 +225,7 @@ class JobService:
     async def cancel(self, job_id: str, user: str | None = None) -> JobRecord:
         job = self.get(job_id, user)
         if job.status == JobStatus.queued and self._queue.remove(job_id) is not None:
+            self._users.pop(job_id, None)
             self._finish(job, JobStatus.cancelled, error="cancelled before it started")
         elif job.id in self._running:
             self._running[job.id].set()  # the engine stops within one step; the worker records it
@@ -229,6 +242,10 @@ class JobService:
     @property
     def paused(self) -> bool:
         return self._paused
+
+    def active_jobs(self, user: str) -> int:
+        """The user's queued and running jobs."""
+        return sum(1 for owner in self._users.values() if owner == user)
 
     def queue_length(self) -> int:
         return len(self._queue)
@@ -259,6 +276,13 @@ class JobService:
     async def _execute(self, job: JobRecord) -> None:
         cancel = threading.Event()
         self._running[job.id] = cancel
+        timed_out = threading.Event()
+
+        def stop_for_time() -> None:
+            timed_out.set()
+            cancel.set()  # the engine stops at its next step
+
+        timer = asyncio.get_running_loop().call_later(self.time_limit_s, stop_for_time) if self.time_limit_s else None
         job.status, job.started_at = JobStatus.running, time.time()
         self.store.update(job)
         self._publish(job.id, "running", {"queue_wait_s": job.started_at - job.created_at})
@@ -278,7 +302,10 @@ class JobService:
                           "timings": {"load_s": result.timings.load_s, "total_s": result.timings.total_s,
                                       "it_per_s": result.timings.it_per_s},
                           "peak_memory_bytes": result.peak_memory_bytes}
-            if result.cancelled:
+            if timed_out.is_set():
+                self._finish(job, JobStatus.failed, error=f"time_limit: stopped after the {self.time_limit_s:g} s "
+                                                          "limit for one job; ask for fewer steps or a smaller size")
+            elif result.cancelled:
                 self._finish(job, JobStatus.cancelled, error="cancelled while running")
             else:
                 self._finish(job, JobStatus.done)
@@ -286,11 +313,21 @@ class JobService:
                     self.cache.put(self._cache_keys[job.id], job.id)
         except RequestError as exc:
             self._finish(job, JobStatus.failed, error=str(exc))
+        except torch.OutOfMemoryError:
+            # Free what this job held before the next one starts; the tip says what helps.
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self._finish(job, JobStatus.failed, error="out_of_memory: the device ran out of memory; try a smaller "
+                                                      "size or batch, or enable memory.vae_tiling / attention_slicing")
         except Exception as exc:  # reported as data on the job; the worker lives on for the next job
             log.exception("job %s failed", job.id)
             self._finish(job, JobStatus.failed, error=f"{type(exc).__name__}: {exc}")
         finally:
+            if timer is not None:
+                timer.cancel()
             self._running.pop(job.id, None)
+            self._users.pop(job.id, None)
             self._cache_keys.pop(job.id, None)
 
     def _finish(self, job: JobRecord, status: JobStatus, error: str | None = None) -> None:

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from ..requests import GenerationRequest, RequestError, describe_validation_error
 from ..service.jobs import QueueFull
+from ..service.limits import LimitExceeded
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ def user_error(exc: BaseException) -> gr.Error:
         return gr.Error(describe_validation_error(exc), title="Invalid input")
     if isinstance(exc, RequestError):
         return gr.Error(str(exc), title="Invalid input")
-    if isinstance(exc, QueueFull):
+    if isinstance(exc, (QueueFull, LimitExceeded)):
         return gr.Error(str(exc), title="Busy")
     log.exception("run failed", exc_info=exc)
     return gr.Error(f"{type(exc).__name__}: {exc}", title="Generation failed")
@@ -40,7 +41,7 @@ async def follow_job(studio, request: GenerationRequest, user: str = "local"):
             elif event.kind == "step":
                 yield "step", event.data
             job_id = event.job_id
-    except QueueFull as exc:
+    except (QueueFull, LimitExceeded) as exc:
         raise user_error(exc) from None
     record = studio.jobs.get(job_id)
     if record.status.value in ("failed", "interrupted"):
