@@ -44,6 +44,17 @@ def test_models_command(data_dir, capsys):
     assert "untrained stand-in" in lines[3]  # builtin:shapes-xl-canny has no trained weights yet
 
 
-def test_serve_refuses_a_network_address_without_auth(data_dir, capsys):
-    assert main(["serve", "--data-dir", str(data_dir), "--host", "0.0.0.0"]) == 2
-    assert "host: '0.0.0.0' is not a loopback address" in capsys.readouterr().err
+def test_serve_refuses_a_network_address_without_users(tmp_path, capsys):
+    assert main(["serve", "--data-dir", str(tmp_path), "--host", "0.0.0.0"]) == 2
+    assert "auth: auth is required (host 0.0.0.0, auth=auto) but" in capsys.readouterr().err
+
+
+def test_users_and_tokens(tmp_path, capsys):
+    assert main(["users", "add", "alice", "--password", "short", "--data-dir", str(tmp_path)]) == 2
+    assert "password: at least 8 characters" in capsys.readouterr().err
+    assert main(["users", "add", "alice", "--password", "correct horse", "--data-dir", str(tmp_path)]) == 0
+    assert main(["users", "token", "alice", "--data-dir", str(tmp_path)]) == 0
+    token = capsys.readouterr().out.strip().splitlines()[-1]
+    assert token.startswith("ds_") and token not in (tmp_path / "users.json").read_text()  # stored hashed
+    assert main(["users", "token", "bob", "--data-dir", str(tmp_path)]) == 2
+    assert "name: no user 'bob'" in capsys.readouterr().err

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import sys
@@ -154,18 +153,32 @@ def cmd_serve(args) -> int:
     from .ui.app import build_app
 
     config = _config(args).model_copy(update={"host": args.host, "port": args.port})
-    if not ipaddress.ip_address(_resolve_host(config.host)).is_loopback:
-        # Auth arrives with the job service; until then the studio is never opened to a network.
-        raise RequestError("host", f"'{config.host}' is not a loopback address; this studio has no auth yet, so "
-                                   "it only listens on 127.0.0.1 / ::1")
-    app = build_app(config)
+    app = build_app(config)  # refuses a network address without users to authenticate
     print(f"Diffusion Studio on http://{config.host}:{config.port}/  (API docs: /docs)", file=sys.stderr)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
     return 0
 
 
-def _resolve_host(host: str) -> str:
-    return "127.0.0.1" if host == "localhost" else host
+def cmd_users(args) -> int:
+    from .service.auth import Users
+
+    config = _config(args)
+    users = Users(config.users_path())
+    try:
+        if args.action == "add":
+            password = sys.stdin.readline().rstrip("\n") if args.password_stdin else args.password
+            if not password:
+                raise ValueError("password: give --password or --password-stdin")
+            users.add(args.name, password)
+            print(f"user '{args.name}' saved in {config.users_path()}")
+        elif args.action == "token":
+            print(users.create_token(args.name, args.label or ""))
+        else:
+            print("\n".join(users.names()))
+    except ValueError as exc:
+        field, _, message = str(exc).partition(": ")
+        raise RequestError(field, message) from None
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,6 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--rank", type=int, default=8)
     lora.add_argument("--seed", type=int, default=0)
     lora.set_defaults(func=cmd_train_lora)
+
+    users = sub.add_parser("users", help="manage users and API tokens (auth)")
+    users_sub = users.add_subparsers(dest="action", required=True)
+    add = users_sub.add_parser("add", parents=[common], help="add a user or change a password")
+    add.add_argument("name")
+    add.add_argument("--password")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    token = users_sub.add_parser("token", parents=[common], help="create an API token (printed once)")
+    token.add_argument("name")
+    token.add_argument("--label")
+    users_sub.add_parser("list", parents=[common], help="list users")
+    for parser_ in (add, token, users_sub.choices["list"]):
+        parser_.set_defaults(func=cmd_users)
 
     models = sub.add_parser("models", parents=[common], help="list built-in, configured and found models")
     models.set_defaults(func=cmd_models)

@@ -73,8 +73,20 @@ class StudioConfig(BaseSettings):
     rate_burst: int = Field(20, ge=1, description="per-user burst above the rate")
     max_active_jobs: int = Field(16, ge=1, description="per-user queued + running jobs")
 
+    auth: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: required whenever the studio listens on a non-loopback address")
+    users_file: Path | None = Field(None, description="users and API tokens (default: <data_dir>/users.json)")
+
     host: str = "127.0.0.1"
     port: int = Field(7860, ge=1, le=65535)
+
+    def auth_required(self) -> bool:
+        if self.auth != "auto":
+            return self.auth == "on"
+        return not _is_loopback(self.host)
+
+    def users_path(self) -> Path:
+        return self.users_file or Path(self.data_dir) / "users.json"
 
     @classmethod
     def settings_customise_sources(
@@ -83,3 +95,14 @@ class StudioConfig(BaseSettings):
         # CLI flags arrive as init kwargs and win; then env; then the TOML file named by DS_CONFIG_FILE.
         return (init_settings, env_settings,
                 TomlConfigSettingsSource(settings_cls, toml_file=os.environ.get("DS_CONFIG_FILE")))
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: treat as reachable from outside
+        return False

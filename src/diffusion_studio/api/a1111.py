@@ -9,13 +9,14 @@ import base64
 import json
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from PIL import Image
 
 from ..engine.metadata import a1111_parameters, read_png_text
 from ..requests import GenerationRequest, Mode, RequestError, decode_image, image_to_base64
 from ..samplers import KARRAS_SUFFIX, SAMPLERS
 from ..studio import Studio
+from .access import current_user
 
 def to_request_fields(body: dict[str, Any], img2img: bool, default_model: str) -> dict[str, Any]:
     """A1111 payload -> GenerationRequest fields."""
@@ -41,18 +42,23 @@ def to_request_fields(body: dict[str, Any], img2img: bool, default_model: str) -
     return {k: v for k, v in fields.items() if v is not None}
 
 
-def build_router(studio: Studio, user: str) -> APIRouter:
+def build_router(studio: Studio) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
-    progress: dict[str, Any] = {"job_id": None, "step": 0, "total": 0, "eta_s": 0.0, "preview": None}
+    # A1111 has one progress bar for the whole server; here each user has their own.
+    progress_by_user: dict[str, dict[str, Any]] = {}
 
-    async def generate(body: dict[str, Any], img2img: bool) -> dict[str, Any]:
+    def progress_of(user: str) -> dict[str, Any]:
+        return progress_by_user.setdefault(user, {"job_id": None, "step": 0, "total": 0, "eta_s": 0.0,
+                                                  "preview": None})
+
+    async def generate(body: dict[str, Any], img2img: bool, user: str) -> dict[str, Any]:
         request = studio.validate(to_request_fields(body, img2img, studio.config.default_model))
         count = max(1, int(body.get("n_iter", 1)))
         images, infotexts, seeds = [], [], []
         for index in range(count):  # A1111's batch count: successive batches, seeds continuing
             if index and request.seed is not None:
                 request = request.model_copy(update={"seed": request.seed + request.batch_size})
-            job = await _run(request)
+            job = await _run(request, user)
             paths = studio.image_paths(job.result.get("image_ids", []))
             images += [base64.b64encode(path.read_bytes()).decode() for path in paths]
             seeds += job.result.get("seeds", [])
@@ -63,7 +69,8 @@ def build_router(studio: Studio, user: str) -> APIRouter:
                 "sampler_name": request.scheduler, "sd_model_name": request.model, "infotexts": infotexts}
         return {"images": images, "parameters": body, "info": json.dumps(info)}
 
-    async def _run(request: GenerationRequest):
+    async def _run(request: GenerationRequest, user: str):
+        progress = progress_of(user)
         progress.update(step=0, total=request.steps, eta_s=0.0, preview=None)
         try:
             async for event in studio.jobs.follow(request, user):
@@ -79,16 +86,17 @@ def build_router(studio: Studio, user: str) -> APIRouter:
         return record
 
     @router.post("/txt2img", operation_id="a1111_txt2img")
-    async def txt2img(request: Request) -> dict:
-        return await generate(await request.json(), img2img=False)
+    async def txt2img(request: Request, user: str = Depends(current_user)) -> dict:
+        return await generate(await request.json(), img2img=False, user=user)
 
     @router.post("/img2img", operation_id="a1111_img2img")
-    async def img2img(request: Request) -> dict:
+    async def img2img(request: Request, user: str = Depends(current_user)) -> dict:
         """img2img; with `mask`, inpainting (white = repaint)."""
-        return await generate(await request.json(), img2img=True)
+        return await generate(await request.json(), img2img=True, user=user)
 
     @router.get("/progress", operation_id="a1111_progress")
-    def get_progress() -> dict:
+    def get_progress(user: str = Depends(current_user)) -> dict:
+        progress = progress_of(user)
         active = progress["job_id"] is not None
         done = progress["step"] / progress["total"] if active and progress["total"] else 0.0
         preview = progress["preview"]
@@ -100,7 +108,8 @@ def build_router(studio: Studio, user: str) -> APIRouter:
                 "textinfo": None}
 
     @router.post("/interrupt", operation_id="a1111_interrupt")
-    async def interrupt() -> dict:
+    async def interrupt(user: str = Depends(current_user)) -> dict:
+        progress = progress_of(user)
         if progress["job_id"]:
             await studio.jobs.cancel(progress["job_id"], user)
         return {}

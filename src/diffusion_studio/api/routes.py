@@ -9,19 +9,19 @@ import io
 import json
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, File, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field, ValidationError
 
 from ..engine.metadata import read_png_text, request_from_png
+from .access import current_user
 from ..requests import RequestError, describe_validation_error, image_to_base64
 from ..service.jobs import JobEvent, JobNotFound, QueueFull
 from ..service.limits import LimitExceeded
 from ..service.store import JobRecord
 from ..studio import Studio
 
-LOCAL_USER = "local"  # until auth exists, the loopback-only studio has one user
 FINISHED = {"done", "failed", "cancelled", "interrupted"}
 
 
@@ -54,31 +54,32 @@ def build_router(studio: Studio) -> APIRouter:
     router = APIRouter(prefix="/api/v1", tags=["jobs"])
 
     @router.post("/jobs", status_code=202, response_model=JobCreated, operation_id="create_job")
-    async def create_job(request: Request, priority: int = Query(0, ge=-10, le=10)) -> JobCreated:
+    async def create_job(request: Request, priority: int = Query(0, ge=-10, le=10),
+                         user: str = Depends(current_user)) -> JobCreated:
         """Queue a generation (any mode; images as base64). Returns at once with the job id."""
         body = await request.json()
-        job = await studio.jobs.submit(studio.validate(body), LOCAL_USER, priority)
+        job = await studio.jobs.submit(studio.validate(body), user, priority)
         return JobCreated(id=job.id, status=job.status.value, position=studio.jobs.position(job.id))
 
     @router.get("/jobs/{job_id}", operation_id="get_job")
-    def get_job(job_id: str) -> dict:
+    def get_job(job_id: str, user: str = Depends(current_user)) -> dict:
         """State, queue position, timings, seeds and image links of one job."""
-        return job_json(studio, studio.jobs.get(job_id, LOCAL_USER))
+        return job_json(studio, studio.jobs.get(job_id, user))
 
     @router.post("/jobs/{job_id}/cancel", operation_id="cancel_job")
-    async def cancel_job(job_id: str) -> dict:
+    async def cancel_job(job_id: str, user: str = Depends(current_user)) -> dict:
         """Cancel a queued job, or stop a running one within one step."""
-        return job_json(studio, await studio.jobs.cancel(job_id, LOCAL_USER))
+        return job_json(studio, await studio.jobs.cancel(job_id, user))
 
     @router.get("/jobs/{job_id}/events", operation_id="job_events")
-    async def job_events(job_id: str) -> StreamingResponse:
+    async def job_events(job_id: str, user: str = Depends(current_user)) -> StreamingResponse:
         """Server-sent events: queue position, running, each step (with a base64 preview), then the outcome."""
-        job = studio.jobs.get(job_id, LOCAL_USER)
+        job = studio.jobs.get(job_id, user)
         events: asyncio.Queue = studio.jobs.subscribe(job_id)
 
         async def stream():
             try:
-                current = studio.jobs.get(job_id, LOCAL_USER)
+                current = studio.jobs.get(job_id, user)
                 if current.status.finished:  # already over: say so and end
                     yield f"event: {current.status.value}\ndata: {json.dumps(job_json(studio, current))}\n\n"
                     return
@@ -98,19 +99,27 @@ def build_router(studio: Studio) -> APIRouter:
     @router.get("/history", tags=["history"], operation_id="history")
     def history(prompt: str | None = None, mode: str | None = None, model: str | None = None,
                 since: float | None = None, until: float | None = None, limit: int = Query(50, ge=1, le=500),
-                offset: int = Query(0, ge=0)) -> list[dict]:
+                offset: int = Query(0, ge=0), user: str = Depends(current_user)) -> list[dict]:
         """This user's jobs, newest first; search by prompt, filter by mode, model and time (unix seconds)."""
-        jobs = studio.store.find(user=LOCAL_USER, prompt=prompt, mode=mode, model=model, since=since,
+        jobs = studio.store.find(user=user, prompt=prompt, mode=mode, model=model, since=since,
                                  until=until, limit=limit, offset=offset)
         return [job_json(studio, job) for job in jobs]
 
     @router.get("/images/{image_id}", tags=["history"], operation_id="get_image")
-    def get_image(image_id: str) -> FileResponse:
+    def get_image(image_id: str, user: str = Depends(current_user)) -> FileResponse:
         """A generated PNG, with its parameters in its metadata."""
         image = studio.store.image(image_id)
-        if image is None or image["user"] != LOCAL_USER:
+        if image is None or image["user"] != user:
             raise JobNotFound(image_id)
         return FileResponse(image["path"], media_type="image/png")
+
+    @router.post("/images/{image_id}/share", tags=["history"], operation_id="share_image")
+    def share_image(image_id: str, user: str = Depends(current_user)) -> dict:
+        """An unguessable link that opens this one image without an account."""
+        image = studio.store.image(image_id)
+        if image is None or image["user"] != user:
+            raise JobNotFound(image_id)
+        return {"url": f"/share/{studio.store.share(image_id)}"}
 
     @router.get("/models", tags=["models"], operation_id="list_models")
     def models() -> dict:
@@ -139,6 +148,20 @@ def build_router(studio: Studio) -> APIRouter:
         except ValueError as exc:
             raise RequestError("image", str(exc)) from None
         return {"parameters": parameters, "text": text}
+
+    return router
+
+
+def build_share_router(studio: Studio) -> APIRouter:
+    router = APIRouter(tags=["history"])
+
+    @router.get("/share/{token}", operation_id="shared_image")
+    def shared_image(token: str) -> FileResponse:
+        """One shared image; public by design (the token is the permission)."""
+        image = studio.store.shared_image(token)
+        if image is None:
+            raise JobNotFound(token)
+        return FileResponse(image["path"], media_type="image/png")
 
     return router
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 
 import gradio as gr
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..api.a1111 import build_router as build_a1111_router
-from ..api.routes import build_router, install_error_handlers
+from ..api.access import AccessControl, build_login_router
+from ..api.routes import build_router, build_share_router, install_error_handlers
 from ..config import StudioConfig
+from ..requests import RequestError
+from ..service.auth import Users
 from ..studio import Studio
 from .tabs import generate
 
@@ -28,6 +31,11 @@ def build_blocks(studio: Studio) -> gr.Blocks:
 
 def build_app(config: StudioConfig, studio: Studio | None = None) -> FastAPI:
     studio = studio or Studio(config)
+    users = Users(config.users_path()) if config.auth_required() else None
+    if users is not None and not users.names():
+        raise RequestError("auth", f"auth is required (host {config.host}, auth={config.auth}) but "
+                                   f"{config.users_path()} has no users: add one with `diffusion-studio users add "
+                                   "NAME`")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -39,8 +47,11 @@ def build_app(config: StudioConfig, studio: Studio | None = None) -> FastAPI:
 
     app = FastAPI(title="Diffusion Studio", version="0.1.0", lifespan=lifespan)
     app.state.studio = studio
+    app.add_middleware(AccessControl, users=users)
+    app.include_router(build_login_router(users))
     app.include_router(build_router(studio))
-    app.include_router(build_a1111_router(studio, user="local"))
+    app.include_router(build_share_router(studio))
+    app.include_router(build_a1111_router(studio))
     install_error_handlers(app)
 
     @app.get("/metrics", tags=["system"])
@@ -50,9 +61,13 @@ def build_app(config: StudioConfig, studio: Studio | None = None) -> FastAPI:
         return Response(studio.jobs.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health", tags=["system"])
-    def health() -> dict:
+    def health(request: Request) -> dict:
+        """Public for probes; details only for a signed-in caller."""
+        if request.state.user is None:
+            return {"status": "ok"}
         return {"status": "ok", "device": str(studio.engine.device), "loaded": studio.engine.manager.loaded()}
 
     studio.outputs_dir.mkdir(parents=True, exist_ok=True)
     return gr.mount_gradio_app(app, build_blocks(studio), path="/", theme=THEME,
-                               allowed_paths=[str(studio.outputs_dir)], footer_links=["api", "settings"])
+                               allowed_paths=[str(studio.outputs_dir)], footer_links=["api", "settings"],
+                               auth_dependency=lambda request: request.state.user)

@@ -70,9 +70,9 @@ def build(studio: Studio) -> None:
         gr.Examples(EXAMPLES, [prompt, steps, guidance, seed])
 
         async def generate(model, prompt, negative, steps, guidance, width, height, seed, scheduler, batch_size,
-                           progress=gr.Progress()):
+                           request: gr.Request, progress=gr.Progress()):
             try:
-                request = studio.validate({
+                job_request = studio.validate({
                     "mode": "txt2img", "model": model, "prompt": prompt, "negative_prompt": negative,
                     "steps": int(steps), "guidance": guidance, "width": int(width) or None,
                     "height": int(height) or None, "seed": None if seed is None else int(seed),
@@ -80,7 +80,7 @@ def build(studio: Studio) -> None:
                 })
             except Exception as exc:
                 raise user_error(exc) from None
-            async for kind, value in follow_job(studio, request):
+            async for kind, value in follow_job(studio, job_request, request.username or "local"):
                 if kind == "waiting":
                     yield gr.skip(), gr.skip(), f"Queued · position {value}", gr.skip()
                 elif kind == "step":

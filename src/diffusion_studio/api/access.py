@@ -1,0 +1,121 @@
+"""Who is calling: one ASGI middleware in front of everything (UI pages, Gradio's API and files, /api/v1,
+/sdapi/v1, images, metrics, WebSockets). A caller is a user by an API token (`Authorization: Bearer ...`) or a
+login session cookie; anyone else gets 401 (a browser asking for a page is sent to /login). With auth off (a
+loopback-only studio) every caller is the single user `local`.
+
+Public on purpose: /login, /logout, /health (for probes; it says only that the server is up) and /share/<token>
+(one shared image, by its unguessable token).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from http.cookies import SimpleCookie
+from urllib.parse import quote
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+
+from ..service.auth import Users
+
+SESSION_COOKIE = "ds_session"
+LOCAL_USER = "local"
+PUBLIC_PATHS = {"/login", "/logout", "/health"}
+PUBLIC_PREFIXES = ("/share/",)
+
+
+def is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+class AccessControl:
+    def __init__(self, app, users: Users | None):
+        self.app = app
+        self.users = users  # None: auth off
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        user = LOCAL_USER if self.users is None else self._identify(scope)
+        if user is None and not is_public(scope["path"]):
+            return await self._refuse(scope, receive, send)
+        scope["state"] = {**scope.get("state", {}), "user": user}
+        await self.app(scope, receive, send)
+
+    def _identify(self, scope) -> str | None:
+        headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and token:
+            return self.users.user_for_token(token.strip())
+        cookie = SimpleCookie(headers.get("cookie", ""))
+        if SESSION_COOKIE in cookie:
+            return self.users.user_for_session(cookie[SESSION_COOKIE].value)
+        return None
+
+    async def _refuse(self, scope, receive, send):
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008, "reason": "authentication required"})
+        headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
+        if scope["method"] == "GET" and "text/html" in headers.get("accept", ""):
+            target = "/login?next=" + quote(scope["path"], safe="")
+            response = RedirectResponse(target, status_code=303)
+        else:
+            body = {"detail": "authentication required: log in, or send 'Authorization: Bearer <token>' "
+                              "(diffusion-studio users token NAME)"}
+            response = HTMLResponse(json.dumps(body), status_code=401, media_type="application/json",
+                                    headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+
+LOGIN_PAGE = """<!doctype html><html><head><title>Diffusion Studio · log in</title><meta name="viewport"
+content="width=device-width"><style>body{{font-family:system-ui,sans-serif;background:#f5f6fb;display:grid;
+place-items:center;height:100vh;margin:0}}form{{background:#fff;padding:2rem;border-radius:12px;
+box-shadow:0 2px 12px #0002;display:grid;gap:.8rem;width:18rem}}input,button{{font:inherit;padding:.5rem}}
+button{{background:#4f46e5;color:#fff;border:0;border-radius:6px}}.error{{color:#b91c1c}}</style></head><body>
+<form method="post" action="/login"><h2>Diffusion Studio</h2>{error}
+<input name="username" placeholder="user" autocomplete="username" required autofocus>
+<input name="password" type="password" placeholder="password" autocomplete="current-password" required>
+<input type="hidden" name="next" value="{next}"><button type="submit">Log in</button></form></body></html>"""
+
+
+def _safe_next(target: str) -> str:
+    return target if target.startswith("/") and not target.startswith("//") else "/"
+
+
+def build_login_router(users: Users | None) -> APIRouter:
+    router = APIRouter(tags=["auth"], include_in_schema=False)
+
+    @router.get("/login")
+    def login_page(next: str = "/") -> HTMLResponse:
+        if users is None:
+            return RedirectResponse("/", status_code=303)
+        return HTMLResponse(LOGIN_PAGE.format(error="", next=html.escape(_safe_next(next))))
+
+    @router.post("/login")
+    def login(username: str = Form(...), password: str = Form(...), next: str = Form("/")):
+        if users is None:
+            return RedirectResponse("/", status_code=303)
+        if not users.check_password(username, password):
+            page = LOGIN_PAGE.format(error='<p class="error">Wrong user or password.</p>',
+                                     next=html.escape(_safe_next(next)))
+            return HTMLResponse(page, status_code=401)
+        response = RedirectResponse(_safe_next(next), status_code=303)
+        response.set_cookie(SESSION_COOKIE, users.start_session(username), httponly=True, samesite="lax",
+                            max_age=7 * 24 * 3600)
+        return response
+
+    @router.get("/logout")
+    def logout(request: Request):
+        if users is not None and SESSION_COOKIE in request.cookies:
+            users.end_session(request.cookies[SESSION_COOKIE])
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(SESSION_COOKIE)
+        return response
+
+    return router
+
+
+def current_user(request: Request) -> str:
+    """FastAPI dependency: the caller AccessControl identified."""
+    return request.state.user

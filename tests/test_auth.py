@@ -1,0 +1,111 @@
+"""Auth on a running server: every route refuses an anonymous call, tokens and login sessions work, users see
+only their own work, a share link opens exactly one image."""
+
+import re
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from gradio_client import Client
+from starlette.routing import Mount
+
+from diffusion_studio.api.access import is_public
+from diffusion_studio.config import StudioConfig
+from diffusion_studio.service.auth import Users
+from diffusion_studio.ui.app import build_app
+
+from conftest import free_port
+
+
+@pytest.fixture(scope="module")
+def secured(data_dir, tmp_path_factory):
+    users_file = tmp_path_factory.mktemp("auth") / "users.json"
+    users = Users(users_file)
+    users.add("alice", "alice-password")
+    users.add("bob", "bob-password")
+    tokens = {"alice": users.create_token("alice"), "bob": users.create_token("bob")}
+    config = StudioConfig(data_dir=data_dir, models_dir=tmp_path_factory.mktemp("none"), auth="on",
+                          users_file=users_file)
+    app = build_app(config)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", app, tokens
+    server.should_exit = True
+    thread.join(10)
+
+
+def every_route(routes, prefix=""):
+    """(path, methods) of every route: the app's own, included routers' and mounted apps' (Gradio)."""
+    for route in routes:
+        if isinstance(route, Mount):
+            inner = getattr(route.app, "routes", None)
+            yield from every_route(inner, prefix + route.path) if inner else [(prefix + route.path + "/x", {"GET"})]
+        elif hasattr(route, "original_router"):  # FastAPI's included router
+            yield from every_route(route.original_router.routes, prefix + route.include_context.prefix)
+        else:
+            yield prefix + route.path, getattr(route, "methods", None) or {"GET"}
+
+
+def test_every_route_refuses_anonymous_calls(secured):
+    base, app, _ = secured
+    checked = 0
+    for path, methods in every_route(app.routes):
+        concrete = re.sub(r"\{[^}]+\}", "x", path) or "/"
+        if is_public(concrete):
+            continue
+        for method in methods - {"HEAD", "OPTIONS"}:
+            reply = httpx.request(method, base + concrete)
+            assert reply.status_code == 401, (method, concrete, reply.status_code)
+            checked += 1
+    assert checked > 40  # the studio's routes and Gradio's own
+    page = httpx.get(base + "/", headers={"accept": "text/html"})
+    assert page.status_code == 303 and page.headers["location"] == "/login?next=%2F"
+    assert httpx.get(base + "/health").json() == {"status": "ok"}  # public, but says nothing more
+
+
+def test_tokens_sessions_and_ownership(secured):
+    base, _, tokens = secured
+    alice, bob = ({"Authorization": f"Bearer {tokens[name]}"} for name in ("alice", "bob"))
+    assert httpx.get(base + "/api/v1/history", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    job_id = httpx.post(base + "/api/v1/jobs", headers=alice, json={"prompt": "alice only", "steps": 2,
+                                                                     "seed": 1}).json()["id"]
+    deadline = time.time() + 60
+    while (job := httpx.get(f"{base}/api/v1/jobs/{job_id}", headers=alice).json())["status"] != "done":
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert httpx.get(f"{base}/api/v1/jobs/{job_id}", headers=bob).status_code == 404
+    assert httpx.get(base + job["images"][0], headers=bob).status_code == 404
+    assert httpx.get(base + job["images"][0], headers=alice).status_code == 200
+    assert [j["id"] for j in httpx.get(base + "/api/v1/history", headers=alice).json()] == [job_id]
+    assert httpx.get(base + "/api/v1/history", headers=bob).json() == []
+
+    image_id = job["images"][0].rsplit("/", 1)[-1]
+    assert httpx.post(f"{base}/api/v1/images/{image_id}/share", headers=bob).status_code == 404
+    link = httpx.post(f"{base}/api/v1/images/{image_id}/share", headers=alice).json()["url"]
+    shared = httpx.get(base + link)  # no credentials at all
+    assert shared.status_code == 200 and shared.content == httpx.get(base + job["images"][0], headers=alice).content
+    assert httpx.get(base + "/share/not-a-token").status_code == 404
+
+    with httpx.Client(base_url=base) as browser:
+        wrong = browser.post("/login", data={"username": "alice", "password": "nope", "next": "/"})
+        assert wrong.status_code == 401 and "Wrong user or password" in wrong.text
+        ok = browser.post("/login", data={"username": "alice", "password": "alice-password", "next": "/"})
+        assert ok.status_code == 303 and "ds_session" in browser.cookies
+        assert browser.get("/").status_code == 200
+        assert browser.get("/api/v1/history").json()[0]["id"] == job_id
+        browser.get("/logout")
+        assert browser.get("/api/v1/history").status_code == 401
+
+
+def test_ui_calls_run_as_the_token_user(secured):
+    base, app, tokens = secured
+    client = Client(base, headers={"Authorization": f"Bearer {tokens['bob']}"}, download_files=False, verbose=False)
+    client.predict("builtin:shapes", "bob via the ui", "", 2, 7.0, 0, 0, 3, "Euler", 1, api_name="/generate")
+    [job] = app.state.studio.store.find(prompt="bob via the ui")
+    assert job.user == "bob"
