@@ -170,3 +170,20 @@ def test_cache_hit_over_http(server):
     assert httpx.get(base + second["images"][0]).content == httpx.get(base + first["images"][0]).content
     bad_model = httpx.post(f"{base}/api/v1/jobs", json={"model": "nowhere", "seed": 1})
     assert bad_model.status_code == 422 and bad_model.json()["field"] == "model"
+
+
+def test_delete_and_export_history(server):
+    import zipfile
+
+    base, studio = server
+    job = wait_done(base, httpx.post(f"{base}/api/v1/jobs", json={"prompt": "api export", "steps": 2,
+                                                                  "batch_size": 2}).json()["id"])
+    archive = zipfile.ZipFile(io.BytesIO(httpx.get(f"{base}/api/v1/history/export",
+                                                   params={"prompt": "api export"}).content))
+    names = archive.namelist()
+    assert "history.json" in names and sum(name.startswith(job["id"] + "/") for name in names) == 2
+    assert json.loads(archive.read("history.json"))[0]["id"] == job["id"]
+    files = studio.image_paths(studio.store.get(job["id"]).result["image_ids"])
+    assert httpx.delete(f"{base}/api/v1/jobs/{job['id']}").json() == {"deleted": job["id"], "files": 2}
+    assert not any(path.exists() for path in files)
+    assert httpx.get(f"{base}/api/v1/jobs/{job['id']}").status_code == 404

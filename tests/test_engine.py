@@ -232,3 +232,13 @@ def test_cpu_offload_needs_an_accelerator(make_config):
     engine = Engine(make_config(memory={"model_cpu_offload": True}))
     with pytest.raises(RequestError, match="memory.model_cpu_offload: needs a CUDA or MPS device"):
         run(engine)
+
+
+def test_safety_checker_flags_become_visible_notices():
+    from diffusion_studio.engine.runner import apply_safety_notices
+
+    images = [Image.new("RGB", (64, 64), "black"), Image.new("RGB", (64, 64), "red")]
+    shown, blocked = apply_safety_notices(images, [True, False])
+    assert blocked == [0] and np.asarray(shown[0]).max() > 200  # text on the notice, not a black square
+    assert np.asarray(shown[1]).tolist() == np.asarray(Image.new("RGB", (64, 64), "red")).tolist()
+    assert apply_safety_notices(images, None)[1] == []

@@ -129,3 +129,10 @@ def test_json_round_trip_keeps_images():
     again = GenerationRequest.model_validate(request.model_dump(mode="json"))
     assert again.init_image.getpixel((0, 0)) == (0, 0, 255)
     assert again.parameters()["init_image_sha256"] == request.parameters()["init_image_sha256"]
+
+
+def test_prompt_blocklist():
+    limits = Limits(blocked_terms=("forbidden", "two words"))
+    assert "prompt: contains the blocked term 'forbidden'" in error_for({"limits": limits}, prompt="A Forbidden cat")
+    assert "blocked term 'two words'" in error_for({"limits": limits}, prompt="say two words now")
+    GenerationRequest.model_validate({"prompt": "unforbiddenly fine"}, context={"limits": limits})

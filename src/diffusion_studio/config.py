@@ -21,6 +21,7 @@ class Limits(BaseModel):
     max_batch_size: int = Field(8, ge=1)
     max_prompt_chars: int = Field(2000, ge=1)
     max_input_pixels: int = Field(4096 * 4096, ge=64, description="refuse input images larger than this")
+    blocked_terms: tuple[str, ...] = Field((), description="prompts containing any of these words are refused")
 
 
 class MemoryOptions(BaseModel):

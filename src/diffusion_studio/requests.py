@@ -12,6 +12,7 @@ import binascii
 import enum
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -227,6 +228,10 @@ class GenerationRequest(BaseModel):
         for name in ("prompt", "negative_prompt"):
             if len(getattr(self, name)) > limits.max_prompt_chars:
                 raise RequestError(name, f"must be at most {limits.max_prompt_chars} characters")
+        words = set(re.findall(r"[\w']+", self.prompt.lower()))
+        for term in limits.blocked_terms:
+            if (term.lower() in words) if " " not in term else (term.lower() in self.prompt.lower()):
+                raise RequestError("prompt", f"contains the blocked term '{term}' (the studio's content filter)")
         # 3. Each mode's own inputs.
         needs = {
             Mode.img2img: ("init_image",),
@@ -288,6 +293,7 @@ class GenerationResult:
     device: str
     cancelled: bool = False
     control_image: Image.Image | None = None
+    blocked: list[int] = field(default_factory=list)  # images the model's safety checker replaced by a notice
 
     @property
     def seed(self) -> int:

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import io
 import json
+import zipfile
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, File, Query, Request, UploadFile
@@ -104,6 +105,34 @@ def build_router(studio: Studio) -> APIRouter:
         jobs = studio.store.find(user=user, prompt=prompt, mode=mode, model=model, since=since,
                                  until=until, limit=limit, offset=offset)
         return [job_json(studio, job) for job in jobs]
+
+    @router.delete("/jobs/{job_id}", tags=["history"], operation_id="delete_job")
+    def delete_job(job_id: str, user: str = Depends(current_user)) -> dict:
+        """Remove a finished job from the history, with its image files."""
+        job = studio.jobs.get(job_id, user)
+        if not job.status.finished:
+            raise RequestError("job_id", "is still queued or running; cancel it first")
+        removed = studio.store.delete(job_id)
+        for path in removed:
+            path.unlink(missing_ok=True)
+        studio.jobs.cache.forget(job_id)
+        return {"deleted": job_id, "files": len(removed)}
+
+    @router.get("/history/export", tags=["history"], operation_id="export_history")
+    def export_history(prompt: str | None = None, mode: str | None = None, model: str | None = None,
+                       user: str = Depends(current_user)) -> StreamingResponse:
+        """This user's (filtered) history as a zip: the PNGs (parameters inside) and history.json."""
+        jobs = studio.store.find(user=user, prompt=prompt, mode=mode, model=model, limit=100_000)
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:  # PNGs are compressed already
+            archive.writestr("history.json", json.dumps([job_json(studio, job) for job in jobs], indent=2))
+            for job in jobs:
+                for path in studio.image_paths(job.result.get("image_ids", [])):
+                    if path.exists():
+                        archive.write(path, f"{job.id}/{path.name}")
+        buffer.seek(0)
+        return StreamingResponse(buffer, media_type="application/zip",
+                                 headers={"Content-Disposition": 'attachment; filename="history.zip"'})
 
     @router.get("/images/{image_id}", tags=["history"], operation_id="get_image")
     def get_image(image_id: str, user: str = Depends(current_user)) -> FileResponse:

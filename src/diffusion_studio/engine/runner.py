@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import psutil
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from ..builtin.catalog import builtin_controlnet_for
 from ..config import StudioConfig
@@ -51,6 +51,16 @@ def paste_outside_mask(generated: Image.Image, original: Image.Image, mask: Imag
     alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255.0
     mixed = np.asarray(generated, np.float32) * alpha + np.asarray(original, np.float32) * (1 - alpha)
     return Image.fromarray(mixed.round().astype(np.uint8))
+
+
+def apply_safety_notices(images: list[Image.Image], flags: list[bool] | None) -> tuple[list[Image.Image], list[int]]:
+    """Where the model's safety checker flagged an image, show a notice saying so (never a silent black image)."""
+    blocked = [index for index, flag in enumerate(flags or []) if flag]
+    for index in blocked:
+        notice = Image.new("RGB", images[index].size, (40, 40, 48))
+        ImageDraw.Draw(notice).text((4, 4), "blocked by the\nmodel's safety\nchecker", fill=(240, 240, 240))
+        images[index] = notice
+    return images, blocked
 
 
 class MemorySampler:
@@ -174,7 +184,7 @@ class Engine:
                 guidance_scale=request.guidance, generator=generators, output_type="pil",
                 callback_on_step_end=step_end, callback_on_step_end_tensor_inputs=["latents"], **inputs,
             )
-        images = list(output.images)
+        images, blocked = apply_safety_notices(list(output.images), getattr(output, "nsfw_content_detected", None))
 
         # 7. Inpainting keeps the unmasked pixels exactly.
         if mask is not None:
@@ -184,7 +194,7 @@ class Engine:
         return GenerationResult(
             request=request, images=images, seeds=seeds, model_id=base.source.identity, timings=timings,
             peak_memory_bytes=memory.result(), device=str(self.device), cancelled=cancel.is_set(),
-            control_image=control_image,
+            control_image=control_image, blocked=blocked,
         )
 
     def _size(self, base: LoadedModel, request: GenerationRequest) -> tuple[int, int]:

@@ -298,7 +298,7 @@ class JobService:
             paths = await asyncio.to_thread(self._save, result)
             image_ids = self.store.add_images(job, paths, result.seeds)
             job.result = {"seeds": result.seeds, "image_ids": image_ids, "model_id": result.model_id,
-                          "device": result.device,
+                          "device": result.device, "blocked": result.blocked,
                           "timings": {"load_s": result.timings.load_s, "total_s": result.timings.total_s,
                                       "it_per_s": result.timings.it_per_s},
                           "peak_memory_bytes": result.peak_memory_bytes}
