@@ -187,3 +187,31 @@ def test_delete_and_export_history(server):
     assert httpx.delete(f"{base}/api/v1/jobs/{job['id']}").json() == {"deleted": job["id"], "files": 2}
     assert not any(path.exists() for path in files)
     assert httpx.get(f"{base}/api/v1/jobs/{job['id']}").status_code == 404
+
+
+def test_websocket_submit_follow_and_cancel(server):
+    from websockets.sync.client import connect
+
+    base, _ = server
+    with connect(base.replace("http", "ws") + "/api/v1/ws") as socket:
+        socket.send(json.dumps({"action": "submit", "request": {"prompt": "ws job", "steps": 3, "seed": 2}}))
+        messages = []
+        while not messages or messages[-1]["kind"] not in ("done", "failed"):
+            messages.append(json.loads(socket.recv(timeout=60)))
+        kinds = [m["kind"] for m in messages]
+        assert kinds[0] == "accepted" and "running" in kinds and kinds.count("step") == 3 and kinds[-1] == "done"
+        assert messages[-1]["result"]["seeds"] == [2]
+        job_id = messages[0]["job_id"]
+        socket.send(json.dumps({"action": "subscribe", "job_id": job_id}))
+        assert json.loads(socket.recv(timeout=10))["kind"] == "done"
+        socket.send(json.dumps({"action": "submit", "request": {"prompt": "ws", "width": 61}}))
+        assert "width: must be a multiple of 8" in json.loads(socket.recv(timeout=10))["detail"]
+        socket.send(json.dumps({"action": "submit", "request": {"prompt": "ws long", "steps": 150, "width": 256,
+                                                                "height": 256}}))
+        long_id = json.loads(socket.recv(timeout=10))["job_id"]
+        while json.loads(socket.recv(timeout=60))["kind"] != "step":
+            pass
+        socket.send(json.dumps({"action": "cancel", "job_id": long_id}))
+        while (message := json.loads(socket.recv(timeout=60)))["kind"] not in ("cancelled", "done", "failed"):
+            pass
+        assert message["kind"] == "cancelled"

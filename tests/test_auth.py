@@ -1,6 +1,7 @@
 """Auth on a running server: every route refuses an anonymous call, tokens and login sessions work, users see
 only their own work, a share link opens exactly one image."""
 
+import json
 import re
 import threading
 import time
@@ -109,3 +110,16 @@ def test_ui_calls_run_as_the_token_user(secured):
     client.predict("builtin:shapes", "bob via the ui", "", 2, 7.0, 0, 0, 3, "Euler", 1, api_name="/generate")
     [job] = app.state.studio.store.find(prompt="bob via the ui")
     assert job.user == "bob"
+
+
+def test_websocket_needs_credentials(secured):
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    base, _, tokens = secured
+    url = base.replace("http", "ws") + "/api/v1/ws"
+    with pytest.raises(InvalidStatus):
+        connect(url)
+    with connect(url, additional_headers={"Authorization": f"Bearer {tokens['alice']}"}) as socket:
+        socket.send(json.dumps({"action": "subscribe", "job_id": "nope"}))
+        assert json.loads(socket.recv(timeout=10)) == {"kind": "error", "detail": "no such job: nope"}

@@ -10,7 +10,7 @@ import json
 import zipfile
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, File, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Query, Request, UploadFile, WebSocket, WebSocketDisconnect
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field, ValidationError
@@ -96,6 +96,68 @@ def build_router(studio: Studio) -> APIRouter:
                 studio.jobs.unsubscribe(job_id, events)
 
         return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @router.websocket("/ws")
+    async def websocket(socket: WebSocket) -> None:
+        """One socket, many jobs. Send {"action": "submit", "request": {...}, "priority": 0},
+        {"action": "subscribe", "job_id": ...} or {"action": "cancel", "job_id": ...}; receive {"kind":
+        "accepted"|"position"|"running"|"step"|"done"|"failed"|"cancelled"|"error", "job_id", ...}."""
+        user = socket.state.user
+        await socket.accept()
+        send_lock = asyncio.Lock()
+        forwarders: set[asyncio.Task] = set()
+
+        async def send(message: dict) -> None:
+            async with send_lock:
+                await socket.send_text(json.dumps(message, default=str))
+
+        async def forward(job_id: str, events: asyncio.Queue) -> None:
+            try:
+                while True:
+                    event = await events.get()
+                    await send(event_json(event))
+                    if event.kind in FINISHED:
+                        return
+            finally:
+                studio.jobs.unsubscribe(job_id, events)
+
+        def follow(job_id: str, events: asyncio.Queue) -> None:
+            task = asyncio.create_task(forward(job_id, events))
+            forwarders.add(task)
+            task.add_done_callback(forwarders.discard)
+
+        try:
+            while True:
+                message = json.loads(await socket.receive_text())
+                try:
+                    action = message.get("action")
+                    if action == "submit":
+                        events: asyncio.Queue = asyncio.Queue()
+                        job = await studio.jobs.submit(studio.validate(message.get("request") or {}), user,
+                                                       int(message.get("priority", 0)), listener=events)
+                        await send({"kind": "accepted", "job_id": job.id, "position": studio.jobs.position(job.id)})
+                        follow(job.id, events)
+                    elif action == "subscribe":
+                        job = studio.jobs.get(str(message.get("job_id")), user)
+                        if job.status.finished:
+                            await send({**job_json(studio, job), "kind": job.status.value, "job_id": job.id})
+                        else:
+                            follow(job.id, studio.jobs.subscribe(job.id))
+                    elif action == "cancel":
+                        await studio.jobs.cancel(str(message.get("job_id")), user)
+                    else:
+                        raise RequestError("action", "must be 'submit', 'subscribe' or 'cancel'")
+                except ValidationError as exc:
+                    await send({"kind": "error", "detail": describe_validation_error(exc)})
+                except (RequestError, QueueFull, LimitExceeded) as exc:
+                    await send({"kind": "error", "detail": str(exc)})
+                except JobNotFound as exc:
+                    await send({"kind": "error", "detail": f"no such job: {exc.args[0]}"})
+        except (WebSocketDisconnect, json.JSONDecodeError):
+            pass  # jobs go on; the client can subscribe again from a new socket
+        finally:
+            for task in list(forwarders):
+                task.cancel()
 
     @router.get("/history", tags=["history"], operation_id="history")
     def history(prompt: str | None = None, mode: str | None = None, model: str | None = None,
