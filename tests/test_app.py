@@ -68,5 +68,8 @@ def test_cancel_a_running_generation(server):
         assert time.time() < deadline, "the engine run kept going after cancel"
         time.sleep(0.1)
         health = httpx.get(f"{server}/health").json()
-    [job] = studio.store.find(prompt="a red star")
+    deadline = time.time() + 30
+    while (job := studio.store.find(prompt="a red star")[0]).status.value == "running":  # saving partial images
+        assert time.time() < deadline
+        time.sleep(0.05)
     assert job.status.value == "cancelled"
