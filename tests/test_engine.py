@@ -58,8 +58,9 @@ def test_explicit_size(engine):
 
 
 def test_img2img_starts_from_the_image(engine, shape_image):
-    low = run(engine, mode="img2img", init_image=shape_image, strength=0.1, steps=10)
-    high = run(engine, mode="img2img", init_image=shape_image, strength=1.0, steps=10)
+    other = "a blue square on a black background"  # far from the source: strength decides how far we go
+    low = run(engine, mode="img2img", init_image=shape_image, strength=0.1, steps=10, prompt=other)
+    high = run(engine, mode="img2img", init_image=shape_image, strength=1.0, steps=10, prompt=other)
     distance = lambda r: np.abs(pixels(r.images[0]) - pixels(shape_image)).mean()
     assert distance(low) < distance(high)
     assert len(low.timings.step_s) == 1  # strength 0.1 of 10 steps runs one step
