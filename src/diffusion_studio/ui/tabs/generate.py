@@ -64,7 +64,7 @@ def build(studio: Studio) -> None:
                     cancel = gr.Button("Cancel", variant="stop")
             with gr.Column(scale=3):
                 preview = gr.Image(label="Live preview", type="pil", height=160, interactive=False)
-                gallery = gr.Gallery(label="Result", columns=2, height=360, format="png")
+                gallery = gr.Gallery(label="Result", columns=2, height=360, format="png", object_fit="contain")
                 status = gr.Markdown()
                 last_seed = gr.State(None)
         gr.Examples(EXAMPLES, [prompt, steps, guidance, seed])
