@@ -18,12 +18,11 @@ from pydantic import BaseModel, Field, ValidationError
 from ..engine.metadata import read_png_text, request_from_png
 from .access import current_user
 from ..requests import RequestError, describe_validation_error, image_to_base64
-from ..service.jobs import JobEvent, JobNotFound, QueueFull
+from ..service.jobs import FINISHED_KINDS, JobEvent, JobNotFound, QueueFull
 from ..service.limits import LimitExceeded
 from ..service.store import JobRecord
 from ..studio import Studio
 
-FINISHED = {"done", "failed", "cancelled", "interrupted"}
 
 
 class JobCreated(BaseModel):
@@ -90,7 +89,7 @@ def build_router(studio: Studio) -> APIRouter:
                 while True:
                     event = await events.get()
                     yield f"event: {event.kind}\ndata: {json.dumps(event_json(event), default=str)}\n\n"
-                    if event.kind in FINISHED:
+                    if event.kind in FINISHED_KINDS:
                         return
             finally:
                 studio.jobs.unsubscribe(job_id, events)
@@ -116,7 +115,7 @@ def build_router(studio: Studio) -> APIRouter:
                 while True:
                     event = await events.get()
                     await send(event_json(event))
-                    if event.kind in FINISHED:
+                    if event.kind in FINISHED_KINDS:
                         return
             finally:
                 studio.jobs.unsubscribe(job_id, events)

@@ -269,8 +269,8 @@ class JobService:
             async with self._wakeup:
                 await self._wakeup.wait_for(lambda: not self._paused and len(self._queue) > 0)
                 job = self._queue.pop()
-            for waiting_id in self._queue.order():
-                self._publish(waiting_id, "position", {"position": self.position(waiting_id)})
+            for position, waiting_id in enumerate(self._queue.order(), start=1):  # one pass, not one per job
+                self._publish(waiting_id, "position", {"position": position})
             await self._execute(job)
 
     async def _execute(self, job: JobRecord) -> None:
