@@ -215,3 +215,22 @@ def test_websocket_submit_follow_and_cancel(server):
         while (message := json.loads(socket.recv(timeout=60)))["kind"] not in ("cancelled", "done", "failed"):
             pass
         assert message["kind"] == "cancelled"
+
+
+def test_batched_jobs_over_http_match_lone_runs(server):
+    """Three clients' compatible jobs queue while paused and run as one pipeline call; each job's PNG has the
+    bytes of the same request run alone."""
+    base, studio = server
+    shared = {"steps": 3, "guidance": 6.0, "seed": 123}
+    prompts = ["a red star on a black background", "a blue circle on a white background",
+               "a yellow square on a gray background"]
+    httpx.post(f"{base}/api/v1/queue/pause")
+    ids = [httpx.post(f"{base}/api/v1/jobs", json={"prompt": p, **shared}).json()["id"] for p in prompts]
+    assert httpx.get(f"{base}/api/v1/queue").json()["queued"] == 3
+    httpx.post(f"{base}/api/v1/queue/resume")
+    jobs = [wait_done(base, job_id) for job_id in ids]
+    assert [job["result"]["batched_with"] for job in jobs] == [3, 3, 3]
+    for prompt, job in zip(prompts, jobs):
+        alone = studio.engine.run(studio.validate({"prompt": prompt, **shared}))
+        served = Image.open(io.BytesIO(httpx.get(base + job["images"][0]).content)).convert("RGB")
+        assert served.tobytes() == alone.images[0].tobytes()

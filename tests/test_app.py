@@ -22,8 +22,8 @@ def test_health_and_page(server):
 def test_generate_through_gradio_client(server):
     server, studio = server
     client = Client(server, download_files=False, verbose=False)
-    job = client.submit("builtin:shapes", "a blue square on a black background", "", 4, 7.0, 0, 0, 321,
-                        "Euler", 2, api_name="/generate")
+    job = client.submit("a blue square on a black background", "", 1, "builtin:shapes", 4, 7.0, 0, 0, 321,
+                        "Euler", 2, [], api_name="/generate")
     preview, gallery, status = job.result(timeout=120)  # the last-seed State stays server-side
     assert "seed 321" in status and status.startswith("Done")
     assert len(gallery) == 2
@@ -43,15 +43,18 @@ def test_invalid_input_names_the_field(server):
     server, _ = server
     client = Client(server, download_files=False, verbose=False)
     with pytest.raises(Exception, match="width: must be a multiple of 8"):
-        client.predict("builtin:shapes", "x", "", 4, 7.0, 60, 0, 1, "Euler", 1, api_name="/generate")
+        client.predict("x", "", 1, "builtin:shapes", 4, 7.0, 60, 0, 1, "Euler", 1, [], api_name="/generate")
     with pytest.raises(Exception, match="model: 'nope' is not a built-in"):
-        client.predict("nope", "x", "", 4, 7.0, 0, 0, 1, "Euler", 1, api_name="/generate")
+        client.predict("x", "", 1, "nope", 4, 7.0, 0, 0, 1, "Euler", 1, [], api_name="/generate")
+    with pytest.raises(Exception, match="loras: 'heart:lots' should be NAME or NAME:WEIGHT"):
+        client.predict("x", "", 1, "builtin:shapes", 4, 7.0, 0, 0, 1, "Euler", 1, ["heart:lots"],
+                       api_name="/generate")
 
 
 def test_cancel_a_running_generation(server):
     server, studio = server
     client = Client(server, download_files=False, verbose=False)
-    job = client.submit("builtin:shapes", "a red star", "", 150, 7.0, 256, 256, 5, "Euler", 1,
+    job = client.submit("a red star", "", 1, "builtin:shapes", 150, 7.0, 256, 256, 5, "Euler", 1, [],
                         api_name="/generate")
     deadline = time.time() + 60
     while len(job.outputs()) < 1:

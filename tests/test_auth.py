@@ -26,7 +26,8 @@ def secured(data_dir, tmp_path_factory):
     users = Users(users_file)
     users.add("alice", "alice-password")
     users.add("bob", "bob-password")
-    tokens = {"alice": users.create_token("alice"), "bob": users.create_token("bob")}
+    users.add("root", "root-password", admin=True)
+    tokens = {name: users.create_token(name) for name in ("alice", "bob", "root")}
     config = StudioConfig(data_dir=data_dir, models_dir=tmp_path_factory.mktemp("none"), auth="on",
                           users_file=users_file)
     app = build_app(config)
@@ -123,3 +124,16 @@ def test_websocket_needs_credentials(secured):
     with connect(url, additional_headers={"Authorization": f"Bearer {tokens['alice']}"}) as socket:
         socket.send(json.dumps({"action": "subscribe", "job_id": "nope"}))
         assert json.loads(socket.recv(timeout=10)) == {"kind": "error", "detail": "no such job: nope"}
+
+
+def test_only_admins_pause_the_queue_and_unload_models(secured):
+    base, _, tokens = secured
+    as_user = {"Authorization": f"Bearer {tokens['alice']}"}
+    as_admin = {"Authorization": f"Bearer {tokens['root']}"}
+    for path in ("/api/v1/queue/pause", "/api/v1/queue/resume", "/api/v1/models/builtin:shapes/unload"):
+        refused = httpx.post(base + path, headers=as_user)
+        assert refused.status_code == 403 and "admin only" in refused.json()["detail"]
+    assert httpx.get(f"{base}/api/v1/queue", headers=as_user).json()["paused"] is False
+    assert httpx.post(f"{base}/api/v1/queue/pause", headers=as_admin).json()["paused"] is True
+    assert httpx.get(f"{base}/api/v1/queue", headers=as_user).json()["paused"] is True
+    assert httpx.post(f"{base}/api/v1/queue/resume", headers=as_admin).json()["paused"] is False

@@ -243,3 +243,17 @@ def test_safety_checker_flags_become_visible_notices():
     assert blocked == [0] and np.asarray(shown[0]).max() > 200  # text on the notice, not a black square
     assert np.asarray(shown[1]).tolist() == np.asarray(Image.new("RGB", (64, 64), "red")).tolist()
     assert apply_safety_notices(images, None)[1] == []
+
+
+def test_memory_guard_refuses_what_would_not_fit(engine, monkeypatch):
+    from diffusion_studio.engine import memory
+
+    with engine.manager.use("builtin:shapes") as (base, _):
+        small = memory.estimate_run_bytes(base.pipeline, 64, 64, 1, 7.0)
+        assert memory.estimate_run_bytes(base.pipeline, 128, 128, 1, 7.0) > small
+        assert memory.estimate_run_bytes(base.pipeline, 64, 64, 4, 7.0) > small
+    monkeypatch.setattr(memory, "available_bytes", lambda device: small - 1)
+    with pytest.raises(RequestError, match=r"batch_size: 2 image\(s\) of 64x64 need about .* GiB free"):
+        engine.run(GenerationRequest(prompt="x", steps=2, batch_size=2, seed=1))
+    monkeypatch.setattr(memory, "available_bytes", lambda device: small * 2)
+    assert len(engine.run(GenerationRequest(prompt="x", steps=2, seed=1)).images) == 1

@@ -19,8 +19,15 @@ class FakeEngine:
     def __init__(self, step_s: float = 0.01):
         self.step_s = step_s
         self.ran: list[str] = []
+        self.batches: list[list[str]] = []
         self.gate = threading.Event()
         self.gate.set()
+
+    def run_batch(self, requests, on_steps, cancels):
+        self.batches.append([request.prompt for request in requests])
+        if len(requests) > 1 and any(request.prompt == "explode" for request in requests):
+            raise RuntimeError("one bad request spoils the batch")
+        return [self.run(*args) for args in zip(requests, on_steps, cancels)]
 
     def run(self, request, on_step=None, cancel=None):
         self.gate.wait(10)
@@ -49,7 +56,8 @@ def make_service(tmp_path, engine, **options):
         result.images[0].save(path)
         return [path]
 
-    return JobService(JobStore(tmp_path / "jobs.db"), engine.run, save, **options)
+    options.setdefault("batch_images", 1)  # these tests watch the queue order; batching has its own test
+    return JobService(JobStore(tmp_path / "jobs.db"), engine.run_batch, save, **options)
 
 
 def job_request(prompt, steps=2):
@@ -262,3 +270,27 @@ def test_wall_time_limit_fails_the_job_and_the_next_runs(tmp_path):
     slow = asyncio.run(scenario())
     assert slow.status == JobStatus.failed and slow.error.startswith("time_limit: stopped after the 0.3 s limit")
     assert slow.finished_at - slow.started_at < 2
+
+
+def test_compatible_jobs_from_different_users_share_one_engine_call(tmp_path):
+    engine = FakeEngine()
+
+    async def scenario():
+        service = make_service(tmp_path, engine, batch_images=3, cache_entries=0)
+        await service.pause()  # everything queues first, so the worker sees the whole queue at once
+        await service.start()
+        submitted = [("alice", "a1", 2), ("bob", "b1", 2), ("carol", "c1", 3), ("bob", "b2", 2),
+                     ("dave", "explode", 2), ("erin", "e1", 2)]
+        jobs = [await service.submit(job_request(p, steps), user) for user, p, steps in submitted]
+        await service.resume()
+        await wait_for(lambda: all(service.store.get(j.id).status.finished for j in jobs))
+        await service.stop()
+        return service, jobs
+
+    service, jobs = asyncio.run(scenario())
+    # Fair order: a1 b1 c1 explode e1 b2. a1 takes the next compatible jobs along (3 images at most), skipping c1
+    # (other steps); that batch fails in the engine, so its jobs run again alone and only explode fails.
+    assert engine.batches == [["a1", "b1", "explode"], ["a1"], ["b1"], ["explode"], ["c1"], ["e1", "b2"]]
+    records = [service.store.get(job.id) for job in jobs]
+    assert [r.status for r in records] == [JobStatus.done] * 4 + [JobStatus.failed, JobStatus.done]
+    assert records[0].result["batched_with"] == 1  # the fake engine's results say what each call was

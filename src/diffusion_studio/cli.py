@@ -110,31 +110,20 @@ def cmd_train_builtin(args) -> int:
 
 
 def cmd_train_lora(args) -> int:
-    import shutil
-
-    from diffusers import StableDiffusionPipeline
-
-    from .engine.sources import resolve
+    from .service.training import install_lora, lora_trainer
     from .training.config import TrainConfig
     from .training.events import EventBus, JsonlLog
-    from .training.trainer import Trainer
 
     config = _config(args)
     train = TrainConfig(base=args.base, method="lora", dataset=args.dataset, instance_prompt=args.instance_prompt,
                         resolution=args.resolution, steps=args.steps, batch_size=args.batch_size,
                         learning_rate=args.learning_rate, lora_rank=args.rank, lora_alpha=args.rank,
                         seed=args.seed, output_dir=Path(config.data_dir) / "training" / f"lora-{args.name}")
-    source = resolve(train.base, config)
-    if source.family != "sd" or source.kind in ("hub", "single_file"):
-        raise RequestError("base", "LoRA training takes an SD-family diffusers folder or built-in for now")
     bus = EventBus()
     bus.subscribe(_print_training_event)
     bus.subscribe(JsonlLog(train.output_dir / "log.jsonl"))
-    output = Trainer(train, StableDiffusionPipeline.from_pretrained(source.location), bus=bus).run()
-    target = Path(config.data_dir) / "loras" / f"{args.name}.safetensors"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(output, target)  # where generation looks LoRAs up by name
-    print(target)
+    output = lora_trainer(config, train, bus).run()
+    print(install_lora(config, output, args.name))  # where generation looks LoRAs up by name
     return 0
 
 
@@ -169,8 +158,8 @@ def cmd_users(args) -> int:
             password = sys.stdin.readline().rstrip("\n") if args.password_stdin else args.password
             if not password:
                 raise ValueError("password: give --password or --password-stdin")
-            users.add(args.name, password)
-            print(f"user '{args.name}' saved in {config.users_path()}")
+            users.add(args.name, password, admin=args.admin)
+            print(f"{'admin' if args.admin else 'user'} '{args.name}' saved in {config.users_path()}")
         elif args.action == "token":
             print(users.create_token(args.name, args.label or ""))
         else:
@@ -249,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("name")
     add.add_argument("--password")
     add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    add.add_argument("--admin", action="store_true", help="may pause the queue and unload models")
     token = users_sub.add_parser("token", parents=[common], help="create an API token (printed once)")
     token.add_argument("name")
     token.add_argument("--label")

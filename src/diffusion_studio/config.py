@@ -68,6 +68,7 @@ class StudioConfig(BaseSettings):
 
     max_queue: int = Field(64, ge=1, description="queued jobs beyond this are refused (HTTP 429)")
     workers: int = Field(1, ge=1, le=16, description="jobs run at once (engine calls in threads)")
+    batch_images: int = Field(8, ge=1, le=64, description="most images in one cross-user batch (1: no batching)")
     cache_entries: int = Field(1024, ge=0, description="results kept for repeat requests with explicit seeds")
     job_time_limit_s: float = Field(600, gt=0, description="a running job past this is stopped and failed")
     rate_per_minute: float = Field(120, gt=0, description="per-user request rate (token bucket refill)")

@@ -12,6 +12,7 @@ import binascii
 import enum
 import hashlib
 import io
+import json
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -258,6 +259,16 @@ class GenerationRequest(BaseModel):
                 data[f"{name}_sha256"] = image_digest(image)
         return data
 
+    def batch_key(self) -> str | None:
+        """Requests with equal keys can share one pipeline call, each with its own prompts and seeds (the job
+        service's cross-user batching). None: this request runs alone (modes with per-request input images)."""
+        if self.mode not in (Mode.txt2img, Mode.sdxl):
+            return None
+        shared = {k: v for k, v in self.parameters().items() if k not in ("prompt", "negative_prompt", "seed",
+                                                                          "batch_size")}
+        shared["has_negative_prompt"] = bool(self.negative_prompt)  # SDXL encodes "no negative" as zeros
+        return json.dumps(shared, sort_keys=True)
+
 
 @dataclass(frozen=True)
 class StepEvent:
@@ -294,6 +305,7 @@ class GenerationResult:
     cancelled: bool = False
     control_image: Image.Image | None = None
     blocked: list[int] = field(default_factory=list)  # images the model's safety checker replaced by a notice
+    batched_with: int = 1  # requests that shared this pipeline call (1: ran alone)
 
     @property
     def seed(self) -> int:

@@ -5,6 +5,7 @@ UI tabs, the API and the CLI receive a `Studio` and call its methods; none of th
 
 from __future__ import annotations
 
+import secrets
 import time
 from datetime import datetime
 from pathlib import Path
@@ -12,11 +13,12 @@ from pathlib import Path
 from .config import StudioConfig
 from .engine.metadata import image_request, save_png
 from .engine.runner import CancelFlag, Engine, StepCallback
-from .engine.sources import list_models, resolve
-from .requests import GenerationRequest, GenerationResult
-from .service.jobs import JobService
+from .engine.sources import list_loras, list_models, resolve
+from .requests import GenerationRequest, GenerationResult, RequestError
+from .service.jobs import JobNotFound, JobService
 from .service.limits import UserLimits
 from .service.store import JobStore
+from .service.training import TrainingService
 
 
 class Studio:
@@ -25,10 +27,12 @@ class Studio:
         self.engine = Engine(config)
         self.outputs_dir = Path(config.data_dir) / "outputs"
         self.store = JobStore(Path(config.data_dir) / "studio.db")
-        self.jobs = JobService(self.store, self.engine.run, self.save, max_queue=config.max_queue,
+        self.jobs = JobService(self.store, self.engine.run_batch, self.save, max_queue=config.max_queue,
                                workers=config.workers, validate=self.validate, identify=self.weights_identity,
                                cache_entries=config.cache_entries, time_limit_s=config.job_time_limit_s,
+                               batch_images=config.batch_images,
                                limits=UserLimits(config.rate_per_minute, config.rate_burst, config.max_active_jobs))
+        self.training = TrainingService(config)
 
     def validate(self, data: dict) -> GenerationRequest:
         """Build a request against this studio's limits (raises pydantic.ValidationError naming each field)."""
@@ -42,7 +46,7 @@ class Studio:
         """Each image as a PNG carrying the parameters that reproduce it on its own."""
         folder = Path(folder or self.outputs_dir / datetime.now().strftime("%Y-%m-%d"))
         folder.mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%H%M%S")
+        stamp = f"{time.strftime('%H%M%S')}-{secrets.token_hex(3)}"  # jobs batched together share second and seed
         paths = []
         for index, (image, seed) in enumerate(zip(result.images, result.seeds)):
             path = folder / f"{stamp}-{result.request.mode.value}-{seed}-{index}.png"
@@ -56,11 +60,32 @@ class Studio:
             parts.append(resolve(self.engine.controlnet_name(request), self.config).identity)
         return "+".join(parts)
 
+    def delete_job(self, job_id: str, user: str) -> int:
+        """Remove one of `user`'s finished jobs from the history, with its image files; returns the file count."""
+        job = self.jobs.get(job_id, user)
+        if not job.status.finished:
+            raise RequestError("job_id", "is still queued or running; cancel it first")
+        removed = self.store.delete(job_id)
+        for path in removed:
+            path.unlink(missing_ok=True)
+        self.jobs.cache.forget(job_id)
+        return len(removed)
+
+    def share_link(self, image_id: str, user: str) -> str:
+        """An unguessable path that opens this one image of `user`'s without an account."""
+        image = self.store.image(image_id)
+        if image is None or image["user"] != user:
+            raise JobNotFound(image_id)
+        return f"/share/{self.store.share(image_id)}"
+
     def image_paths(self, image_ids: list[str]) -> list[Path]:
         return [Path(self.store.image(image_id)["path"]) for image_id in image_ids]
 
     def models(self) -> list[dict]:
         return list_models(self.config)
+
+    def loras(self) -> list[str]:
+        return list_loras(self.config)
 
     def base_model_names(self) -> list[str]:
         names = [row["name"] for row in self.models() if row["role"] == "base"]

@@ -1,7 +1,8 @@
 """Who is calling: one ASGI middleware in front of everything (UI pages, Gradio's API and files, /api/v1,
 /sdapi/v1, images, metrics, WebSockets). A caller is a user by an API token (`Authorization: Bearer ...`) or a
 login session cookie; anyone else gets 401 (a browser asking for a page is sent to /login). With auth off (a
-loopback-only studio) every caller is the single user `local`.
+loopback-only studio) every caller is the single user `local`, who is also the admin. Admin-only routes (queue
+pause/resume, model unload) depend on `require_admin`.
 
 Public on purpose: /login, /logout, /health (for probes; it says only that the server is up) and /share/<token>
 (one shared image, by its unguessable token).
@@ -14,7 +15,7 @@ import json
 from http.cookies import SimpleCookie
 from urllib.parse import quote
 
-from fastapi import APIRouter, Form, Request
+from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from ..service.auth import Users
@@ -40,7 +41,8 @@ class AccessControl:
         user = LOCAL_USER if self.users is None else self._identify(scope)
         if user is None and not is_public(scope["path"]):
             return await self._refuse(scope, receive, send)
-        scope["state"] = {**scope.get("state", {}), "user": user}
+        admin = self.users is None or (user is not None and self.users.is_admin(user))
+        scope["state"] = {**scope.get("state", {}), "user": user, "admin": admin}
         await self.app(scope, receive, send)
 
     def _identify(self, scope) -> str | None:
@@ -118,4 +120,11 @@ def build_login_router(users: Users | None) -> APIRouter:
 
 def current_user(request: Request) -> str:
     """FastAPI dependency: the caller AccessControl identified."""
+    return request.state.user
+
+
+def require_admin(request: Request) -> str:
+    """FastAPI dependency for routes that act on everyone's work."""
+    if not request.state.admin:
+        raise HTTPException(403, "admin only: an admin user (diffusion-studio users add NAME --admin) may do this")
     return request.state.user

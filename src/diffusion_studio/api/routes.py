@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field, ValidationError
 
 from ..engine.metadata import read_png_text, request_from_png
-from .access import current_user
+from .access import current_user, require_admin
 from ..requests import RequestError, describe_validation_error, image_to_base64
 from ..service.jobs import FINISHED_KINDS, JobEvent, JobNotFound, QueueFull
 from ..service.limits import LimitExceeded
@@ -170,14 +170,7 @@ def build_router(studio: Studio) -> APIRouter:
     @router.delete("/jobs/{job_id}", tags=["history"], operation_id="delete_job")
     def delete_job(job_id: str, user: str = Depends(current_user)) -> dict:
         """Remove a finished job from the history, with its image files."""
-        job = studio.jobs.get(job_id, user)
-        if not job.status.finished:
-            raise RequestError("job_id", "is still queued or running; cancel it first")
-        removed = studio.store.delete(job_id)
-        for path in removed:
-            path.unlink(missing_ok=True)
-        studio.jobs.cache.forget(job_id)
-        return {"deleted": job_id, "files": len(removed)}
+        return {"deleted": job_id, "files": studio.delete_job(job_id, user)}
 
     @router.get("/history/export", tags=["history"], operation_id="export_history")
     def export_history(prompt: str | None = None, mode: str | None = None, model: str | None = None,
@@ -206,10 +199,7 @@ def build_router(studio: Studio) -> APIRouter:
     @router.post("/images/{image_id}/share", tags=["history"], operation_id="share_image")
     def share_image(image_id: str, user: str = Depends(current_user)) -> dict:
         """An unguessable link that opens this one image without an account."""
-        image = studio.store.image(image_id)
-        if image is None or image["user"] != user:
-            raise JobNotFound(image_id)
-        return {"url": f"/share/{studio.store.share(image_id)}"}
+        return {"url": studio.share_link(image_id, user)}
 
     @router.get("/models", tags=["models"], operation_id="list_models")
     def models() -> dict:
@@ -217,9 +207,25 @@ def build_router(studio: Studio) -> APIRouter:
         return {"available": studio.models(), "loaded": studio.engine.manager.loaded()}
 
     @router.post("/models/{name:path}/unload", tags=["models"], operation_id="unload_model")
-    def unload(name: str) -> dict:
-        """Free a loaded model's memory (refused while a job uses it)."""
+    def unload(name: str, admin: str = Depends(require_admin)) -> dict:
+        """Free a loaded model's memory (refused while a job uses it). Admin only."""
         return {"name": name, "unloaded": studio.engine.manager.unload(name)}
+
+    @router.get("/queue", tags=["system"], operation_id="queue_status")
+    def queue_status(user: str = Depends(current_user)) -> dict:
+        """The shared queue: waiting and running jobs, whether it is paused, how it batches."""
+        return studio.jobs.status()
+
+    @router.post("/queue/pause", tags=["system"], operation_id="pause_queue")
+    async def pause_queue(admin: str = Depends(require_admin)) -> dict:
+        """Running jobs finish; queued ones wait until resume. Admin only."""
+        await studio.jobs.pause()
+        return studio.jobs.status()
+
+    @router.post("/queue/resume", tags=["system"], operation_id="resume_queue")
+    async def resume_queue(admin: str = Depends(require_admin)) -> dict:
+        await studio.jobs.resume()
+        return studio.jobs.status()
 
     @router.post("/png-info", tags=["history"], operation_id="png_info")
     async def png_info(request: Request, file: UploadFile | None = File(None)) -> dict:

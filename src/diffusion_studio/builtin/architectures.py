@@ -67,10 +67,16 @@ BUILTIN_SIZE = TinySize(image_px=64, vae_channels=(16, 32, 64), unet_channels=(3
                         unet_norm_groups=8)
 
 
-def _scheduler() -> EulerDiscreteScheduler:
+def builtin_scheduler() -> EulerDiscreteScheduler:
+    """DDPM's linear schedule (terminal SNR 4e-5), sampled from t=999 ("trailing").
+
+    Why not SD's scaled_linear: its last step keeps 6.8% of the image (terminal SNR 0.005). On 16x16 latents a
+    shape still shows through that noise, so the model learns to find the shape's position *in the noise* instead
+    of reading it from the prompt: trained that way to 5,900 steps, sampled positions were identical for every
+    prompt and followed the seed alone (Lin et al. 2024, "Common Diffusion Noise Schedules ... are Flawed")."""
     return EulerDiscreteScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        timestep_spacing="leading", steps_offset=1,
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+        timestep_spacing="trailing", steps_offset=0,
     )
 
 
@@ -104,7 +110,7 @@ def build_sd_pipeline(seed: int = 0, size: TinySize = TinySize()) -> StableDiffu
         cross_attention_dim=size.text_width, attention_head_dim=4, down_block_types=size.down_blocks(), up_block_types=size.up_blocks(), **global_text,
     )
     return StableDiffusionPipeline(
-        vae=_vae(size), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_scheduler(),
+        vae=_vae(size), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=builtin_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
@@ -132,7 +138,7 @@ def build_sdxl_pipeline(seed: int = 0, size: TinySize = TinySize(), vae: Autoenc
     )
     return StableDiffusionXLPipeline(
         vae=vae if vae is not None else _vae(size), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer, unet=unet, scheduler=_scheduler(), force_zeros_for_empty_prompt=True,
+        tokenizer_2=tokenizer, unet=unet, scheduler=builtin_scheduler(), force_zeros_for_empty_prompt=True,
     )
 
 

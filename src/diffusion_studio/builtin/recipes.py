@@ -21,7 +21,7 @@ from ..training.config import TrainConfig
 from ..training.data import encode, to_tensor
 from ..training.events import EventBus, JsonlLog, TrainingEvent
 from ..training.trainer import Trainer, TrainingError
-from .architectures import BUILTIN_SIZE, build_sd_pipeline, build_sdxl_pipeline
+from .architectures import BUILTIN_SIZE, build_sd_pipeline, build_sdxl_pipeline, builtin_scheduler
 from .catalog import COMMITTED_DIR
 from .shapes import ShapesWorld
 
@@ -121,7 +121,9 @@ def _resume_or_start(name: str, config: TrainConfig, start, bus: EventBus) -> Tr
     installed = COMMITTED_DIR / name / PROGRESS_FILE
     if not (config.output_dir / "checkpoint.pt").exists() and installed.exists():
         progress = json.loads(installed.read_text())
-        trainer = Trainer(config, DiffusionPipeline.from_pretrained(COMMITTED_DIR / name), bus=bus)
+        pipe = DiffusionPipeline.from_pretrained(COMMITTED_DIR / name)
+        pipe.scheduler = builtin_scheduler()  # the recipe's noise schedule, even if the installed one is older
+        trainer = Trainer(config, pipe, bus=bus)
         trainer.warm_start(progress["unet_step"])
         return trainer
     return Trainer(config, start(), bus=bus)

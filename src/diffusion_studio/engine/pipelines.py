@@ -22,6 +22,7 @@ from ..config import StudioConfig
 from ..requests import Mode, RequestError
 from ..samplers import SAMPLERS
 from .sources import ModelSource, resolve
+from .invariance import make_batch_invariant, make_pipeline_batch_invariant
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,7 @@ class PipelineManager:
                 else:
                     model = ControlNetModel.from_pretrained(source.location, **kwargs)
                 model.to(self.device)
+                make_batch_invariant(model)
                 return LoadedModel(source, controlnet=model, weight_bytes=module_bytes([model]))
             if source.kind == "single_file":
                 family_cls = MODE_PIPELINES[source.family][Mode.txt2img]
@@ -203,6 +205,7 @@ class PipelineManager:
         if source.family is None:  # hub ids: known only now
             source = ModelSource(source.name, source.kind, source.location, "base", family)
         self._apply_memory_options(pipe)
+        make_pipeline_batch_invariant(pipe.components)  # so cross-user batches give each job its lone-run bits
         return LoadedModel(source, pipeline=pipe, weight_bytes=module_bytes(pipe.components.values()),
                            adapters=AdapterGate(pipe))
 

@@ -13,7 +13,6 @@ from typing import Callable, Protocol
 
 import cv2
 import numpy as np
-import psutil
 import torch
 from PIL import Image, ImageDraw
 
@@ -21,6 +20,7 @@ from ..builtin.catalog import builtin_controlnet_for
 from ..config import StudioConfig
 from ..requests import GenerationRequest, GenerationResult, Mode, RequestError, StepEvent, Timings
 from .control import make_control_image
+from .memory import MemorySampler, check_fits
 from .pipelines import LoadedModel, PipelineManager
 from .preview import latents_to_preview, preview_map
 from .sources import resolve, resolve_lora
@@ -63,27 +63,6 @@ def apply_safety_notices(images: list[Image.Image], flags: list[bool] | None) ->
     return images, blocked
 
 
-class MemorySampler:
-    """Peak memory over a run: CUDA's own counter on GPU, RSS sampled at every step on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.process = psutil.Process()
-        self.peak = 0
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        self.sample()
-
-    def sample(self) -> None:
-        self.peak = max(self.peak, self.process.memory_info().rss)
-
-    def result(self) -> int:
-        if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device))
-        self.sample()
-        return self.peak
-
-
 class Engine:
     def __init__(self, config: StudioConfig):
         self.config = config
@@ -104,8 +83,18 @@ class Engine:
 
     def run(self, request: GenerationRequest, on_step: StepCallback | None = None,
             cancel: CancelFlag | None = None) -> GenerationResult:
+        return self.run_batch([request], [on_step], [cancel or threading.Event()])[0]
+
+    def run_batch(self, requests: list[GenerationRequest], on_steps: list[StepCallback | None],
+                  cancels: list[CancelFlag]) -> list[GenerationResult]:
+        """Several requests with one `batch_key()` as one pipeline call: each keeps its prompts, seeds, step events
+        and cancel flag, and gets the bits it would get alone (see invariance.py). The call stops early only when
+        every request in it is cancelled; a request cancelled alone is reported cancelled at the end."""
         started = time.perf_counter()
-        cancel = cancel or threading.Event()
+        request = requests[0]  # the shared parameters
+        if len(requests) > 1 and (request.batch_key() is None or
+                                  any(other.batch_key() != request.batch_key() for other in requests[1:])):
+            raise RequestError("mode", "only txt2img/sdxl requests with equal parameters can share a batch")
         with self.manager.use(request.model, "base") as (base, load_s):
             # 1. Check the mode against the base family, find the ControlNet.
             if request.mode == Mode.sdxl and base.family != "sdxl":
@@ -116,9 +105,9 @@ class Engine:
                     if control_model.family != base.family:
                         raise RequestError("controlnet", f"'{controlnet_name}' is for {control_model.family.upper()}"
                                                          f" bases; '{request.model}' is {base.family.upper()}")
-                    return self._run_on(base, control_model, request, on_step, cancel, started,
+                    return self._run_on(base, control_model, requests, on_steps, cancels, started,
                                         load_s + control_load_s)
-            return self._run_on(base, None, request, on_step, cancel, started, load_s)
+            return self._run_on(base, None, requests, on_steps, cancels, started, load_s)
 
     def controlnet_name(self, request: GenerationRequest) -> str:
         """The ControlNet a controlnet request uses: its own, or the base's built-in for the control type."""
@@ -132,15 +121,21 @@ class Engine:
         raise RequestError("controlnet", f"no default {request.control_type} ControlNet for '{request.model}'; "
                                          "name one in controlnet")
 
-    def _run_on(self, base: LoadedModel, control_model: LoadedModel | None, request: GenerationRequest,
-                on_step: StepCallback | None, cancel: CancelFlag, started: float, load_s: float) -> GenerationResult:
+    def _run_on(self, base: LoadedModel, control_model: LoadedModel | None, requests: list[GenerationRequest],
+                on_steps: list[StepCallback | None], cancels: list[CancelFlag], started: float,
+                load_s: float) -> list[GenerationResult]:
+        request = requests[0]
         # 2. Resolve size and seeds; one CPU generator per image, so each image reproduces on its own.
         width, height = self._size(base, request)
-        first_seed = request.seed if request.seed is not None else secrets.randbelow(2**32 - request.batch_size)
-        seeds = [first_seed + i for i in range(request.batch_size)]
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        seeds = [self._seeds(each) for each in requests]
+        generators = [torch.Generator("cpu").manual_seed(seed) for batch in seeds for seed in batch]
+        rows, first = [], 0  # each request's slice of the batch
+        for each in requests:
+            rows.append(slice(first, first + each.batch_size))
+            first += each.batch_size
 
-        # 3. Mode inputs, at the output size.
+        # 3. Refuse what would not fit in memory; mode inputs, at the output size.
+        check_fits(base.pipeline, self.device, width, height, len(generators), request.guidance)
         inputs, mask, control_image = self._mode_inputs(request, width, height)
 
         # 4. A pipeline view with its own scheduler; LoRAs through the base's gate.
@@ -149,7 +144,7 @@ class Engine:
         adapters = tuple((self._adapter_name(lora.name), str(resolve_lora(lora.name, self.config)), lora.weight)
                          for lora in request.loras)
 
-        # 5. The step callback: timing, memory, cancel, previews.
+        # 5. The step callback: timing, memory, cancel, previews (each request sees its own images).
         timings = Timings(load_s=load_s)
         memory = MemorySampler(self.device)
         interval = self.config.preview_interval
@@ -164,25 +159,28 @@ class Engine:
             memory.sample()
             total = pipeline.num_timesteps
             done = step_index + 1
-            if on_step is not None:
+            mean_step = sum(timings.step_s) / len(timings.step_s)
+            for on_step, own in zip(on_steps, rows):
+                if on_step is None:
+                    continue
                 preview = None
                 if interval and (done % interval == 0 or done == total):
-                    preview = latents_to_preview(callback_kwargs["latents"], base.extras["preview_map"])
-                mean_step = sum(timings.step_s) / len(timings.step_s)
+                    preview = latents_to_preview(callback_kwargs["latents"][own], base.extras["preview_map"])
                 on_step(StepEvent(done, total, now - started, mean_step * (total - done), preview))
-            if cancel.is_set():
+            if all(cancel.is_set() for cancel in cancels):
                 pipeline._interrupt = True  # remaining steps are skipped; diffusers still decodes
             return callback_kwargs
 
         # 6. Run.
-        prompts = [request.prompt] * request.batch_size
-        negatives = [request.negative_prompt] * request.batch_size if request.negative_prompt else None
+        prompts = [each.prompt for each in requests for _ in range(each.batch_size)]
+        negatives = [each.negative_prompt for each in requests for _ in range(each.batch_size)]
         with base.adapters.use(adapters), torch.inference_mode():
             loop_started[0] = time.perf_counter()
             output = pipe(
-                prompt=prompts, negative_prompt=negatives, num_inference_steps=request.steps,
-                guidance_scale=request.guidance, generator=generators, output_type="pil",
-                callback_on_step_end=step_end, callback_on_step_end_tensor_inputs=["latents"], **inputs,
+                prompt=prompts, negative_prompt=negatives if any(negatives) else None,
+                num_inference_steps=request.steps, guidance_scale=request.guidance, generator=generators,
+                output_type="pil", callback_on_step_end=step_end, callback_on_step_end_tensor_inputs=["latents"],
+                **inputs,
             )
         images, blocked = apply_safety_notices(list(output.images), getattr(output, "nsfw_content_detected", None))
 
@@ -190,12 +188,21 @@ class Engine:
         if mask is not None:
             images = [paste_outside_mask(image, inputs["image"], mask) for image in images]
 
+        # 8. One result per request.
         timings.total_s = time.perf_counter() - started
-        return GenerationResult(
-            request=request, images=images, seeds=seeds, model_id=base.source.identity, timings=timings,
-            peak_memory_bytes=memory.result(), device=str(self.device), cancelled=cancel.is_set(),
-            control_image=control_image, blocked=blocked,
-        )
+        peak = memory.result()
+        return [GenerationResult(
+            request=each, images=images[own], seeds=own_seeds, model_id=base.source.identity,
+            timings=Timings(timings.load_s, list(timings.step_s), timings.total_s), peak_memory_bytes=peak,
+            device=str(self.device), cancelled=cancel.is_set(), control_image=control_image,
+            blocked=[index - own.start for index in blocked if own.start <= index < own.stop],
+            batched_with=len(requests),
+        ) for each, own, own_seeds, cancel in zip(requests, rows, seeds, cancels)]
+
+    @staticmethod
+    def _seeds(request: GenerationRequest) -> list[int]:
+        first_seed = request.seed if request.seed is not None else secrets.randbelow(2**32 - request.batch_size)
+        return [first_seed + i for i in range(request.batch_size)]
 
     def _size(self, base: LoadedModel, request: GenerationRequest) -> tuple[int, int]:
         native = base.pipeline.unet.config.sample_size * base.pipeline.vae_scale_factor

@@ -147,6 +147,16 @@ def builtin_origin(short: str) -> str:
     return "built-in"
 
 
+def list_loras(config: StudioConfig) -> list[str]:
+    """LoRA names that `resolve_lora` finds by name (trained ones land in <data_dir>/loras)."""
+    names = set()
+    for root in (Path(config.data_dir) / "loras", Path(config.models_dir) / "loras"):
+        if root.is_dir():
+            names |= {path.stem for path in root.glob("*.safetensors")}
+            names |= {path.name for path in root.iterdir() if path.is_dir() and any(path.glob("*.safetensors"))}
+    return sorted(names)
+
+
 def resolve_lora(name: str, config: StudioConfig) -> Path:
     """A LoRA by path, or by name in `<data_dir>/loras` / `<models_dir>/loras` (trained LoRAs land there)."""
     candidates = [Path(name).expanduser()]

@@ -63,14 +63,14 @@ class Users:
         os.replace(scratch, self.path)
 
     # -- management (CLI) -----------------------------------------------------------------------------------
-    def add(self, name: str, password: str) -> None:
+    def add(self, name: str, password: str, admin: bool = False) -> None:
         if not name or not name.replace("-", "").replace("_", "").isalnum():
             raise ValueError("name: use letters, digits, '-' and '_'")
         if len(password) < 8:
             raise ValueError("password: at least 8 characters")
         with self._lock:
             data = self._load()
-            data["users"][name] = {"password": hash_password(password), "created": time.time()}
+            data["users"][name] = {"password": hash_password(password), "created": time.time(), "admin": admin}
             self._save(data)
 
     def create_token(self, name: str, label: str = "") -> str:
@@ -93,6 +93,11 @@ class Users:
         with self._lock:
             user = self._load()["users"].get(name)
         return user is not None and password_matches(password, user["password"])
+
+    def is_admin(self, name: str) -> bool:
+        """Admins may pause the queue and unload models for everyone."""
+        with self._lock:
+            return bool(self._load()["users"].get(name, {}).get("admin"))
 
     def user_for_token(self, token: str) -> str | None:
         with self._lock:

@@ -3,7 +3,9 @@ higher priority first), with states queued -> running -> done / failed / cancell
 and running jobs, pause/resume of the whole queue, per-job event streams, and records that outlive a crash.
 
 Engine calls run in worker threads (`asyncio.to_thread`), `workers` at a time, so nothing blocks the event loop and
-there is no global lock: two jobs on different models, or on one model, run side by side.
+there is no global lock: two jobs on different models, or on one model, run side by side. A worker that takes a
+job also takes queued jobs with the same `batch_key()` (any user's, up to `batch_images` images) and runs them as
+one pipeline call; each job still gets its own events, cancel, time limit, record, and its lone-run bits.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import secrets
 import shutil
 import threading
@@ -30,7 +33,7 @@ from .store import JobRecord, JobStatus, JobStore
 
 log = logging.getLogger(__name__)
 
-Runner = Callable[..., GenerationResult]  # Engine.run(request, on_step=..., cancel=...)
+BatchRunner = Callable[..., list[GenerationResult]]  # Engine.run_batch(requests, on_steps, cancels)
 Saver = Callable[[GenerationResult], list]  # Studio.save(result) -> image paths
 
 
@@ -81,6 +84,23 @@ class FairQueue:
             self._lanes[best] = lane  # to the back of the rotation
         return job
 
+    def take(self, wanted: Callable[[JobRecord], bool], limit: int) -> list[JobRecord]:
+        """Remove and return up to `limit` jobs that `wanted` accepts, in the order they would run. A user whose
+        job rides along has had a turn: their lane goes to the back of the rotation, as after `pop`."""
+        taken = []
+        for job_id in self.order():
+            if len(taken) == limit:
+                break
+            job = self._find(job_id)
+            if wanted(job):
+                taken.append(self.remove(job_id))
+                if job.user in self._lanes:
+                    self._lanes.move_to_end(job.user)
+        return taken
+
+    def _find(self, job_id: str) -> JobRecord:
+        return next(job for lane in self._lanes.values() for job in lane if job.id == job_id)
+
     def remove(self, job_id: str) -> JobRecord | None:
         for user, lane in self._lanes.items():
             for job in lane:
@@ -103,18 +123,21 @@ class FairQueue:
 
 
 class JobService:
-    def __init__(self, store: JobStore, run: Runner, save: Saver, max_queue: int = 64, workers: int = 1,
+    def __init__(self, store: JobStore, run_batch: BatchRunner, save: Saver, max_queue: int = 64, workers: int = 1,
                  validate: Callable[[dict], GenerationRequest] | None = None,
                  identify: Callable[[GenerationRequest], str] | None = None, cache_entries: int = 1024,
-                 time_limit_s: float | None = None, limits: UserLimits | None = None):
-        """`identify(request)` names the weights a request would use (for cache keys); without it, no cache."""
+                 time_limit_s: float | None = None, limits: UserLimits | None = None, batch_images: int = 8):
+        """`identify(request)` names the weights a request would use (for cache keys); without it, no cache.
+        `batch_images`: most images in one cross-user batch (1: every job runs alone)."""
         self.store = store
         self._identify = identify
         self.time_limit_s = time_limit_s
         self.limits = limits
         self.cache = ResultCache(cache_entries)
         self._cache_keys: dict[str, str] = {}  # job id -> cache key, for jobs that may fill the cache
-        self._run = run
+        self._run_batch = run_batch
+        self.batch_images = batch_images
+        self._batch_keys: dict[str, tuple[str, int]] = {}  # queued job id -> (batch key, images)
         self._save = save
         self._validate = validate or GenerationRequest.model_validate
         self.max_queue = max_queue
@@ -162,6 +185,8 @@ class JobService:
         self.store.add(job)
         if key:
             self._cache_keys[job.id] = key
+        if request.batch_key() is not None:
+            self._batch_keys[job.id] = (request.batch_key(), request.batch_size)
         self._users[job.id] = user
         if listener is not None:
             self._subscribers.setdefault(job.id, []).append(listener)
@@ -174,18 +199,29 @@ class JobService:
     async def follow(self, request: GenerationRequest, user: str, priority: int = 0) -> AsyncIterator[JobEvent]:
         """Submit and yield the job's events up to and including its outcome. A client that stops listening
         (a closed browser tab, a cancelled handler) cancels the job, so no work runs for nobody."""
+        async for event in self.follow_many([request], user, priority):
+            yield event
+
+    async def follow_many(self, requests: list[GenerationRequest], user: str,
+                          priority: int = 0) -> AsyncIterator[JobEvent]:
+        """Submit several jobs at once (so compatible ones can share batches) and yield all their events, until
+        every one has its outcome. Stopping early cancels the unfinished ones."""
         events: asyncio.Queue = asyncio.Queue()
-        job = await self.submit(request, user, priority, listener=events)
+        jobs = []
         try:
-            while True:
+            for request in requests:
+                jobs.append(await self.submit(request, user, priority, listener=events))
+            unfinished = {job.id for job in jobs}
+            while unfinished:
                 event = await events.get()
                 yield event
                 if event.kind in FINISHED_KINDS:
-                    return
+                    unfinished.discard(event.job_id)
         finally:
-            self.unsubscribe(job.id, events)
-            if not self.store.get(job.id).status.finished:
-                await self.cancel(job.id)
+            for job in jobs:
+                self.unsubscribe(job.id, events)
+                if not self.store.get(job.id).status.finished:
+                    await self.cancel(job.id)
 
     def _cached(self, key: str, request: GenerationRequest, user: str, priority: int,
                 listener: asyncio.Queue | None) -> JobRecord | None:
@@ -201,7 +237,10 @@ class JobService:
         for image_id in source.result["image_ids"]:
             original = Path(self.store.image(image_id)["path"])
             copy = original.with_name(f"{original.stem}-{job.id}{original.suffix}")
-            shutil.copyfile(original, copy)  # each job owns its files: deleting one never breaks another
+            try:  # each job owns a name for its files: deleting one never breaks another
+                os.link(original, copy)
+            except OSError:  # a file system without hard links
+                shutil.copyfile(original, copy)
             copies.append(copy)
         job.result = {**source.result, "cached": True,
                       "image_ids": self.store.add_images(job, copies, source.result["seeds"])}
@@ -226,6 +265,7 @@ class JobService:
         job = self.get(job_id, user)
         if job.status == JobStatus.queued and self._queue.remove(job_id) is not None:
             self._users.pop(job_id, None)
+            self._batch_keys.pop(job_id, None)
             self._finish(job, JobStatus.cancelled, error="cancelled before it started")
         elif job.id in self._running:
             self._running[job.id].set()  # the engine stops within one step; the worker records it
@@ -250,6 +290,10 @@ class JobService:
     def queue_length(self) -> int:
         return len(self._queue)
 
+    def status(self) -> dict:
+        return {"queued": len(self._queue), "running": len(self._running), "paused": self._paused,
+                "max_queue": self.max_queue, "workers": self.workers, "batch_images": self.batch_images}
+
     def subscribe(self, job_id: str) -> asyncio.Queue:
         """A queue of JobEvents for one job; unsubscribe when done."""
         events: asyncio.Queue = asyncio.Queue()
@@ -268,49 +312,93 @@ class JobService:
         while True:
             async with self._wakeup:
                 await self._wakeup.wait_for(lambda: not self._paused and len(self._queue) > 0)
-                job = self._queue.pop()
+                jobs = self._take_batch()
             for position, waiting_id in enumerate(self._queue.order(), start=1):  # one pass, not one per job
                 self._publish(waiting_id, "position", {"position": position})
-            await self._execute(job)
+            await self._execute(jobs)
 
-    async def _execute(self, job: JobRecord) -> None:
-        cancel = threading.Event()
-        self._running[job.id] = cancel
-        timed_out = threading.Event()
+    def _take_batch(self) -> list[JobRecord]:
+        """The next job, plus queued jobs that can share its pipeline call (same batch key), within the budget."""
+        first = self._queue.pop()
+        key, images = self._batch_keys.pop(first.id, (None, 0))
+        if key is None or images >= self.batch_images:
+            return [first]
+        budget = [self.batch_images - images]
 
-        def stop_for_time() -> None:
-            timed_out.set()
-            cancel.set()  # the engine stops at its next step
+        def fits(job: JobRecord) -> bool:
+            other_key, other_images = self._batch_keys.get(job.id, (None, 0))
+            if other_key != key or other_images > budget[0]:
+                return False
+            budget[0] -= other_images
+            return True
 
-        timer = asyncio.get_running_loop().call_later(self.time_limit_s, stop_for_time) if self.time_limit_s else None
+        others = self._queue.take(fits, limit=self.batch_images)
+        for job in others:
+            self._batch_keys.pop(job.id, None)
+        return [first, *others]
+
+    async def _execute(self, jobs: list[JobRecord]) -> None:
+        runs = [self._begin(job) for job in jobs]
+        try:
+            if len(runs) > 1:
+                try:
+                    results = await self._engine_call(runs)
+                except Exception as exc:  # one bad request must not fail the others: each runs again alone
+                    log.warning("a batch of %d jobs failed (%s); running them one by one", len(runs), exc)
+                else:
+                    for run, result in zip(runs, results):
+                        await self._settle(run, self._record(run, result))
+                    return
+            for run in runs:
+                await self._settle(run, self._run_alone(run))
+        finally:
+            for run in runs:
+                run.close()
+                self._running.pop(run.job.id, None)
+                self._users.pop(run.job.id, None)
+                self._cache_keys.pop(run.job.id, None)
+
+    def _begin(self, job: JobRecord) -> "_Run":
+        run = _Run(job, asyncio.get_running_loop(), self._publish, self.time_limit_s)
+        self._running[job.id] = run.cancel
         job.status, job.started_at = JobStatus.running, time.time()
         self.store.update(job)
         self._publish(job.id, "running", {"queue_wait_s": job.started_at - job.created_at})
-        loop = asyncio.get_running_loop()
+        return run
 
-        def on_step(event: StepEvent) -> None:
-            data = {"step": event.step, "total": event.total, "eta_s": event.eta_s, "preview": event.preview}
-            loop.call_soon_threadsafe(self._publish, job.id, "step", data)
+    async def _engine_call(self, runs: list["_Run"]) -> list[GenerationResult]:
+        requests = [self._validate(run.job.request) for run in runs]
+        return await asyncio.to_thread(self._run_batch, requests, [run.on_step for run in runs],
+                                       [run.cancel for run in runs])
 
+    async def _run_alone(self, run: "_Run") -> None:
+        [result] = await self._engine_call([run])
+        await self._record(run, result)
+
+    async def _record(self, run: "_Run", result: GenerationResult) -> None:
+        job = run.job
+        paths = await asyncio.to_thread(self._save, result)
+        image_ids = self.store.add_images(job, paths, result.seeds)
+        job.result = {"seeds": result.seeds, "image_ids": image_ids, "model_id": result.model_id,
+                      "device": result.device, "blocked": result.blocked, "batched_with": result.batched_with,
+                      "timings": {"load_s": result.timings.load_s, "total_s": result.timings.total_s,
+                                  "it_per_s": result.timings.it_per_s},
+                      "peak_memory_bytes": result.peak_memory_bytes}
+        if run.timed_out.is_set():
+            self._finish(job, JobStatus.failed, error=f"time_limit: stopped after the {self.time_limit_s:g} s "
+                                                      "limit for one job; ask for fewer steps or a smaller size")
+        elif result.cancelled:
+            self._finish(job, JobStatus.cancelled, error="cancelled while running")
+        else:
+            self._finish(job, JobStatus.done)
+            if job.id in self._cache_keys:
+                self.cache.put(self._cache_keys[job.id], job.id)
+
+    async def _settle(self, run: "_Run", work) -> None:
+        """Await one job's work; whatever goes wrong becomes that job's failure, as data."""
+        job = run.job
         try:
-            request = self._validate(job.request)
-            result = await asyncio.to_thread(self._run, request, on_step=on_step, cancel=cancel)
-            paths = await asyncio.to_thread(self._save, result)
-            image_ids = self.store.add_images(job, paths, result.seeds)
-            job.result = {"seeds": result.seeds, "image_ids": image_ids, "model_id": result.model_id,
-                          "device": result.device, "blocked": result.blocked,
-                          "timings": {"load_s": result.timings.load_s, "total_s": result.timings.total_s,
-                                      "it_per_s": result.timings.it_per_s},
-                          "peak_memory_bytes": result.peak_memory_bytes}
-            if timed_out.is_set():
-                self._finish(job, JobStatus.failed, error=f"time_limit: stopped after the {self.time_limit_s:g} s "
-                                                          "limit for one job; ask for fewer steps or a smaller size")
-            elif result.cancelled:
-                self._finish(job, JobStatus.cancelled, error="cancelled while running")
-            else:
-                self._finish(job, JobStatus.done)
-                if job.id in self._cache_keys:
-                    self.cache.put(self._cache_keys[job.id], job.id)
+            await work
         except RequestError as exc:
             self._finish(job, JobStatus.failed, error=str(exc))
         except torch.OutOfMemoryError:
@@ -323,12 +411,6 @@ class JobService:
         except Exception as exc:  # reported as data on the job; the worker lives on for the next job
             log.exception("job %s failed", job.id)
             self._finish(job, JobStatus.failed, error=f"{type(exc).__name__}: {exc}")
-        finally:
-            if timer is not None:
-                timer.cancel()
-            self._running.pop(job.id, None)
-            self._users.pop(job.id, None)
-            self._cache_keys.pop(job.id, None)
 
     def _finish(self, job: JobRecord, status: JobStatus, error: str | None = None) -> None:
         job.status, job.finished_at, job.error = status, time.time(), error
@@ -340,3 +422,26 @@ class JobService:
     def _publish(self, job_id: str, kind: str, data: dict[str, Any]) -> None:
         for events in self._subscribers.get(job_id, []):
             events.put_nowait(JobEvent(kind, job_id, data))
+
+
+class _Run:
+    """One running job's controls: its cancel flag, its time limit, and its step-event publisher."""
+
+    def __init__(self, job: JobRecord, loop: asyncio.AbstractEventLoop, publish, time_limit_s: float | None):
+        self.job = job
+        self.cancel = threading.Event()
+        self.timed_out = threading.Event()
+        self._loop, self._publish = loop, publish
+        self._timer = loop.call_later(time_limit_s, self._stop_for_time) if time_limit_s else None
+
+    def _stop_for_time(self) -> None:
+        self.timed_out.set()
+        self.cancel.set()  # the engine stops at its next step
+
+    def on_step(self, event: StepEvent) -> None:  # called from the engine's thread
+        data = {"step": event.step, "total": event.total, "eta_s": event.eta_s, "preview": event.preview}
+        self._loop.call_soon_threadsafe(self._publish, self.job.id, "step", data)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()

@@ -46,6 +46,9 @@ class StudioMetrics:
                 self.it_per_s.set(timings["it_per_s"])
             self.peak_memory.set(result.get("peak_memory_bytes", 0))
 
+    def gpu_utilisation(self) -> float | None:
+        return self._gpu() if self._gpu is not None else None
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -15,17 +15,29 @@ from ..config import StudioConfig
 from ..requests import RequestError
 from ..service.auth import Users
 from ..studio import Studio
-from .tabs import generate
+from .tabs import batch, compare, controlnet, generate, history, img2img, inpaint, system, training
 
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate")
 
 
-def build_blocks(studio: Studio) -> gr.Blocks:
+def build_blocks(studio: Studio, is_admin=lambda user: True) -> gr.Blocks:
+    """Every tab, one module each; tabs that hand work to others (History) get the components they fill."""
     with gr.Blocks(title="Diffusion Studio") as blocks:
-        gr.Markdown("# Diffusion Studio")
-        with gr.Tabs():
-            generate.build(studio)  # later tabs slot in here, one module each
-    blocks.queue(default_concurrency_limit=2, max_size=64)
+        gr.Markdown("# Diffusion Studio\nText to image, image to image, inpainting, ControlNet, batches, "
+                    "comparison grids, LoRA training and a persistent history: every run goes through the shared "
+                    "job queue.")
+        with gr.Tabs() as tabs:
+            text_tab = generate.build(studio)
+            batch.build(studio)
+            img2img_tab = img2img.build(studio)
+            inpaint_tab = inpaint.build(studio)
+            controlnet_tab = controlnet.build(studio)
+            training.build(studio)
+            compare.build(studio)
+            history.build(studio, tabs, text_tab, {"img2img": img2img_tab["image"], "inpaint": inpaint_tab["editor"],
+                                                    "controlnet": controlnet_tab["image"]})
+            system.build(studio, is_admin)
+    blocks.queue(default_concurrency_limit=4, max_size=64)
     return blocks
 
 
@@ -68,6 +80,7 @@ def build_app(config: StudioConfig, studio: Studio | None = None) -> FastAPI:
         return {"status": "ok", "device": str(studio.engine.device), "loaded": studio.engine.manager.loaded()}
 
     studio.outputs_dir.mkdir(parents=True, exist_ok=True)
-    return gr.mount_gradio_app(app, build_blocks(studio), path="/", theme=THEME,
+    blocks = build_blocks(studio, (lambda user: True) if users is None else users.is_admin)
+    return gr.mount_gradio_app(app, blocks, path="/", theme=THEME,
                                allowed_paths=[str(studio.outputs_dir)], footer_links=["api", "settings"],
                                auth_dependency=lambda request: request.state.user)

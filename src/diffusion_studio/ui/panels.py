@@ -1,0 +1,144 @@
+"""Building blocks every generating tab shares: the parameter panel, the result panel, and the handler that turns
+their values into a job and streams its progress. A tab adds only its own inputs (an image, a mask, a strength).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from ..samplers import SAMPLERS
+from ..studio import Studio
+from .runs import follow_job, user_error
+
+
+def parse_loras(entries: list[str] | None) -> list[dict]:
+    """'name' or 'name:weight' entries (the LoRA picker's values) as request fields."""
+    loras = []
+    for entry in entries or []:
+        name, _, weight = entry.rpartition(":") if ":" in entry else (entry, "", "")
+        try:
+            loras.append({"name": name.strip(), "weight": float(weight) if weight else 1.0})
+        except ValueError:
+            raise gr.Error(f"loras: '{entry}' should be NAME or NAME:WEIGHT (a number)", title="Invalid input")
+    return loras
+
+
+def model_note_for(studio: Studio, name: str) -> str:
+    """Say plainly when a built-in is still an untrained stand-in, so its noise is not mistaken for a model."""
+    for row in studio.models():
+        if row["name"] == name and "stand-in" in row["origin"]:
+            return f"⚠️ `{name}` is an **untrained stand-in** (random weights, same architecture) until its trained " \
+                   "weights are committed: it produces noise."
+        if row["name"] == name and "partly trained" in row["origin"]:
+            return f"ℹ️ `{name}` is {row['origin'].removeprefix('built-in (').rstrip(')')}; its training continues."
+    return ""
+
+
+@dataclass
+class Params:
+    """The shared generation parameters of a tab, in `inputs()` order."""
+
+    model: gr.Dropdown
+    steps: gr.Slider
+    guidance: gr.Slider
+    width: gr.Slider
+    height: gr.Slider
+    seed: gr.Number
+    scheduler: gr.Dropdown
+    batch_size: gr.Slider
+    loras: gr.Dropdown
+
+    def inputs(self) -> list[gr.components.Component]:
+        return [self.model, self.steps, self.guidance, self.width, self.height, self.seed, self.scheduler,
+                self.batch_size, self.loras]
+
+    @staticmethod
+    def fields(values: list[Any]) -> dict[str, Any]:
+        model, steps, guidance, width, height, seed, scheduler, batch_size, loras = values
+        return {"model": model, "steps": int(steps), "guidance": float(guidance), "width": int(width) or None,
+                "height": int(height) or None, "seed": None if seed in (None, "") else int(seed),
+                "scheduler": scheduler, "batch_size": int(batch_size), "loras": parse_loras(loras)}
+
+
+def params_panel(studio: Studio, steps: int = 20, batch: bool = True) -> Params:
+    limits = studio.config.limits
+    model = gr.Dropdown(studio.base_model_names(), value=studio.config.default_model, label="Model",
+                        allow_custom_value=True, info="built-ins first; or a hub id, folder or checkpoint path")
+    note = gr.Markdown(model_note_for(studio, studio.config.default_model))
+    model.change(lambda name: model_note_for(studio, name), model, note, api_visibility="private")
+    with gr.Row():
+        steps_ = gr.Slider(1, limits.max_steps, value=steps, step=1, label="Steps")
+        guidance = gr.Slider(0, 20, value=7.0, step=0.5, label="Guidance (CFG)")
+    with gr.Row():
+        width = gr.Slider(0, limits.max_width, value=0, step=8, label="Width", info="0 = the model's native size")
+        height = gr.Slider(0, limits.max_height, value=0, step=8, label="Height", info="0 = the model's native size")
+    with gr.Row():
+        seed = gr.Number(-1, precision=0, label="Seed", info="-1 = random")
+        scheduler = gr.Dropdown(list(SAMPLERS), value="Euler", label="Scheduler")
+        batch_size = gr.Slider(1, limits.max_batch_size, value=1, step=1, label="Batch size", visible=batch)
+    loras = gr.Dropdown(studio.loras(), value=[], multiselect=True, allow_custom_value=True, label="LoRAs",
+                        info="NAME or NAME:WEIGHT (default weight 1); trained LoRAs appear here")
+    loras.focus(lambda: gr.Dropdown(choices=studio.loras()), None, loras, api_visibility="private")
+    return Params(model, steps_, guidance, width, height, seed, scheduler, batch_size, loras)
+
+
+@dataclass
+class Results:
+    preview: gr.Image
+    gallery: gr.Gallery
+    status: gr.Markdown
+    last_seed: gr.State
+
+    def outputs(self) -> list[gr.components.Component]:
+        return [self.preview, self.gallery, self.status, self.last_seed]
+
+
+def results_panel(label: str = "Result") -> Results:
+    preview = gr.Image(label="Live preview", type="pil", height=160, interactive=False)
+    gallery = gr.Gallery(label=label, columns=2, height=320, format="png", object_fit="contain", preview=False,
+                         interactive=False)
+    status = gr.Markdown()
+    return Results(preview, gallery, status, gr.State(None))
+
+
+def status_line(job) -> str:
+    result = job.result
+    timings = result.get("timings", {})
+    state = "Cancelled" if job.status.value == "cancelled" else "Done"
+    cached = " · from the cache" if result.get("cached") else ""
+    batched = f" · batched with {result['batched_with'] - 1} other job(s)" if result.get("batched_with", 1) > 1 else ""
+    return (f"{state} in {timings.get('total_s', 0):.2f}s (load {timings.get('load_s', 0):.2f}s, "
+            f"{timings.get('it_per_s', 0):.1f} it/s) · seed {result['seeds'][0]} · "
+            f"peak memory {result.get('peak_memory_bytes', 0) / 2**20:.0f} MiB · {result.get('device', '?')}"
+            f"{cached}{batched}")
+
+
+async def stream_job(studio: Studio, fields: dict[str, Any], request: gr.Request, progress: gr.Progress):
+    """Validate the fields, run them as a job, and yield (preview, gallery, status, seed) updates; the last
+    one carries the result. Bad input raises gr.Error naming the field."""
+    try:
+        job_request = studio.validate(fields)
+    except Exception as exc:
+        raise user_error(exc) from None
+    async for kind, value in follow_job(studio, job_request, request.username or "local"):
+        if kind == "waiting":
+            yield gr.skip(), gr.skip(), f"Queued · position {value}", gr.skip()
+        elif kind == "step":
+            progress((value["step"], value["total"]), desc="Sampling")
+            yield (value["preview"] if value["preview"] is not None else gr.skip(), gr.skip(),
+                   f"Step {value['step']}/{value['total']} · about {value['eta_s']:.1f}s left", gr.skip())
+        elif not value.result.get("image_ids"):  # cancelled before it started
+            yield gr.skip(), gr.skip(), "Cancelled before it started", gr.skip()
+        else:
+            paths = [str(p) for p in studio.image_paths(value.result["image_ids"])]
+            yield paths[0], paths, status_line(value), value.result["seeds"][0]
+
+
+def run_buttons() -> tuple[gr.Button, gr.Button]:
+    with gr.Row():
+        run = gr.Button("Generate", variant="primary")
+        cancel = gr.Button("Cancel", variant="stop")
+    return run, cancel

@@ -1,0 +1,81 @@
+"""Compare tab: an X/Y grid over two parameters, every cell generated for real, one labelled grid image."""
+
+from __future__ import annotations
+
+import time
+
+import gradio as gr
+from PIL import Image
+
+from ...service.compare import AXES, draw_grid, plan_cells
+from ...studio import Studio
+from ..panels import Params, params_panel
+from ..runs import user_error
+from .generate import family_mode
+
+NO_AXIS = "(none)"
+
+
+def build(studio: Studio) -> None:
+    with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
+        with gr.Row():
+            with gr.Column(scale=2):
+                prompt = gr.Textbox(label="Prompt", lines=2, value="a red circle on a white background")
+                negative = gr.Textbox(label="Negative prompt", lines=1)
+                with gr.Row():
+                    x_axis = gr.Dropdown(list(AXES), value="guidance", label="X axis")
+                    x_values = gr.Textbox(label="X values (comma-separated)", value="1, 4, 7")
+                with gr.Row():
+                    y_axis = gr.Dropdown([NO_AXIS, *AXES], value="steps", label="Y axis")
+                    y_values = gr.Textbox(label="Y values", value="4, 12",
+                                          info="prompt S/R: the first value is searched in the prompt")
+                params = params_panel(studio, batch=False)
+                with gr.Row():
+                    run = gr.Button("Make grid", variant="primary")
+                    cancel = gr.Button("Cancel", variant="stop")
+            with gr.Column(scale=3):
+                status = gr.Markdown()
+                grid_image = gr.Image(label="Grid", type="pil", interactive=False, format="png",
+                                      buttons=["download", "fullscreen"])
+        gr.Examples([["a red circle on a white background", "scheduler", "Euler, DDIM, DPM++ 2M", "seed", "1, 2"],
+                     ["a red star on a black background", "prompt S/R", "red, blue, green", NO_AXIS, ""]],
+                    [prompt, x_axis, x_values, y_axis, y_values])
+
+        async def make_grid(request: gr.Request, progress=gr.Progress(), *values):
+            prompt, negative, x_axis, x_text, y_axis, y_text, *rest = values
+            y_axis = None if y_axis == NO_AXIS else y_axis
+            try:
+                fields = {"mode": family_mode(studio, rest[0]), "prompt": prompt, "negative_prompt": negative,
+                          **Params.fields(rest), "batch_size": 1}
+                if fields["seed"] is None:  # one seed for every cell, or the grid compares noise
+                    fields["seed"] = int(time.time()) % 2**31
+                x_list, y_list, rows = plan_cells(fields, x_axis, x_text, y_axis, y_text)
+                requests = [studio.validate(cell) for row in rows for cell in row]
+            except Exception as exc:
+                raise user_error(exc) from None
+            outcomes: dict[str, object] = {}
+            order: list[str] = []
+            async for event in studio.jobs.follow_many(requests, request.username or "local"):
+                if event.job_id not in order:
+                    order.append(event.job_id)
+                if event.kind in ("done", "failed", "cancelled", "interrupted"):
+                    outcomes[event.job_id] = studio.jobs.get(event.job_id)
+                    progress((len(outcomes), len(requests)), desc="Grid cells")
+                    yield f"{len(outcomes)}/{len(requests)} cells", gr.skip()
+            records = [outcomes[job_id] for job_id in order]  # each job's first event comes in submission order
+            failed = [record for record in records if record.status.value != "done"]
+            if failed:
+                raise gr.Error(f"{len(failed)} cell(s) failed: {failed[0].error or failed[0].status.value}",
+                               title="Grid incomplete")
+            images = [Image.open(studio.image_paths(record.result["image_ids"])[0]).convert("RGB")
+                      for record in records]
+            notes = [f"{record.result['timings']['total_s']:.2f}s" for record in records]
+            width = len(x_list)
+            grid = draw_grid([images[i:i + width] for i in range(0, len(images), width)],
+                             [f"{x_axis}: {x}" for x in x_list], [f"{y_axis}: {y}" if y_axis else "" for y in y_list],
+                             [notes[i:i + width] for i in range(0, len(notes), width)])
+            yield f"{len(records)} cells · seed {fields['seed']}", grid
+
+        event = run.click(make_grid, [prompt, negative, x_axis, x_values, y_axis, y_values, *params.inputs()],
+                          [status, grid_image], api_name="compare")
+        cancel.click(None, None, None, cancels=[event])

@@ -1,0 +1,48 @@
+"""Image to image tab: drop an image, describe the change, choose how strongly to depart from it."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from ...builtin.shapes import ShapeSpec, render
+from ...studio import Studio
+from ..panels import Params, params_panel, results_panel, run_buttons, stream_job
+
+
+def example_images() -> list[list]:
+    red_circle = render(ShapeSpec("red", "circle", "white", "center"))
+    return [[red_circle, "a blue circle on a white background in the center", 0.5],
+            [red_circle, "a red square on a black background in the center", 0.7]]
+
+
+def build(studio: Studio) -> dict:
+    with gr.Tab("Image to image", id="img2img", elem_id="tab-img2img"):
+        with gr.Row():
+            with gr.Column(scale=2):
+                source = gr.Image(label="Input image (drop or paste)", type="pil", sources=["upload", "clipboard"],
+                                  height=220)
+                prompt = gr.Textbox(label="Prompt", lines=2)
+                negative = gr.Textbox(label="Negative prompt", lines=1)
+                strength = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="Strength",
+                                     info="how far to depart from the input: 0 keeps it, 1 ignores it")
+                params = params_panel(studio)
+                run, cancel = run_buttons()
+            with gr.Column(scale=3):
+                results = results_panel()
+                before_after = gr.ImageSlider(label="Before / after", type="pil", height=260)
+        gr.Examples(example_images(), [source, prompt, strength])
+
+        async def transform(request: gr.Request, progress=gr.Progress(), *values):
+            source, prompt, negative, strength, *rest = values
+            if source is None:
+                raise gr.Error("init_image: drop an input image first", title="Invalid input")
+            fields = {"mode": "img2img", "init_image": source, "prompt": prompt, "negative_prompt": negative,
+                      "strength": float(strength), **Params.fields(rest)}
+            async for preview, paths, status, seed in stream_job(studio, fields, request, progress):
+                after = (source, paths[0]) if isinstance(paths, list) else gr.skip()
+                yield preview, paths, status, seed, after
+
+        event = run.click(transform, [source, prompt, negative, strength, *params.inputs()],
+                          [*results.outputs(), before_after], api_name="img2img")
+        cancel.click(None, None, None, cancels=[event])
+    return {"image": source}

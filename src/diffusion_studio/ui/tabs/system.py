@@ -1,0 +1,79 @@
+"""System tab: the device, loaded models and their memory (unload), the queue, throughput, error rate, GPU
+utilisation where available, and recent errors."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import gradio as gr
+import psutil
+import torch
+
+from ...service.store import JobStatus
+from ...studio import Studio
+
+
+def device_text(studio: Studio) -> str:
+    device = studio.engine.device
+    memory = psutil.virtual_memory()
+    lines = [f"**Device:** {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+             f"**RAM:** {memory.used / 2**30:.1f} / {memory.total / 2**30:.1f} GiB used · "
+             f"**studio process:** {psutil.Process().memory_info().rss / 2**30:.2f} GiB"]
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        lines.append(f"**GPU memory:** {(total - free) / 2**30:.1f} / {total / 2**30:.1f} GiB used")
+    gpu = studio.jobs.metrics.gpu_utilisation()
+    lines.append(f"**GPU utilisation:** {gpu:.0f}%" if gpu is not None else "**GPU utilisation:** n/a (no NVIDIA GPU)")
+    return "  \n".join(lines)
+
+
+def service_text(studio: Studio, window_s: float = 3600) -> str:
+    status = studio.jobs.status()
+    since = time.time() - window_s
+    finished = [job for job in studio.store.find(since=since, limit=100_000) if job.status.finished]
+    done = sum(job.status == JobStatus.done for job in finished)
+    failed = sum(job.status == JobStatus.failed for job in finished)
+    rate = failed / len(finished) if finished else 0.0
+    return (f"**Queue:** {status['queued']} waiting · {status['running']} running · "
+            f"{'⏸ paused' if status['paused'] else 'running'} · {status['workers']} worker(s) · batches up to "
+            f"{status['batch_images']} images  \n"
+            f"**Last hour:** {done} done ({done / (window_s / 60):.2f} jobs/min) · {failed} failed · "
+            f"error rate {rate:.1%}")
+
+
+def build(studio: Studio, is_admin: Callable[[str], bool]) -> None:
+    with gr.Tab("System", id="system", elem_id="tab-system") as tab:
+        device = gr.Markdown()
+        service = gr.Markdown()
+        loaded = gr.Dataframe(headers=["name", "role", "weights (MB)", "in use"], interactive=False,
+                              label="Loaded models")
+        with gr.Row():
+            unload_name = gr.Dropdown([], label="Model to unload", allow_custom_value=True, scale=3)
+            unload = gr.Button("Unload", scale=1)
+            refresh = gr.Button("Refresh", scale=1)
+        errors = gr.Dataframe(headers=["when", "prompt", "error"], interactive=False, label="Recent errors")
+
+        def snapshot(request: gr.Request):
+            models = studio.engine.manager.loaded()
+            rows = [[m["name"], m["role"], round(m["weight_bytes"] / 1e6, 1), m["in_use"]] for m in models]
+            user = request.username or "local"
+            failed = studio.store.find(user=None if is_admin(user) else user, status=JobStatus.failed, limit=10)
+            error_rows = [[time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.finished_at or job.created_at)),
+                           job.request.get("prompt", "")[:50], (job.error or "")[:120]] for job in failed]
+            return (device_text(studio), service_text(studio), rows,
+                    gr.Dropdown(choices=[m["name"] for m in models]), error_rows)
+
+        def unload_model(request: gr.Request, name):
+            if not is_admin(request.username or "local"):
+                raise gr.Error("only an admin may unload models for everyone", title="Not allowed")
+            if not name:
+                raise gr.Error("name: choose a loaded model", title="Invalid input")
+            if not studio.engine.manager.unload(name):
+                gr.Warning(f"'{name}' is not loaded, or a job is using it")
+            return snapshot(request)
+
+        outputs = [device, service, loaded, unload_name, errors]
+        refresh.click(snapshot, None, outputs, api_name="system")
+        tab.select(snapshot, None, outputs, api_visibility="private")
+        unload.click(unload_model, unload_name, outputs, api_visibility="private")

@@ -1,0 +1,110 @@
+"""Training tab: train a LoRA on the shapes world or on uploaded images, watching live plots of loss, gradient
+norm, learning rate and stability, with sample images; a finished LoRA is usable in every tab at once."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from ...studio import Studio
+from ...training.config import TrainConfig
+from ..runs import user_error
+
+METRICS = {"loss": "Loss", "grad_norm": "Gradient norm", "lr": "Learning rate", "stability": "Stability (0-100)"}
+
+
+def copy_dataset(files: list[str], folder: Path) -> Path:
+    """Uploaded images (and same-named .txt captions) into a fresh dataset folder."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for file in files:
+        shutil.copyfile(file, folder / Path(file).name)
+    return folder
+
+
+def build(studio: Studio) -> None:
+    with gr.Tab("Training", id="training", elem_id="tab-training"):
+        with gr.Row():
+            with gr.Column(scale=2):
+                base = gr.Dropdown([name for name in studio.base_model_names() if "xl" not in name],
+                                   value=studio.config.default_model, label="Base model", allow_custom_value=True)
+                name = gr.Textbox(label="LoRA name", value="my-lora", info="letters, digits, - and _")
+                dataset = gr.Radio(["shapes world", "uploaded images"], value="shapes world", label="Dataset")
+                files = gr.File(label="Images (+ optional .txt captions with the same names)", file_count="multiple",
+                                type="filepath", file_types=["image", ".txt"])
+                instance_prompt = gr.Textbox(label="Instance prompt", info="caption for images without a .txt",
+                                             placeholder="a red heart on a white background")
+                with gr.Row():
+                    rank = gr.Slider(1, 64, value=8, step=1, label="LoRA rank")
+                    steps = gr.Slider(10, 5000, value=200, step=10, label="Steps")
+                with gr.Row():
+                    learning_rate = gr.Number(1e-3, label="Learning rate")
+                    batch = gr.Slider(1, 64, value=8, step=1, label="Batch")
+                    sample_every = gr.Slider(0, 1000, value=50, step=10, label="Sample every N steps",
+                                             info="0: no samples")
+                with gr.Row():
+                    start = gr.Button("Start", variant="primary")
+                    pause = gr.Button("Pause")
+                    resume = gr.Button("Resume")
+                    stop = gr.Button("Stop", variant="stop")
+            with gr.Column(scale=3):
+                status = gr.Markdown("No training run yet.")
+                with gr.Row():
+                    plots = {key: gr.LinePlot(x="step", y=key, title=title, height=180, x_title="step",
+                                              y_title=title) for key, title in list(METRICS.items())[:2]}
+                with gr.Row():
+                    plots |= {key: gr.LinePlot(x="step", y=key, title=title, height=180, x_title="step",
+                                               y_title=title) for key, title in list(METRICS.items())[2:]}
+                samples = gr.Gallery(label="Samples while training", columns=4, height=200, preview=False,
+                                     interactive=False)
+        timer = gr.Timer(1.0, active=False)
+
+        def start_run(base, name, dataset, files, instance_prompt, rank, steps, learning_rate, batch, sample_every):
+            try:
+                if dataset == "uploaded images":
+                    if not files:
+                        raise gr.Error("dataset: upload some images first", title="Invalid input")
+                    folder = copy_dataset(files, Path(studio.config.data_dir) / "datasets" / name)
+                else:
+                    folder = "shapes"
+                train = TrainConfig(
+                    base=base, method="lora", dataset=str(folder), instance_prompt=instance_prompt or None,
+                    steps=int(steps), batch_size=int(batch), learning_rate=float(learning_rate),
+                    lora_rank=int(rank), lora_alpha=float(rank), sample_every=int(sample_every),
+                    sample_prompts=[instance_prompt or "a red circle on a white background"], sample_steps=10,
+                    pool_size=256, checkpoint_every=max(10, int(steps) // 4),
+                    output_dir=Path(studio.config.data_dir) / "training" / f"lora-{name}-{int(time.time())}")
+                studio.training.start(name, train)
+            except gr.Error:
+                raise
+            except Exception as exc:
+                raise user_error(exc) from None
+            return gr.Timer(active=True), f"Starting **{name}** (building the dataset)…"
+
+        def refresh():
+            run = studio.training.current
+            if run is None:
+                return [gr.Timer(active=False), "No training run yet.", *[gr.skip()] * (len(plots) + 1)]
+            summary = run.summary()
+            frame = pd.DataFrame(run.events or [{"step": 0, **{key: 0.0 for key in METRICS}}])
+            eta = f" · about {summary['eta_s']:.0f}s left" if summary["eta_s"] and not run.finished else ""
+            loss = f" · loss {summary['loss']:.4f}" if summary["loss"] is not None else ""
+            text = f"**{run.name}**: {summary['state']} · step {summary['step']}/{summary['total']}{loss}{eta}"
+            if summary["lora"]:
+                text += f"\n\n✅ LoRA saved: `{run.name}` is in every tab's LoRA list now."
+            if summary["messages"]:
+                text += "\n\n" + "\n".join(f"- {message}" for message in summary["messages"])
+            plot_values = [frame[["step", key]].dropna() if key in frame else None for key in plots]
+            return [gr.Timer(active=not run.finished), text, *plot_values, list(run.samples)]
+
+        start.click(start_run, [base, name, dataset, files, instance_prompt, rank, steps, learning_rate, batch,
+                                sample_every], [timer, status], api_name="train_start")
+        timer.tick(refresh, None, [timer, status, *plots.values(), samples], api_name="train_status",
+                   show_progress="hidden")
+        pause.click(lambda: studio.training.pause(), None, None, api_name="train_pause")
+        resume.click(lambda: studio.training.resume(), None, None, api_name="train_resume")
+        stop.click(lambda: studio.training.stop(), None, None, api_name="train_stop")
