@@ -1,38 +1,19 @@
-"""Refresh docs/screenshots/ from a running studio, in Debian's Chromium (browser downloads fail here).
+"""Refresh docs/screenshots/: runs the browser tests (Playwright in Debian's Chromium), which save a screenshot
+of every tab after driving it, into docs/screenshots.
 
-    ./studio serve &   then   .venv/bin/python scripts/screenshots.py [--url http://127.0.0.1:7860]
-Needs `pip install playwright` and `apt-get install chromium`.
+    .venv/bin/python scripts/screenshots.py
 """
 
 from __future__ import annotations
 
-import argparse
+import os
+import sys
 from pathlib import Path
 
-from playwright.sync_api import sync_playwright
-
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-OUT = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--url", default="http://127.0.0.1:7860")
-    parser.add_argument("--chromium", default="/usr/bin/chromium")
-    args = parser.parse_args()
-    OUT.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=args.chromium, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(args.url)
-        page.get_by_label("Prompt", exact=True).fill("a blue star on a black background at the top left")
-        page.get_by_role("button", name="Generate").click()
-        page.get_by_text("Done in").wait_for(timeout=120_000)
-        page.screenshot(path=str(OUT / "generate.png"), full_page=True)
-        browser.close()
-    print(f"wrote {OUT / 'generate.png'}")
-
+ROOT = Path(__file__).resolve().parent.parent
 
 if __name__ == "__main__":
-    main()
+    os.environ["DS_SCREENSHOT_DIR"] = str(ROOT / "docs" / "screenshots")
+    os.environ["DS_REQUIRE_BROWSER"] = "1"
+    os.chdir(ROOT)
+    os.execv(sys.executable, [sys.executable, "-m", "pytest", "-q", "tests/test_browser.py"])
