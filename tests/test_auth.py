@@ -108,7 +108,7 @@ def test_tokens_sessions_and_ownership(secured):
 def test_ui_calls_run_as_the_token_user(secured):
     base, app, tokens = secured
     client = Client(base, headers={"Authorization": f"Bearer {tokens['bob']}"}, download_files=False, verbose=False)
-    client.predict("builtin:shapes", "bob via the ui", "", 2, 7.0, 0, 0, 3, "Euler", 1, api_name="/generate")
+    client.predict("bob via the ui", "", 1, "builtin:shapes", 2, 7.0, 0, 0, 3, "Euler", 1, [], api_name="/generate")
     [job] = app.state.studio.store.find(prompt="bob via the ui")
     assert job.user == "bob"
 

@@ -67,6 +67,9 @@ class JobStore:
         self._lock = threading.Lock()
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
+            # WAL's recommended setting: a commit survives a crash of the studio without an fsync each time (an
+            # OS crash or power cut may lose the last commits, never the database's consistency).
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(SCHEMA)
 

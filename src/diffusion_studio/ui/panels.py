@@ -63,6 +63,13 @@ class Params:
                 "scheduler": scheduler, "batch_size": int(batch_size), "loras": parse_loras(loras)}
 
 
+def prompt_boxes(value: str = "", placeholder: str = "a red circle on a white background"):
+    """The prompt and negative prompt boxes every generating tab starts with."""
+    prompt = gr.Textbox(label="Prompt", lines=2, value=value, placeholder=placeholder)
+    negative = gr.Textbox(label="Negative prompt", lines=1)
+    return prompt, negative
+
+
 def params_panel(studio: Studio, steps: int = 20, batch: bool = True) -> Params:
     limits = studio.config.limits
     model = gr.Dropdown(studio.base_model_names(), value=studio.config.default_model, label="Model",

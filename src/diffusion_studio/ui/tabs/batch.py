@@ -62,6 +62,9 @@ def build(studio: Studio) -> None:
                 gallery = gr.Gallery(label="Results", columns=4, height=320, format="png", preview=False, interactive=False)
                 archive = gr.File(label="Download all (zip)", interactive=False)
 
+        gr.Examples([[EXAMPLE], ["a red star on a white background at the top left\na red star on a white background "
+                                 "at the bottom right\na red star on a white background in the center"]], [prompts])
+
         async def run_batch(request: gr.Request, progress=gr.Progress(), *values):
             text, uploaded, negative, *rest = values
             lines = read_prompts(text, uploaded)

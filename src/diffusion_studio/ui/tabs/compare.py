@@ -9,7 +9,7 @@ from PIL import Image
 
 from ...service.compare import AXES, draw_grid, plan_cells
 from ...studio import Studio
-from ..panels import Params, params_panel
+from ..panels import Params, params_panel, prompt_boxes
 from ..runs import user_error
 from .generate import family_mode
 
@@ -20,8 +20,7 @@ def build(studio: Studio) -> None:
     with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
         with gr.Row():
             with gr.Column(scale=2):
-                prompt = gr.Textbox(label="Prompt", lines=2, value="a red circle on a white background")
-                negative = gr.Textbox(label="Negative prompt", lines=1)
+                prompt, negative = prompt_boxes("a red circle on a white background")
                 with gr.Row():
                     x_axis = gr.Dropdown(list(AXES), value="guidance", label="X axis")
                     x_values = gr.Textbox(label="X values (comma-separated)", value="1, 4, 7")

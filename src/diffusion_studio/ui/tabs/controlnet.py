@@ -7,7 +7,7 @@ import gradio as gr
 
 from ...builtin.shapes import ShapeSpec, render
 from ...studio import Studio
-from ..panels import Params, params_panel, results_panel, run_buttons, stream_job
+from ..panels import Params, params_panel, prompt_boxes, results_panel, run_buttons, stream_job
 from ..runs import user_error
 
 
@@ -27,8 +27,7 @@ def build(studio: Studio) -> dict:
                 with gr.Row():
                     low = gr.Slider(0, 255, value=100, step=1, label="Canny low threshold")
                     high = gr.Slider(0, 255, value=200, step=1, label="Canny high threshold")
-                prompt = gr.Textbox(label="Prompt", lines=2, value="a blue star on a black background")
-                negative = gr.Textbox(label="Negative prompt", lines=1)
+                prompt, negative = prompt_boxes("a blue star on a black background")
                 with gr.Row():
                     scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Conditioning scale")
                     start = gr.Slider(0, 1, value=0.0, step=0.05, label="Start")
@@ -37,6 +36,10 @@ def build(studio: Studio) -> dict:
                 run, cancel = run_buttons()
             with gr.Column(scale=3):
                 results = results_panel()
+
+        gr.Examples([[render(ShapeSpec("red", "star", "white", "center")), "a blue star on a black background"],
+                     [render(ShapeSpec("green", "triangle", "gray", "top left")),
+                      "a yellow triangle on a white background at the top left"]], [source, prompt])
 
         def control_fields(source, control_type, preprocess, low, high) -> dict:
             return {"mode": "controlnet", "control_image": source, "control_type": control_type,

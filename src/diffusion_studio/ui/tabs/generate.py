@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from ...studio import Studio
-from ..panels import Params, params_panel, results_panel, run_buttons, stream_job
+from ..panels import Params, params_panel, prompt_boxes, results_panel, run_buttons, stream_job
 
 EXAMPLES = [
     ["a red circle on a white background", 20, 7.0, 42],
@@ -26,8 +26,7 @@ def build(studio: Studio) -> dict:
     with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
         with gr.Row():
             with gr.Column(scale=2):
-                prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle on a white background")
-                negative = gr.Textbox(label="Negative prompt", lines=1)
+                prompt, negative = prompt_boxes()
                 params = params_panel(studio)
                 with gr.Row():
                     batch_count = gr.Slider(1, 16, value=1, step=1, label="Batch count",

@@ -6,7 +6,7 @@ import gradio as gr
 
 from ...builtin.shapes import ShapeSpec, render
 from ...studio import Studio
-from ..panels import Params, params_panel, results_panel, run_buttons, stream_job
+from ..panels import Params, params_panel, prompt_boxes, results_panel, run_buttons, stream_job
 
 
 def example_images() -> list[list]:
@@ -21,8 +21,7 @@ def build(studio: Studio) -> dict:
             with gr.Column(scale=2):
                 source = gr.Image(label="Input image (drop or paste)", type="pil", sources=["upload", "clipboard"],
                                   height=220)
-                prompt = gr.Textbox(label="Prompt", lines=2)
-                negative = gr.Textbox(label="Negative prompt", lines=1)
+                prompt, negative = prompt_boxes()
                 strength = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="Strength",
                                      info="how far to depart from the input: 0 keeps it, 1 ignores it")
                 params = params_panel(studio)

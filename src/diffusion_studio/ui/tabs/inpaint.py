@@ -9,7 +9,7 @@ from PIL import Image
 from ...builtin.shapes import ShapeSpec, render
 from ...engine.runner import prepare_mask
 from ...studio import Studio
-from ..panels import Params, params_panel, results_panel, run_buttons, stream_job
+from ..panels import Params, params_panel, prompt_boxes, results_panel, run_buttons, stream_job
 
 
 def split_editor(value: dict | None) -> tuple[Image.Image | None, Image.Image | None]:
@@ -47,8 +47,7 @@ def build(studio: Studio) -> dict:
                     eraser=gr.Eraser(default_size=8), layers=gr.LayerOptions(allow_additional_layers=False),
                     value={"background": np.asarray(render(ShapeSpec("red", "circle", "white", "center")).convert(
                         "RGBA")), "layers": [], "composite": None})
-                prompt = gr.Textbox(label="Prompt", lines=2, value="a blue star on a white background")
-                negative = gr.Textbox(label="Negative prompt", lines=1)
+                prompt, negative = prompt_boxes("a blue star on a white background")
                 with gr.Row():
                     strength = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Strength")
                     blur = gr.Slider(0, 32, value=2, step=1, label="Mask blur (px)")
@@ -60,6 +59,9 @@ def build(studio: Studio) -> dict:
                 results = results_panel()
                 before_after = gr.ImageSlider(label="Before / after", type="pil", height=260)
                 reuse = gr.Button("Use result as input", size="sm")
+
+        gr.Examples([["a blue star on a white background", 1.0, 2, 0], ["a green circle on a white background", 0.9, 4, 2]],
+                    [prompt, strength, blur, grow], label="Examples (paint a mask over the shape first)")
 
         for trigger in (editor.change, blur.change, grow.change):
             trigger(mask_preview, [editor, blur, grow], masked, api_visibility="private", show_progress="hidden")

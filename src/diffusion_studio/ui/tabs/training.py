@@ -62,6 +62,10 @@ def build(studio: Studio) -> None:
                 samples = gr.Gallery(label="Samples while training", columns=4, height=200, preview=False,
                                      interactive=False)
         timer = gr.Timer(1.0, active=False)
+        gr.Examples([["builtin:shapes", "quick-shapes", "shapes world", "", 8, 200, 1e-3, 8, 50],
+                     ["builtin:shapes", "red-hearts", "uploaded images", "a red heart on a white background", 8, 300,
+                      1e-3, 4, 50]],
+                    [base, name, dataset, instance_prompt, rank, steps, learning_rate, batch, sample_every])
 
         def start_run(base, name, dataset, files, instance_prompt, rank, steps, learning_rate, batch, sample_every):
             try:
