@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 SECONDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -26,6 +27,9 @@ class StudioMetrics:
         self.cache_hits = Counter("studio_cache_hits_total", "Jobs answered from the result cache", registry=r)
         Gauge("studio_queue_length", "Jobs waiting", registry=r).set_function(queue_length)
         Gauge("studio_jobs_running", "Jobs running now", registry=r).set_function(running)
+        if torch.cuda.is_available():  # what the caching allocator holds, beside each job's allocated peak
+            Gauge("studio_cuda_reserved_bytes", "CUDA memory reserved by torch", registry=r).set_function(
+                torch.cuda.memory_reserved)
         self._gpu = _gpu_utilisation()
         if self._gpu is not None:
             Gauge("studio_gpu_utilisation_percent", "GPU utilisation (nvidia-ml-py)", registry=r).set_function(
