@@ -91,16 +91,24 @@ def test_controlnet_generates_from_a_control_input(client, source_png):
                        api_name="/controlnet")
 
 
+def test_compare_over_strength_uses_the_input_image(client, source_png):
+    status, grid = client.predict("a blue circle on a white background", "", "strength", "0.3, 0.8", "(none)", "",
+                                  handle_file(str(source_png)), *params(seed=4), api_name="/compare")
+    assert status.startswith("2 cells")
+
+
 def test_compare_makes_a_labelled_grid_of_real_cells(client):
     status, grid = client.predict("a red circle on a white background", "", "guidance", "1, 7", "steps", "2, 3",
-                                  *params(seed=4), api_name="/compare")
+                                  None, *params(seed=4), api_name="/compare")
     assert status.startswith("4 cells")
     image = Image.open(grid["path"])
     assert image.width >= 2 * 64 and image.height >= 2 * 64
     with pytest.raises(Exception, match="x_values: values for steps must be ints"):
-        client.predict("x", "", "steps", "two, three", "(none)", "", *params(), api_name="/compare")
+        client.predict("x", "", "steps", "two, three", "(none)", "", None, *params(), api_name="/compare")
     with pytest.raises(Exception, match="does not occur in the prompt"):
-        client.predict("a red star", "", "prompt S/R", "blue, green", "(none)", "", *params(), api_name="/compare")
+        client.predict("a red star", "", "prompt S/R", "blue, green", "(none)", "", None, *params(), api_name="/compare")
+    with pytest.raises(Exception, match="init_image: the strength axis"):
+        client.predict("a red star", "", "strength", "0.3, 0.6", "(none)", "", None, *params(), api_name="/compare")
 
 
 def test_training_runs_with_live_status_and_the_lora_is_usable_at_once(client, server):

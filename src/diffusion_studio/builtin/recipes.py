@@ -115,18 +115,19 @@ def _fresh_pipeline(work: Path, vae_steps: int, bus: EventBus):
 
 
 def _resume_or_start(name: str, config: TrainConfig, start, bus: EventBus) -> Trainer:
-    """Resume `work` exactly if it holds a checkpoint. Else, if an installed built-in records how far it was
-    trained (a run continued in a new session, whose checkpoint did not travel), warm-start from its weights.
-    Else start fresh with `start()`."""
-    installed = COMMITTED_DIR / name / PROGRESS_FILE
-    if not (config.output_dir / "checkpoint.pt").exists() and installed.exists():
-        progress = json.loads(installed.read_text())
-        pipe = DiffusionPipeline.from_pretrained(COMMITTED_DIR / name)
-        pipe.scheduler = builtin_scheduler()  # the recipe's noise schedule, even if the installed one is older
-        trainer = Trainer(config, pipe, bus=bus)
-        trainer.warm_start(progress["unet_step"])
-        return trainer
-    return Trainer(config, start(), bus=bus)
+    """Once a built-in is installed, its run continues from it: exactly, from the work dir's checkpoint when there
+    is one (the installed autoencoder and latent scale stay those the run began with), else warm from the
+    installed weights and recorded step (a run continued in a new session, whose checkpoint did not travel).
+    Before anything is installed, `start()` builds the pipeline from scratch."""
+    installed = COMMITTED_DIR / name
+    if not (installed / PROGRESS_FILE).exists():
+        return Trainer(config, start(), bus=bus)
+    pipe = DiffusionPipeline.from_pretrained(installed)
+    pipe.scheduler = builtin_scheduler()  # the recipe's noise schedule, even if the installed one is older
+    trainer = Trainer(config, pipe, bus=bus)
+    if not (config.output_dir / "checkpoint.pt").exists():
+        trainer.warm_start(json.loads((installed / PROGRESS_FILE).read_text())["unet_step"])
+    return trainer
 
 
 def shapes_trainer(work: Path, vae_steps: int, unet_steps: int, batch_size: int, bus: EventBus) -> Trainer:

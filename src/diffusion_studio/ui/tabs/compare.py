@@ -28,6 +28,8 @@ def build(studio: Studio) -> None:
                     y_axis = gr.Dropdown([NO_AXIS, *AXES], value="steps", label="Y axis")
                     y_values = gr.Textbox(label="Y values", value="4, 12",
                                           info="prompt S/R: the first value is searched in the prompt")
+                init_image = gr.Image(label="Input image (optional: compares image to image, e.g. over strength)",
+                                      type="pil", sources=["upload", "clipboard"], height=140)
                 params = params_panel(studio, batch=False)
                 with gr.Row():
                     run = gr.Button("Make grid", variant="primary")
@@ -41,11 +43,16 @@ def build(studio: Studio) -> None:
                     [prompt, x_axis, x_values, y_axis, y_values])
 
         async def make_grid(request: gr.Request, progress=gr.Progress(), *values):
-            prompt, negative, x_axis, x_text, y_axis, y_text, *rest = values
+            prompt, negative, x_axis, x_text, y_axis, y_text, init_image, *rest = values
             y_axis = None if y_axis == NO_AXIS else y_axis
+            if "strength" in (x_axis, y_axis) and init_image is None:
+                raise gr.Error("init_image: the strength axis compares image to image; add an input image",
+                               title="Invalid input")
             try:
-                fields = {"mode": family_mode(studio, rest[0]), "prompt": prompt, "negative_prompt": negative,
-                          **Params.fields(rest), "batch_size": 1}
+                mode = {"mode": "img2img", "init_image": init_image} if init_image is not None else {
+                    "mode": family_mode(studio, rest[0])}
+                fields = {**mode, "prompt": prompt, "negative_prompt": negative, **Params.fields(rest),
+                          "batch_size": 1}
                 if fields["seed"] is None:  # one seed for every cell, or the grid compares noise
                     fields["seed"] = int(time.time()) % 2**31
                 x_list, y_list, rows = plan_cells(fields, x_axis, x_text, y_axis, y_text)
@@ -75,6 +82,7 @@ def build(studio: Studio) -> None:
                              [notes[i:i + width] for i in range(0, len(notes), width)])
             yield f"{len(records)} cells · seed {fields['seed']}", grid
 
-        event = run.click(make_grid, [prompt, negative, x_axis, x_values, y_axis, y_values, *params.inputs()],
+        event = run.click(make_grid, [prompt, negative, x_axis, x_values, y_axis, y_values, init_image,
+                                      *params.inputs()],
                           [status, grid_image], api_name="compare")
         cancel.click(None, None, None, cancels=[event])
