@@ -195,3 +195,14 @@ def test_sdxl_full_training_with_both_text_encoders(tmp_path, make_config):
     result = Engine(make_config()).run(GenerationRequest(model=str(output), mode="sdxl", prompt="a star", steps=2,
                                                          seed=1))
     assert result.images[0].size == (32, 32)
+
+
+def test_snr_loss_weights_keep_the_noisiest_steps_in_the_v_loss():
+    from diffusion_studio.training.trainer import snr_loss_weight
+
+    snr = torch.tensor([1e-4, 1.0, 4.0, 100.0])
+    v = snr_loss_weight(snr, 5.0, "v_prediction")
+    assert v[0] == 1.0 and v[1] == 1.0  # clean-image weight snr + 1 (about 1) where only the prompt can help
+    assert torch.allclose(v[3], torch.tensor(5.0 / 101.0))  # capped at gamma where the image is nearly clean
+    eps = snr_loss_weight(snr, 5.0, "epsilon")
+    assert eps[0] == 1.0 and torch.allclose(eps[3], torch.tensor(0.05))

@@ -245,13 +245,9 @@ class Trainer:
         per_sample = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="none")
         per_sample = per_sample.mean(dim=(1, 2, 3))
         if cfg.min_snr_gamma:
-            # Min-SNR weighting (Hang et al. 2023): low-noise steps stop dominating, training converges faster.
             alphas = scheduler.alphas_cumprod.to(device)[timesteps]
-            snr = alphas / (1 - alphas)
-            weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
-            if scheduler.config.prediction_type == "v_prediction":
-                weight = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1)
-            per_sample = per_sample * weight
+            per_sample = per_sample * snr_loss_weight(alphas / (1 - alphas), cfg.min_snr_gamma,
+                                                      scheduler.config.prediction_type)
         return per_sample.mean()
 
     # -- samples --------------------------------------------------------------------------------------------
@@ -390,6 +386,18 @@ class Trainer:
         self.state = "failed"
         self.bus.publish(TrainingEvent("error", self.step, self.config.steps, message=message))
         raise TrainingError(message)
+
+
+def snr_loss_weight(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Per-sample loss weights that make the clean-image loss count min(snr, gamma) for noise prediction
+    (Min-SNR, Hang et al. 2023: low-noise steps stop dominating) and min(snr + 1, gamma) for v prediction.
+
+    The v loss is the clean-image loss times (snr + 1); capping that factor at gamma keeps weight 1 where the
+    image is almost pure noise. diffusers' min(snr, gamma) / (snr + 1) weighs those steps by snr (~1e-4 there), so
+    the model never learns what only the prompt can tell, such as where the shape goes."""
+    if prediction_type == "v_prediction":
+        return torch.clamp(snr + 1, max=gamma) / (snr + 1)
+    return torch.clamp(snr, max=gamma) / snr
 
 
 def shapes_adherence(images, prompts) -> float | None:
