@@ -92,9 +92,12 @@ def test_controlnet_generates_from_a_control_input(client, source_png):
 
 
 def test_compare_over_strength_uses_the_input_image(client, source_png):
-    status, grid = client.predict("a blue circle on a white background", "", "strength", "0.3, 0.8", "(none)", "",
+    status, grid = client.predict("a blue circle on a white background", "", "strength", "0.4, 0.8", "(none)", "",
                                   handle_file(str(source_png)), *params(seed=4), api_name="/compare")
     assert status.startswith("2 cells")
+    with pytest.raises(Exception, match="strength: with 3 steps, strength 0.2 runs no denoising step"):
+        client.predict("a blue circle", "", "strength", "0.2, 0.8", "(none)", "", handle_file(str(source_png)),
+                       *params(seed=4), api_name="/compare")
 
 
 def test_compare_makes_a_labelled_grid_of_real_cells(client):

@@ -243,6 +243,9 @@ class GenerationRequest(BaseModel):
         for name in needs:
             if require_images and getattr(self, name) is None:
                 raise RequestError(name, f"is required for mode '{self.mode.value}'")
+        if self.mode in (Mode.img2img, Mode.inpaint) and int(self.steps * self.strength) < 1:
+            raise RequestError("strength", f"with {self.steps} steps, strength {self.strength:g} runs no denoising "
+                                           f"step (steps x strength < 1); raise steps or strength")
         if self.control_start >= self.control_end:
             raise RequestError("control_end", f"must be greater than control_start ({self.control_start})")
         if self.control_preprocess and self.control_type == "canny" and self.canny_low > self.canny_high:

@@ -29,8 +29,12 @@ def depth(image: Image.Image, model_folder: str | None) -> Image.Image:
         estimator = _depth_pipeline(model_folder)
         predicted = estimator(image.convert("RGB"))["predicted_depth"]
     values = predicted.squeeze().float().cpu().numpy()
+    if not np.isfinite(values).all():
+        raise RequestError("control_type", f"the depth estimator at '{model_folder}' returned non-finite depth")
+    # Resize first, then stretch to 0..255: cubic resizing of an already-stretched map overshoots and misses the ends.
+    values = cv2.resize(values, image.size, interpolation=cv2.INTER_CUBIC)
     values = (values - values.min()) / max(float(values.max() - values.min()), 1e-8)
-    gray = cv2.resize((values * 255).astype(np.uint8), image.size, interpolation=cv2.INTER_CUBIC)
+    gray = np.round(values * 255).astype(np.uint8)
     return Image.fromarray(np.stack([gray] * 3, axis=-1))
 
 
