@@ -105,7 +105,7 @@ class Results:
 
 def results_panel(label: str = "Result") -> Results:
     preview = gr.Image(label="Live preview", type="pil", height=160, interactive=False)
-    gallery = gr.Gallery(label=label, columns=4, height=320, format="png", object_fit="contain", preview=True,
+    gallery = gr.Gallery(label=label, columns=4, height="auto", format="png", object_fit="contain", preview=False,
                          interactive=False)
     status = gr.Markdown()
     return Results(preview, gallery, status, gr.State(None))
