@@ -104,7 +104,8 @@ def cmd_train_builtin(args) -> int:
     bus.subscribe(_print_training_event)
     work = Path(args.work or Path("data/training") / args.name)
     output = train_builtin(args.name, work, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
-                           batch_size=args.batch_size, install=not args.no_install, bus=bus, snapshot=args.snapshot)
+                           batch_size=args.batch_size, install=not args.no_install, bus=bus, snapshot=args.snapshot,
+                           from_scratch=args.from_scratch)
     print(output)
     return 0
 
@@ -216,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     builtin.add_argument("--unet-steps", type=int, default=30000, help="UNet (or ControlNet) training steps")
     builtin.add_argument("--batch-size", type=int, default=64)
     builtin.add_argument("--no-install", action="store_true", help="don't copy the result into builtin/models")
+    builtin.add_argument("--from-scratch", action="store_true",
+                         help="new UNet and text encoder even if the built-in is installed (the autoencoder trained "
+                              "in --work is kept); without it a run continues from the installed weights")
     builtin.add_argument("--snapshot", action="store_true",
                          help="export the run's latest checkpoint now (EMA weights), without training")
     builtin.set_defaults(func=cmd_train_builtin)

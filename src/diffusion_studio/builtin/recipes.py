@@ -114,13 +114,13 @@ def _fresh_pipeline(work: Path, vae_steps: int, bus: EventBus):
     return pipe
 
 
-def _resume_or_start(name: str, config: TrainConfig, start, bus: EventBus) -> Trainer:
+def _resume_or_start(name: str, config: TrainConfig, start, bus: EventBus, from_scratch: bool = False) -> Trainer:
     """Once a built-in is installed, its run continues from it: exactly, from the work dir's checkpoint when there
     is one (the installed autoencoder and latent scale stay those the run began with), else warm from the
     installed weights and recorded step (a run continued in a new session, whose checkpoint did not travel).
-    Before anything is installed, `start()` builds the pipeline from scratch."""
+    Before anything is installed, or when asked `from_scratch`, `start()` builds the pipeline anew."""
     installed = COMMITTED_DIR / name
-    if not (installed / PROGRESS_FILE).exists():
+    if from_scratch or not (installed / PROGRESS_FILE).exists():
         return Trainer(config, start(), bus=bus)
     pipe = DiffusionPipeline.from_pretrained(installed)
     pipe.scheduler = builtin_scheduler()  # the recipe's noise schedule, even if the installed one is older
@@ -130,13 +130,15 @@ def _resume_or_start(name: str, config: TrainConfig, start, bus: EventBus) -> Tr
     return trainer
 
 
-def shapes_trainer(work: Path, vae_steps: int, unet_steps: int, batch_size: int, bus: EventBus) -> Trainer:
+def shapes_trainer(work: Path, vae_steps: int, unet_steps: int, batch_size: int, bus: EventBus,
+                   from_scratch: bool = False) -> Trainer:
     """builtin:shapes: autoencoder, latent scale, then UNet + text encoder from scratch."""
     return _resume_or_start("shapes", shapes_config(work, unet_steps, batch_size),
-                            lambda: _fresh_pipeline(work, vae_steps, bus), bus)
+                            lambda: _fresh_pipeline(work, vae_steps, bus), bus, from_scratch)
 
 
-def shapes_xl_trainer(work: Path, vae_steps: int, unet_steps: int, batch_size: int, bus: EventBus) -> Trainer:
+def shapes_xl_trainer(work: Path, vae_steps: int, unet_steps: int, batch_size: int, bus: EventBus,
+                      from_scratch: bool = False) -> Trainer:
     """builtin:shapes-xl: SDXL architecture trained from scratch on the shapes world, reusing the autoencoder
     trained for builtin:shapes (same images, so the same latent space; no second VAE stage)."""
     if not (COMMITTED_DIR / "shapes").is_dir():
@@ -150,10 +152,11 @@ def shapes_xl_trainer(work: Path, vae_steps: int, unet_steps: int, batch_size: i
         return pipe
 
     config = shapes_config(work, unet_steps, batch_size).model_copy(update={"base": "builtin:shapes-xl"})
-    return _resume_or_start("shapes-xl", config, start, bus)
+    return _resume_or_start("shapes-xl", config, start, bus, from_scratch)
 
 
-def shapes_canny_trainer(work: Path, vae_steps: int, unet_steps: int, batch_size: int, bus: EventBus) -> Trainer:
+def shapes_canny_trainer(work: Path, vae_steps: int, unet_steps: int, batch_size: int, bus: EventBus,
+                         from_scratch: bool = False) -> Trainer:
     """builtin:shapes-canny: a ControlNet on canny edges of shapes-world images, beside the frozen builtin:shapes."""
     if not (COMMITTED_DIR / "shapes").is_dir():
         raise TrainingError("name: shapes-canny is trained beside builtin:shapes; train shapes first")
@@ -170,7 +173,8 @@ TRAINERS = {"shapes": shapes_trainer, "shapes-canny": shapes_canny_trainer, "sha
 
 
 def train_builtin(name: str, work: Path, vae_steps: int = 1500, unet_steps: int = 30000, batch_size: int = 64,
-                  install: bool = True, bus: EventBus | None = None, snapshot: bool = False) -> Path:
+                  install: bool = True, bus: EventBus | None = None, snapshot: bool = False,
+                  from_scratch: bool = False) -> Path:
     """Train (or, with `snapshot`, export the latest checkpoint of) built-in `name`; installs it unless told not."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -179,7 +183,7 @@ def train_builtin(name: str, work: Path, vae_steps: int = 1500, unet_steps: int 
         raise TrainingError(f"work: no checkpoint in '{work}' yet")  # before building: that would train a VAE
     if not snapshot:
         bus.subscribe(JsonlLog(work / "log.jsonl"))
-    trainer = TRAINERS[name](work, vae_steps, unet_steps, batch_size, bus)
+    trainer = TRAINERS[name](work, vae_steps, unet_steps, batch_size, bus, from_scratch)
     if snapshot:
         if not trainer.load_checkpoint():
             raise TrainingError(f"work: no checkpoint in '{trainer.output_dir}' yet")
