@@ -22,9 +22,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from diffusion_studio.builtin.shapes import COLOURS, ShapeSpec, check, random_spec, render  # noqa: E402
+from diffusion_studio.builtin.shapes import COLOURS, POSITIONS, ShapeSpec, check, random_spec, render  # noqa: E402
 from diffusion_studio.cli import _quiet_libraries  # noqa: E402
 from diffusion_studio.config import StudioConfig  # noqa: E402
 from diffusion_studio.engine.runner import Engine  # noqa: E402
@@ -106,17 +107,33 @@ def controlnet(engine: Engine, count: int) -> None:
     print(f"controlnet_colour {colours / count:.3f}")
 
 
+def position_words(engine: Engine, model: str = "builtin:shapes") -> None:
+    """How differently the text encoder encodes captions that differ only in position (1.0: it can't tell them
+    apart, and the UNet can't place shapes; this caught a collapsed encoder once)."""
+    captions = [ShapeSpec("red", "circle", "white", position).caption for position in POSITIONS]
+    with engine.manager.use(model) as (base, _), torch.inference_mode():
+        pipe = base.pipeline
+        ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             return_tensors="pt").input_ids
+        hidden = torch.nn.functional.normalize(pipe.text_encoder(ids)[0].flatten(1), dim=1)
+    similarity = hidden @ hidden.T
+    off_diagonal = similarity[~torch.eye(len(captions), dtype=torch.bool)]
+    print(f"text_encoder_position_similarity {off_diagonal.mean():.4f}  (mean cosine between captions differing "
+          f"only in position; near 1.0 means the position words have collapsed)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--prompts", type=int, default=200)
-    parser.add_argument("--only", default="txt2img,img2img,inpaint,controlnet,xl")
+    parser.add_argument("--only", default="position_words,txt2img,img2img,inpaint,controlnet,xl")
     args = parser.parse_args()
     _quiet_libraries()
     parts = set(args.only.split(","))
     with tempfile.TemporaryDirectory() as scratch:
         engine = Engine(StudioConfig(data_dir=os.environ.get("DS_DATA_DIR", scratch), models_dir=scratch,
                                      preview_interval=0))
-        for name, run in (("txt2img", lambda: txt2img(engine, args.prompts)),
+        for name, run in (("position_words", lambda: position_words(engine)),
+                          ("txt2img", lambda: txt2img(engine, args.prompts)),
                           ("img2img", lambda: img2img(engine, max(20, args.prompts // 4))),
                           ("inpaint", lambda: inpaint(engine, max(20, args.prompts // 4))),
                           ("controlnet", lambda: controlnet(engine, max(20, args.prompts // 4))),
