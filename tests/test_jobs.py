@@ -27,7 +27,10 @@ class FakeEngine:
         self.batches.append([request.prompt for request in requests])
         if len(requests) > 1 and any(request.prompt == "explode" for request in requests):
             raise RuntimeError("one bad request spoils the batch")
-        return [self.run(*args) for args in zip(requests, on_steps, cancels)]
+        results = [self.run(*args) for args in zip(requests, on_steps, cancels)]
+        for result in results:
+            result.batched_with = len(requests)
+        return results
 
     def run(self, request, on_step=None, cancel=None):
         self.gate.wait(10)
@@ -293,4 +296,5 @@ def test_compatible_jobs_from_different_users_share_one_engine_call(tmp_path):
     assert engine.batches == [["a1", "b1", "explode"], ["a1"], ["b1"], ["explode"], ["c1"], ["e1", "b2"]]
     records = [service.store.get(job.id) for job in jobs]
     assert [r.status for r in records] == [JobStatus.done] * 4 + [JobStatus.failed, JobStatus.done]
-    assert records[0].result["batched_with"] == 1  # the fake engine's results say what each call was
+    # Recorded as the engine reported each call: a1 and b1 re-ran alone, e1 and b2 shared theirs.
+    assert [r.result.get("batched_with") for r in records] == [1, 1, 1, 2, None, 2]

@@ -1,6 +1,7 @@
 """Every tab's main action through gradio_client against the running studio: batch, img2img, inpaint,
 ControlNet, compare, training (start, live status, stop/finish, LoRA usable at once), history, PNG info, system."""
 
+import re
 import time
 import zipfile
 
@@ -155,4 +156,5 @@ def test_history_lists_results_and_png_info_reads_them(client, source_png):
 def test_system_shows_device_queue_and_models(client):
     device, service, loaded, _, errors = client.predict(api_name="/system")
     assert "**Device:** cpu" in device and "Queue:" in service
+    assert re.search(r"Last hour:\*\* [1-9]\d* done", service), service  # the jobs this module ran
     assert any(row[0] == "builtin:shapes" for row in loaded["data"])

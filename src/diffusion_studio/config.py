@@ -30,6 +30,7 @@ class MemoryOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     attention_slicing: bool = False
+    # Kept so old config files still load: the VAE now always decodes one image at a time (engine/invariance.py).
     vae_slicing: bool = False
     vae_tiling: bool = False
     model_cpu_offload: bool = False

@@ -219,8 +219,6 @@ class PipelineManager:
             pipe.to(self.device)
         if memory.attention_slicing:
             pipe.enable_attention_slicing()
-        if memory.vae_slicing:
-            pipe.vae.enable_slicing()
         if memory.vae_tiling:
             pipe.vae.enable_tiling()
 

@@ -185,8 +185,9 @@ class JobService:
         self.store.add(job)
         if key:
             self._cache_keys[job.id] = key
-        if request.batch_key() is not None:
-            self._batch_keys[job.id] = (request.batch_key(), request.batch_size)
+        batch_key = request.batch_key()
+        if batch_key is not None:
+            self._batch_keys[job.id] = (batch_key, request.batch_size)
         self._users[job.id] = user
         if listener is not None:
             self._subscribers.setdefault(job.id, []).append(listener)
@@ -323,13 +324,14 @@ class JobService:
         key, images = self._batch_keys.pop(first.id, (None, 0))
         if key is None or images >= self.batch_images:
             return [first]
-        budget = [self.batch_images - images]
+        budget = self.batch_images - images
 
         def fits(job: JobRecord) -> bool:
+            nonlocal budget
             other_key, other_images = self._batch_keys.get(job.id, (None, 0))
-            if other_key != key or other_images > budget[0]:
+            if other_key != key or other_images > budget:
                 return False
-            budget[0] -= other_images
+            budget -= other_images
             return True
 
         others = self._queue.take(fits, limit=self.batch_images)

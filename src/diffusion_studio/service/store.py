@@ -95,6 +95,13 @@ class JobStore:
             row = self._db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         return _record(row) if row else None
 
+    def status_counts(self, since: float) -> dict[str, int]:
+        """How many jobs created since `since` (unix seconds) are in each state: one query, no records."""
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) FROM jobs WHERE created_at >= ? GROUP BY status",
+                                    (since,)).fetchall()
+        return {status: count for status, count in rows}
+
     def find(self, user: str | None = None, status: JobStatus | None = None, prompt: str | None = None,
              mode: str | None = None, model: str | None = None, since: float | None = None,
              until: float | None = None, limit: int = 100, offset: int = 0) -> list[JobRecord]:

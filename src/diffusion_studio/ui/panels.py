@@ -144,8 +144,8 @@ async def stream_job(studio: Studio, fields: dict[str, Any], request: gr.Request
             yield paths[0], paths, status_line(value), value.result["seeds"][0]
 
 
-def run_buttons() -> tuple[gr.Button, gr.Button]:
+def run_buttons(label: str = "Generate") -> tuple[gr.Button, gr.Button]:
     with gr.Row():
-        run = gr.Button("Generate", variant="primary")
+        run = gr.Button(label, variant="primary")
         cancel = gr.Button("Cancel", variant="stop")
     return run, cancel

@@ -12,7 +12,7 @@ from pathlib import Path
 import gradio as gr
 
 from ...studio import Studio
-from ..panels import Params, params_panel
+from ..panels import Params, params_panel, run_buttons
 from ..runs import user_error
 from .generate import family_mode
 
@@ -52,9 +52,7 @@ def build(studio: Studio) -> None:
                 upload = gr.File(label="…or a .txt / .csv of prompts", file_types=[".txt", ".csv"], type="filepath")
                 negative = gr.Textbox(label="Negative prompt (all)", lines=1)
                 params = params_panel(studio)
-                with gr.Row():
-                    run = gr.Button("Run batch", variant="primary")
-                    cancel = gr.Button("Cancel", variant="stop")
+                run, cancel = run_buttons("Run batch")
             with gr.Column(scale=3):
                 overall = gr.Markdown()
                 table = gr.Dataframe(headers=["#", "prompt", "state"], datatype=["number", "str", "str"],

@@ -9,7 +9,7 @@ from PIL import Image
 
 from ...service.compare import AXES, draw_grid, plan_cells
 from ...studio import Studio
-from ..panels import Params, params_panel, prompt_boxes
+from ..panels import Params, params_panel, prompt_boxes, run_buttons
 from ..runs import user_error
 from .generate import family_mode
 
@@ -31,9 +31,7 @@ def build(studio: Studio) -> None:
                 init_image = gr.Image(label="Input image (optional: compares image to image, e.g. over strength)",
                                       type="pil", sources=["upload", "clipboard"], height=140)
                 params = params_panel(studio, batch=False)
-                with gr.Row():
-                    run = gr.Button("Make grid", variant="primary")
-                    cancel = gr.Button("Cancel", variant="stop")
+                run, cancel = run_buttons("Make grid")
             with gr.Column(scale=3):
                 status = gr.Markdown()
                 grid_image = gr.Image(label="Grid", type="pil", interactive=False, format="png",

@@ -19,19 +19,18 @@ PERIODS = {"any time": None, "today": 1, "last 7 days": 7, "last 30 days": 30}
 MODES = ["any", *(mode.value for mode in Mode)]
 
 
-def fill_generate(generate: dict, parameters: dict) -> list:
-    """Updates for the Generate tab's prompt, negative prompt and parameters, from a request's parameters."""
-    params = generate["params"]
+def generate_inputs(generate: dict) -> list:
+    """The Generate tab's prompt, negative prompt and parameter components, in `generate_values` order."""
+    return [generate["prompt"], generate["negative"], *generate["params"].inputs()]
+
+
+def generate_values(parameters: dict) -> list:
+    """Values for `generate_inputs`, from a request's parameters (the Params panel's order)."""
     loras = [f"{lora['name']}:{lora['weight']:g}" for lora in parameters.get("loras", [])]
-    values = {
-        generate["prompt"]: parameters.get("prompt", ""), generate["negative"]: parameters.get("negative_prompt", ""),
-        params.model: parameters.get("model"), params.steps: parameters.get("steps"),
-        params.guidance: parameters.get("guidance"), params.width: parameters.get("width") or 0,
-        params.height: parameters.get("height") or 0, params.seed: parameters.get("seed", -1),
-        params.scheduler: parameters.get("scheduler"), params.batch_size: parameters.get("batch_size", 1),
-        params.loras: loras,
-    }
-    return [gr.update(value=value) for value in values.values()], list(values)
+    return [parameters.get("prompt", ""), parameters.get("negative_prompt", ""), parameters.get("model"),
+            parameters.get("steps"), parameters.get("guidance"), parameters.get("width") or 0,
+            parameters.get("height") or 0, parameters.get("seed", -1), parameters.get("scheduler"),
+            parameters.get("batch_size", 1), loras]
 
 
 def build(studio: Studio, tabs: gr.Tabs, generate: dict, image_targets: dict[str, gr.components.Component]) -> None:
@@ -94,8 +93,7 @@ def build(studio: Studio, tabs: gr.Tabs, generate: dict, image_targets: dict[str
             return selected
 
         def reproduce_selected(selected):
-            updates, _ = fill_generate(generate, need(selected)["parameters"])
-            return [gr.Tabs(selected="generate"), *updates]
+            return [gr.Tabs(selected="generate"), *generate_values(need(selected)["parameters"])]
 
         def send_selected(selected, target):
             image = Image.open(need(selected)["path"]).convert("RGB")
@@ -137,11 +135,10 @@ def build(studio: Studio, tabs: gr.Tabs, generate: dict, image_targets: dict[str
         def load_png_into_generate(parameters):
             if not parameters or "error" in parameters:
                 raise gr.Error("image: drop a PNG with generation parameters first", title="Nothing to load")
-            updates, _ = fill_generate(generate, parameters)
-            return [gr.Tabs(selected="generate"), *updates]
+            return [gr.Tabs(selected="generate"), *generate_values(parameters)]
 
         filters = [search, mode, model, period]
-        _, generate_outputs = fill_generate(generate, {})
+        generate_outputs = generate_inputs(generate)
         refresh.click(search_history, filters, [gallery, entries, message], api_name="history")
         search.submit(search_history, filters, [gallery, entries, message], api_visibility="private")
         gallery.select(select, entries, [details, selected], api_visibility="private")

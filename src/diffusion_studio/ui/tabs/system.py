@@ -30,13 +30,12 @@ def device_text(studio: Studio) -> str:
 
 def service_text(studio: Studio, window_s: float = 3600) -> str:
     status = studio.jobs.status()
-    since = time.time() - window_s
-    finished = [job for job in studio.store.find(since=since, limit=100_000) if job.status.finished]
-    done = sum(job.status == JobStatus.done for job in finished)
-    failed = sum(job.status == JobStatus.failed for job in finished)
-    rate = failed / len(finished) if finished else 0.0
+    counts = studio.store.status_counts(time.time() - window_s)
+    done, failed = counts.get(JobStatus.done.value, 0), counts.get(JobStatus.failed.value, 0)
+    finished = sum(count for state, count in counts.items() if JobStatus(state).finished)
+    rate = failed / finished if finished else 0.0
     return (f"**Queue:** {status['queued']} waiting · {status['running']} running · "
-            f"{'⏸ paused' if status['paused'] else 'running'} · {status['workers']} worker(s) · batches up to "
+            f"{'paused' if status['paused'] else 'running'} · {status['workers']} worker(s) · batches up to "
             f"{status['batch_images']} images  \n"
             f"**Last hour:** {done} done ({done / (window_s / 60):.2f} jobs/min) · {failed} failed · "
             f"error rate {rate:.1%}")
