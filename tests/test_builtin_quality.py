@@ -1,27 +1,54 @@
-"""Floors on the committed built-in models, measured by the shapes-world checker on small samples, so that a
-broken model fails CI. bench/quality.py measures the real bar on 200+ prompts; the README records both."""
-
-import random
+"""Floors on the committed built-in models, measured by the same code as bench/quality.py (the shapes-world
+checker) on small samples, so that a broken or badly retrained model fails CI. The bench measures the real bar
+on 200+ prompts; the README records both."""
 
 import pytest
 
+from diffusion_studio.builtin import quality
 from diffusion_studio.builtin.catalog import COMMITTED_DIR
-from diffusion_studio.builtin.shapes import check, random_spec
-from diffusion_studio.requests import GenerationRequest
 
-# Raised as training progresses; each sits well under what bench/quality.py measured for the committed weights
-# (see README, "Built-in model quality"). A random or broken model scores ~0 on all of them.
-FLOORS = {"txt2img_colour_shape_background": 0.7}
+# Each floor sits well under what bench/quality.py measured for the committed weights (README, "Built-in model
+# quality"), with room for small-sample noise; a random or broken model scores ~0 on all of them.
+FLOORS = {
+    "txt2img": {"colour_shape_background": 0.7},
+    "img2img": {"recolour_keep_shape_position": 0.5},
+    "inpaint": {"region_matches_prompt": 0.25},
+    "controlnet": {"edge_iou": 0.4, "colour": 0.7},
+    "xl": {"colour_shape_background": 0.6},
+}
 
-needs_trained = pytest.mark.skipif(not (COMMITTED_DIR / "shapes").is_dir(),
-                                   reason="no trained builtin:shapes committed")
+
+def committed(name: str):
+    return pytest.mark.skipif(not (COMMITTED_DIR / name).is_dir(), reason=f"no trained builtin:{name} committed")
 
 
-@needs_trained
+def assert_floors(figures: dict[str, float], floors: dict[str, float]) -> None:
+    below = {name: figures[name] for name, floor in floors.items() if not figures[name] >= floor}
+    assert not below, f"below the floor {floors}: {below} (all figures: {figures})"
+
+
+@committed("shapes")
 def test_shapes_txt2img_floor(engine):
-    rng = random.Random(4321)
-    specs = [random_spec(rng) for _ in range(20)]
-    checks = [check(engine.run(GenerationRequest(prompt=spec.caption, seed=i)).images[0], spec.caption)
-              for i, spec in enumerate(specs)]
-    share = sum(c.colour_ok and c.shape_ok and c.background_ok for c in checks) / len(checks)
-    assert share >= FLOORS["txt2img_colour_shape_background"], [c for c in checks if not c.all_ok][:3]
+    assert_floors(quality.txt2img(engine, 20, seed=4321), FLOORS["txt2img"])
+
+
+@committed("shapes")
+def test_shapes_img2img_recolours_and_keeps_the_shape(engine):
+    assert_floors(quality.img2img(engine, 12, seed=4322), FLOORS["img2img"])
+
+
+@committed("shapes")
+def test_shapes_inpaint_fills_the_hole_and_keeps_the_rest(engine):
+    figures = quality.inpaint(engine, 12, seed=4323)
+    assert_floors(figures, FLOORS["inpaint"])
+    assert figures["outside_mask_max_abs_diff"] <= 2
+
+
+@committed("shapes-canny")
+def test_shapes_canny_follows_the_edges(engine):
+    assert_floors(quality.controlnet(engine, 12, seed=4324), FLOORS["controlnet"])
+
+
+@committed("shapes-xl")
+def test_shapes_xl_floor(engine):
+    assert_floors(quality.txt2img(engine, 20, "builtin:shapes-xl", seed=4325), FLOORS["xl"])

@@ -96,6 +96,7 @@ def _print_training_event(event) -> None:
 
 def cmd_train_builtin(args) -> int:
     from .builtin.recipes import TRAINERS, train_builtin
+    from .engine.pipelines import pick_device
     from .training.events import EventBus
 
     if args.name not in TRAINERS:
@@ -105,7 +106,7 @@ def cmd_train_builtin(args) -> int:
     work = Path(args.work or Path("data/training") / args.name)
     output = train_builtin(args.name, work, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
                            batch_size=args.batch_size, install=not args.no_install, bus=bus, snapshot=args.snapshot,
-                           from_scratch=args.from_scratch)
+                           from_scratch=args.from_scratch, device=pick_device(args.device or "auto"))
     print(output)
     return 0
 

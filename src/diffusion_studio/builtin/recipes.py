@@ -56,7 +56,7 @@ def train_vae(vae, work: Path, steps: int, bus: EventBus, batch: int = 16, lr: f
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr)
     world, step = ShapesWorld(seed=1), 0
     if path.exists():
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)
         vae.load_state_dict(state["vae"])
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
@@ -65,7 +65,7 @@ def train_vae(vae, work: Path, steps: int, bus: EventBus, batch: int = 16, lr: f
     started = time.perf_counter()
     while step < steps:
         images, _ = world.batch(batch)
-        pixels = to_tensor(images)
+        pixels = to_tensor(images).to(vae.device)
         posterior = vae.encode(pixels).latent_dist
         reconstruction = vae.decode(posterior.mean).sample
         error = reconstruction - pixels
@@ -104,9 +104,9 @@ def shapes_config(work: Path, unet_steps: int, batch_size: int) -> TrainConfig:
     )
 
 
-def _fresh_pipeline(work: Path, vae_steps: int, bus: EventBus):
+def _fresh_pipeline(work: Path, vae_steps: int, bus: EventBus, device: torch.device):
     torch.manual_seed(0)
-    pipe = build_sd_pipeline(seed=0, size=BUILTIN_SIZE)
+    pipe = build_sd_pipeline(seed=0, size=BUILTIN_SIZE).to(device)
     pipe.tokenizer.model_max_length = TOKENS
     train_vae(pipe.vae, work, vae_steps, bus)  # 1. autoencoder (loads it when already trained)
     factor = set_scaling_factor(pipe.vae)  # 2. latent scale
@@ -114,31 +114,32 @@ def _fresh_pipeline(work: Path, vae_steps: int, bus: EventBus):
     return pipe
 
 
-def _resume_or_start(name: str, config: TrainConfig, start, bus: EventBus, from_scratch: bool = False) -> Trainer:
+def _resume_or_start(name: str, config: TrainConfig, start, bus: EventBus, device: torch.device,
+                     from_scratch: bool = False) -> Trainer:
     """Once a built-in is installed, its run continues from it: exactly, from the work dir's checkpoint when there
     is one (the installed autoencoder and latent scale stay those the run began with), else warm from the
     installed weights and recorded step (a run continued in a new session, whose checkpoint did not travel).
     Before anything is installed, or when asked `from_scratch`, `start()` builds the pipeline anew."""
     installed = COMMITTED_DIR / name
     if from_scratch or not (installed / PROGRESS_FILE).exists():
-        return Trainer(config, start(), bus=bus)
+        return Trainer(config, start(), bus=bus, device=device)
     pipe = DiffusionPipeline.from_pretrained(installed)
     pipe.scheduler = builtin_scheduler()  # the recipe's noise schedule, even if the installed one is older
-    trainer = Trainer(config, pipe, bus=bus)
+    trainer = Trainer(config, pipe, bus=bus, device=device)
     if not (config.output_dir / "checkpoint.pt").exists():
         trainer.warm_start(json.loads((installed / PROGRESS_FILE).read_text())["unet_step"])
     return trainer
 
 
 def shapes_trainer(work: Path, vae_steps: int, unet_steps: int, batch_size: int, bus: EventBus,
-                   from_scratch: bool = False) -> Trainer:
+                   device: torch.device, from_scratch: bool = False) -> Trainer:
     """builtin:shapes: autoencoder, latent scale, then UNet + text encoder from scratch."""
     return _resume_or_start("shapes", shapes_config(work, unet_steps, batch_size),
-                            lambda: _fresh_pipeline(work, vae_steps, bus), bus, from_scratch)
+                            lambda: _fresh_pipeline(work, vae_steps, bus, device), bus, device, from_scratch)
 
 
 def shapes_xl_trainer(work: Path, vae_steps: int, unet_steps: int, batch_size: int, bus: EventBus,
-                      from_scratch: bool = False) -> Trainer:
+                      device: torch.device, from_scratch: bool = False) -> Trainer:
     """builtin:shapes-xl: SDXL architecture trained from scratch on the shapes world, reusing the autoencoder
     trained for builtin:shapes (same images, so the same latent space; no second VAE stage)."""
     if not (COMMITTED_DIR / "shapes").is_dir():
@@ -152,11 +153,11 @@ def shapes_xl_trainer(work: Path, vae_steps: int, unet_steps: int, batch_size: i
         return pipe
 
     config = shapes_config(work, unet_steps, batch_size).model_copy(update={"base": "builtin:shapes-xl"})
-    return _resume_or_start("shapes-xl", config, start, bus, from_scratch)
+    return _resume_or_start("shapes-xl", config, start, bus, device, from_scratch)
 
 
 def shapes_canny_trainer(work: Path, vae_steps: int, unet_steps: int, batch_size: int, bus: EventBus,
-                         from_scratch: bool = False) -> Trainer:
+                         device: torch.device, from_scratch: bool = False) -> Trainer:
     """builtin:shapes-canny: a ControlNet on canny edges of shapes-world images, beside the frozen builtin:shapes."""
     if not (COMMITTED_DIR / "shapes").is_dir():
         raise TrainingError("name: shapes-canny is trained beside builtin:shapes; train shapes first")
@@ -166,7 +167,7 @@ def shapes_canny_trainer(work: Path, vae_steps: int, unet_steps: int, batch_size
         sample_every=500, sample_prompts=SAMPLE_PROMPTS[:4], sample_steps=20, min_snr_gamma=5.0,
         caption_dropout=0.1, ema_decay=0.999, pool_size=8000, output_dir=work / "controlnet",
     )
-    return Trainer(config, StableDiffusionPipeline.from_pretrained(COMMITTED_DIR / "shapes"), bus=bus)
+    return Trainer(config, StableDiffusionPipeline.from_pretrained(COMMITTED_DIR / "shapes"), bus=bus, device=device)
 
 
 TRAINERS = {"shapes": shapes_trainer, "shapes-canny": shapes_canny_trainer, "shapes-xl": shapes_xl_trainer}
@@ -174,8 +175,10 @@ TRAINERS = {"shapes": shapes_trainer, "shapes-canny": shapes_canny_trainer, "sha
 
 def train_builtin(name: str, work: Path, vae_steps: int = 1500, unet_steps: int = 30000, batch_size: int = 64,
                   install: bool = True, bus: EventBus | None = None, snapshot: bool = False,
-                  from_scratch: bool = False) -> Path:
-    """Train (or, with `snapshot`, export the latest checkpoint of) built-in `name`; installs it unless told not."""
+                  from_scratch: bool = False, device: torch.device | str = "cpu") -> Path:
+    """Train (or, with `snapshot`, export the latest checkpoint of) built-in `name` on `device`; installs it
+    unless told not. The run's numbers depend on the device, not its resumability: a run started on a GPU resumes
+    on a CPU and back."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     bus = bus or EventBus()
@@ -183,7 +186,7 @@ def train_builtin(name: str, work: Path, vae_steps: int = 1500, unet_steps: int 
         raise TrainingError(f"work: no checkpoint in '{work}' yet")  # before building: that would train a VAE
     if not snapshot:
         bus.subscribe(JsonlLog(work / "log.jsonl"))
-    trainer = TRAINERS[name](work, vae_steps, unet_steps, batch_size, bus, from_scratch)
+    trainer = TRAINERS[name](work, vae_steps, unet_steps, batch_size, bus, torch.device(device), from_scratch)
     if snapshot:
         if not trainer.load_checkpoint():
             raise TrainingError(f"work: no checkpoint in '{trainer.output_dir}' yet")

@@ -41,8 +41,10 @@ class TrainingError(RuntimeError):
 
 class Trainer:
     def __init__(self, config: TrainConfig, pipeline: StableDiffusionPipeline, bus: EventBus | None = None,
-                 pool: LatentPool | None = None, controlnet: ControlNetModel | None = None):
+                 pool: LatentPool | None = None, controlnet: ControlNetModel | None = None,
+                 device: torch.device | str = "cpu"):
         self.config = config
+        self.device = torch.device(device)
         self.pipe = pipeline
         self.controlnet = controlnet
         self.is_xl = getattr(pipeline, "text_encoder_2", None) is not None  # SDXL: two encoders, micro-conditions
@@ -59,6 +61,10 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(config.seed)  # batches, noise, timesteps, dropout
         self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
         self.modules = self._choose_trainable()
+        # Everything lives on `device`; data and random draws stay on the CPU (the same run on any device).
+        pipeline.to(self.device)
+        for module in self.modules.values():
+            module.to(self.device)
         self.params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate,
                                            weight_decay=0.0 if config.method == "lora" else 1e-2)
@@ -327,7 +333,7 @@ class Trainer:
 
     def _checkpoint_step(self) -> int:
         path = self.output_dir / CHECKPOINT
-        return torch.load(path, weights_only=False)["step"] if path.exists() else 0
+        return torch.load(path, map_location="cpu", weights_only=False)["step"] if path.exists() else 0
 
     def warm_start(self, step: int) -> None:
         """Continue a run whose checkpoint is gone but whose weights were kept (e.g. an installed model): the
@@ -338,7 +344,7 @@ class Trainer:
         path = self.output_dir / CHECKPOINT
         if not path.exists():
             return False
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
         mine = self.config.model_dump(mode="json", exclude={"steps"})
         if state["config"] != mine:
             changed = sorted(k for k in mine if state["config"].get(k) != mine[k])
@@ -354,6 +360,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
+            self.ema.to(self.device)
         torch.set_rng_state(state["rng"]["torch"])
         self.generator.set_state(state["rng"]["generator"])
         self.step = state["step"]

@@ -1,0 +1,112 @@
+"""How good the built-in models are, measured by the shapes-world checker (no learned judge).
+
+One measurement per mode, each returning named figures; `bench/quality.py` prints them on 200+ prompts and
+`tests/test_builtin_quality.py` asserts floors on small samples, so the bench and CI measure the same thing.
+Every figure is a share of prompts in [0, 1] unless its name says otherwise. Seeds are fixed: a figure is
+reproducible for given weights.
+"""
+
+from __future__ import annotations
+
+import random
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+from ..engine.runner import Engine
+from ..requests import GenerationRequest
+from .shapes import COLOURS, POSITIONS, ShapeSpec, check, random_spec, render
+
+# Where the inpainting measurement cuts its 32 px hole: centred on the anchor of the prompt's position.
+MASK_CENTRES = {"top left": (18, 18), "top right": (46, 18), "bottom left": (18, 46), "bottom right": (46, 46),
+                "center": (32, 32)}
+EDGE_DILATION = np.ones((5, 5), np.uint8)
+
+
+def random_specs(count: int, seed: int) -> list[ShapeSpec]:
+    rng = random.Random(seed)
+    return [random_spec(rng) for _ in range(count)]
+
+
+def _share(flags) -> float:
+    flags = list(flags)
+    return float(np.mean(flags)) if flags else float("nan")
+
+
+def txt2img(engine: Engine, count: int, model: str = "builtin:shapes", seed: int = 1234) -> dict[str, float]:
+    """Default settings, one random prompt per seed: colour + shape + background all right, each alone, and
+    position where the prompt names one."""
+    specs = random_specs(count, seed)
+    checks = [check(engine.run(GenerationRequest(model=model, prompt=spec.caption, seed=index)).images[0],
+                    spec.caption) for index, spec in enumerate(specs)]
+    return {
+        "colour_shape_background": _share(c.colour_ok and c.shape_ok and c.background_ok for c in checks),
+        "colour": _share(c.colour_ok for c in checks),
+        "shape": _share(c.shape_ok for c in checks),
+        "background": _share(c.background_ok for c in checks),
+        "position": _share(c.position_ok for c in checks if c.position_ok is not None),
+        "positioned_prompts": sum(c.position_ok is not None for c in checks),
+    }
+
+
+def img2img(engine: Engine, count: int, seed: int = 99) -> dict[str, float]:
+    """Strength 0.5 on a rendered shape, prompt naming another colour: the new colour with shape and position
+    (where named) kept."""
+    rng, passed = random.Random(seed), []
+    for index, spec in enumerate(random_specs(count, seed)):
+        source = render(spec, rng=rng)
+        other = rng.choice([c for c in COLOURS if c != spec.colour])
+        target = ShapeSpec(other, spec.shape, spec.background, spec.position)
+        result = check(engine.run(GenerationRequest(mode="img2img", prompt=target.caption, init_image=source,
+                                                    strength=0.5, seed=index)).images[0], target.caption)
+        passed.append(result.colour_ok and result.shape_ok and result.position_ok is not False)
+    return {"recolour_keep_shape_position": _share(passed)}
+
+
+def inpaint(engine: Engine, count: int, seed: int = 77) -> dict[str, float]:
+    """An empty background with a 32 px hole where the prompt's position is: the region must come out as the
+    prompt says, and pixels outside the mask must not change (max abs difference, 0-255)."""
+    rng, matched, worst = random.Random(seed), [], 0
+    for index, spec in enumerate(random_specs(count, seed)):
+        spec = ShapeSpec(spec.colour, spec.shape, spec.background, spec.position or "center")
+        empty = Image.new("RGB", (64, 64), tuple(int(v) for v in np.asarray(render(spec, rng=rng))[0, 0]))
+        mask = Image.new("L", (64, 64), 0)
+        cx, cy = MASK_CENTRES[spec.position]
+        mask.paste(255, (cx - 16, cy - 16, cx + 16, cy + 16))
+        image = engine.run(GenerationRequest(mode="inpaint", prompt=spec.caption, init_image=empty,
+                                             mask_image=mask, mask_blur=0, strength=1.0, seed=index)).images[0]
+        outside = np.asarray(mask) == 0
+        worst = max(worst, int(np.abs(np.asarray(image, int) - np.asarray(empty, int))[outside].max()))
+        matched.append(check(image, spec.caption).all_ok)
+    return {"region_matches_prompt": _share(matched), "outside_mask_max_abs_diff": float(worst)}
+
+
+def controlnet(engine: Engine, count: int, model: str = "builtin:shapes", seed: int = 55) -> dict[str, float]:
+    """Canny edges of a rendered shape as the control, a prompt naming a random colour: IoU of the dilated edges
+    of control and result, and the prompt's colour."""
+    rng, ious, colours = random.Random(seed), [], []
+    for index, spec in enumerate(random_specs(count, seed)):
+        target = ShapeSpec(rng.choice(list(COLOURS)), spec.shape, spec.background, spec.position)
+        result = engine.run(GenerationRequest(model=model, mode="controlnet", prompt=target.caption,
+                                              control_image=render(spec, rng=rng), seed=index))
+        generated_edges = engine.control_preview(GenerationRequest(mode="controlnet", control_image=result.images[0]))
+        control, generated = (cv2.dilate(np.asarray(image.convert("L")), EDGE_DILATION) > 0
+                              for image in (result.control_image, generated_edges))
+        ious.append((control & generated).sum() / max((control | generated).sum(), 1))
+        colours.append(check(result.images[0], target.caption).colour_ok)
+    return {"edge_iou": float(np.mean(ious)), "colour": _share(colours)}
+
+
+def position_similarity(engine: Engine, model: str = "builtin:shapes") -> float:
+    """Mean cosine between text-encoder outputs of captions differing only in position. Near 1.0 the position
+    words have collapsed and the UNet cannot place shapes (this caught a collapsed encoder once)."""
+    captions = [ShapeSpec("red", "circle", "white", position).caption for position in POSITIONS]
+    with engine.manager.use(model) as (base, _), torch.inference_mode():
+        pipe = base.pipeline
+        ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             return_tensors="pt").input_ids
+        hidden = torch.nn.functional.normalize(pipe.text_encoder(ids)[0].flatten(1), dim=1)
+    similarity = hidden @ hidden.T
+    return float(similarity[~torch.eye(len(captions), dtype=torch.bool)].mean())
