@@ -106,7 +106,8 @@ def cmd_train_builtin(args) -> int:
     work = Path(args.work or Path("data/training") / args.name)
     output = train_builtin(args.name, work, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
                            batch_size=args.batch_size, install=not args.no_install, bus=bus, snapshot=args.snapshot,
-                           from_scratch=args.from_scratch, device=pick_device(args.device or "auto"))
+                           from_scratch=args.from_scratch, device=pick_device(args.device or "auto"),
+                           pool_size=args.pool_size)
     print(output)
     return 0
 
@@ -217,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     builtin.add_argument("--vae-steps", type=int, default=1500)
     builtin.add_argument("--unet-steps", type=int, default=30000, help="UNet (or ControlNet) training steps")
     builtin.add_argument("--batch-size", type=int, default=64)
+    builtin.add_argument("--pool-size", type=int, help="shapes-world samples encoded once and drawn from "
+                                                       "(default: the recipe's, 20000; 8000 for shapes-canny)")
     builtin.add_argument("--no-install", action="store_true", help="don't copy the result into builtin/models")
     builtin.add_argument("--from-scratch", action="store_true",
                          help="new UNet and text encoder even if the built-in is installed (the autoencoder trained "

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -95,51 +96,62 @@ def set_scaling_factor(vae, count: int = 512) -> float:
     return factor
 
 
-def shapes_config(work: Path, unet_steps: int, batch_size: int) -> TrainConfig:
+@dataclass(frozen=True)
+class RecipeRun:
+    """What `train builtin` was asked for: one object, so that every recipe takes the same arguments."""
+
+    work: Path
+    vae_steps: int
+    unet_steps: int
+    batch_size: int
+    bus: EventBus
+    device: torch.device
+    from_scratch: bool = False
+    pool_size: int | None = None  # shapes-world samples encoded once and drawn from; None: the recipe's own
+
+
+def shapes_config(run: RecipeRun) -> TrainConfig:
     return TrainConfig(
         base="builtin:shapes", method="full", train_text_encoder=True, dataset="shapes", resolution=64,
-        steps=unet_steps, batch_size=batch_size, learning_rate=1e-3, lr_schedule="cosine", warmup_steps=200,
+        steps=run.unet_steps, batch_size=run.batch_size, learning_rate=1e-3, lr_schedule="cosine", warmup_steps=200,
         checkpoint_every=100, sample_every=500, sample_prompts=SAMPLE_PROMPTS, sample_steps=20,
-        min_snr_gamma=5.0, caption_dropout=0.1, ema_decay=0.999, pool_size=20000, output_dir=work / "unet",
+        min_snr_gamma=5.0, caption_dropout=0.1, ema_decay=0.999, pool_size=run.pool_size or 20000,
+        output_dir=run.work / "unet",
     )
 
 
-def _fresh_pipeline(work: Path, vae_steps: int, bus: EventBus, device: torch.device):
+def _fresh_pipeline(run: RecipeRun):
     torch.manual_seed(0)
-    pipe = build_sd_pipeline(seed=0, size=BUILTIN_SIZE).to(device)
+    pipe = build_sd_pipeline(seed=0, size=BUILTIN_SIZE).to(run.device)
     pipe.tokenizer.model_max_length = TOKENS
-    train_vae(pipe.vae, work, vae_steps, bus)  # 1. autoencoder (loads it when already trained)
+    train_vae(pipe.vae, run.work, run.vae_steps, run.bus)  # 1. autoencoder (loads it when already trained)
     factor = set_scaling_factor(pipe.vae)  # 2. latent scale
     log.info("vae scaling factor %.4f", factor)
     return pipe
 
 
-def _resume_or_start(name: str, config: TrainConfig, start, bus: EventBus, device: torch.device,
-                     from_scratch: bool = False) -> Trainer:
+def _resume_or_start(name: str, config: TrainConfig, start, run: RecipeRun) -> Trainer:
     """Once a built-in is installed, its run continues from it: exactly, from the work dir's checkpoint when there
     is one (the installed autoencoder and latent scale stay those the run began with), else warm from the
     installed weights and recorded step (a run continued in a new session, whose checkpoint did not travel).
     Before anything is installed, or when asked `from_scratch`, `start()` builds the pipeline anew."""
     installed = COMMITTED_DIR / name
-    if from_scratch or not (installed / PROGRESS_FILE).exists():
-        return Trainer(config, start(), bus=bus, device=device)
+    if run.from_scratch or not (installed / PROGRESS_FILE).exists():
+        return Trainer(config, start(), bus=run.bus, device=run.device)
     pipe = DiffusionPipeline.from_pretrained(installed)
     pipe.scheduler = builtin_scheduler()  # the recipe's noise schedule, even if the installed one is older
-    trainer = Trainer(config, pipe, bus=bus, device=device)
+    trainer = Trainer(config, pipe, bus=run.bus, device=run.device)
     if not (config.output_dir / "checkpoint.pt").exists():
         trainer.warm_start(json.loads((installed / PROGRESS_FILE).read_text())["unet_step"])
     return trainer
 
 
-def shapes_trainer(work: Path, vae_steps: int, unet_steps: int, batch_size: int, bus: EventBus,
-                   device: torch.device, from_scratch: bool = False) -> Trainer:
+def shapes_trainer(run: RecipeRun) -> Trainer:
     """builtin:shapes: autoencoder, latent scale, then UNet + text encoder from scratch."""
-    return _resume_or_start("shapes", shapes_config(work, unet_steps, batch_size),
-                            lambda: _fresh_pipeline(work, vae_steps, bus, device), bus, device, from_scratch)
+    return _resume_or_start("shapes", shapes_config(run), lambda: _fresh_pipeline(run), run)
 
 
-def shapes_xl_trainer(work: Path, vae_steps: int, unet_steps: int, batch_size: int, bus: EventBus,
-                      device: torch.device, from_scratch: bool = False) -> Trainer:
+def shapes_xl_trainer(run: RecipeRun) -> Trainer:
     """builtin:shapes-xl: SDXL architecture trained from scratch on the shapes world, reusing the autoencoder
     trained for builtin:shapes (same images, so the same latent space; no second VAE stage)."""
     if not (COMMITTED_DIR / "shapes").is_dir():
@@ -152,22 +164,22 @@ def shapes_xl_trainer(work: Path, vae_steps: int, unet_steps: int, batch_size: i
         pipe.tokenizer.model_max_length = pipe.tokenizer_2.model_max_length = TOKENS
         return pipe
 
-    config = shapes_config(work, unet_steps, batch_size).model_copy(update={"base": "builtin:shapes-xl"})
-    return _resume_or_start("shapes-xl", config, start, bus, device, from_scratch)
+    config = shapes_config(run).model_copy(update={"base": "builtin:shapes-xl"})
+    return _resume_or_start("shapes-xl", config, start, run)
 
 
-def shapes_canny_trainer(work: Path, vae_steps: int, unet_steps: int, batch_size: int, bus: EventBus,
-                         device: torch.device, from_scratch: bool = False) -> Trainer:
+def shapes_canny_trainer(run: RecipeRun) -> Trainer:
     """builtin:shapes-canny: a ControlNet on canny edges of shapes-world images, beside the frozen builtin:shapes."""
     if not (COMMITTED_DIR / "shapes").is_dir():
         raise TrainingError("name: shapes-canny is trained beside builtin:shapes; train shapes first")
     config = TrainConfig(
-        base="builtin:shapes", method="controlnet", dataset="shapes", resolution=64, steps=unet_steps,
-        batch_size=batch_size, learning_rate=3e-4, lr_schedule="cosine", warmup_steps=100, checkpoint_every=100,
+        base="builtin:shapes", method="controlnet", dataset="shapes", resolution=64, steps=run.unet_steps,
+        batch_size=run.batch_size, learning_rate=3e-4, lr_schedule="cosine", warmup_steps=100, checkpoint_every=100,
         sample_every=500, sample_prompts=SAMPLE_PROMPTS[:4], sample_steps=20, min_snr_gamma=5.0,
-        caption_dropout=0.1, ema_decay=0.999, pool_size=8000, output_dir=work / "controlnet",
+        caption_dropout=0.1, ema_decay=0.999, pool_size=run.pool_size or 8000, output_dir=run.work / "controlnet",
     )
-    return Trainer(config, StableDiffusionPipeline.from_pretrained(COMMITTED_DIR / "shapes"), bus=bus, device=device)
+    pipe = StableDiffusionPipeline.from_pretrained(COMMITTED_DIR / "shapes")
+    return Trainer(config, pipe, bus=run.bus, device=run.device)
 
 
 TRAINERS = {"shapes": shapes_trainer, "shapes-canny": shapes_canny_trainer, "shapes-xl": shapes_xl_trainer}
@@ -175,10 +187,10 @@ TRAINERS = {"shapes": shapes_trainer, "shapes-canny": shapes_canny_trainer, "sha
 
 def train_builtin(name: str, work: Path, vae_steps: int = 1500, unet_steps: int = 30000, batch_size: int = 64,
                   install: bool = True, bus: EventBus | None = None, snapshot: bool = False,
-                  from_scratch: bool = False, device: torch.device | str = "cpu") -> Path:
+                  from_scratch: bool = False, device: torch.device | str = "cpu",
+                  pool_size: int | None = None) -> Path:
     """Train (or, with `snapshot`, export the latest checkpoint of) built-in `name` on `device`; installs it
-    unless told not. The run's numbers depend on the device, not its resumability: a run started on a GPU resumes
-    on a CPU and back."""
+    unless told not. A run started on one device resumes on another (checkpoints load onto the CPU first)."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     bus = bus or EventBus()
@@ -186,7 +198,8 @@ def train_builtin(name: str, work: Path, vae_steps: int = 1500, unet_steps: int 
         raise TrainingError(f"work: no checkpoint in '{work}' yet")  # before building: that would train a VAE
     if not snapshot:
         bus.subscribe(JsonlLog(work / "log.jsonl"))
-    trainer = TRAINERS[name](work, vae_steps, unet_steps, batch_size, bus, torch.device(device), from_scratch)
+    trainer = TRAINERS[name](RecipeRun(work, vae_steps, unet_steps, batch_size, bus, torch.device(device),
+                                       from_scratch, pool_size))
     if snapshot:
         if not trainer.load_checkpoint():
             raise TrainingError(f"work: no checkpoint in '{trainer.output_dir}' yet")
