@@ -27,6 +27,18 @@ def assert_floors(figures: dict[str, float], floors: dict[str, float]) -> None:
     assert not below, f"below the floor {floors}: {below} (all figures: {figures})"
 
 
+BUDGET_BYTES = 40 * 2**20  # all built-ins together, as committed
+
+
+def test_committed_builtins_are_safetensors_folders_within_budget():
+    folders = [folder for folder in COMMITTED_DIR.iterdir() if folder.is_dir() and not folder.name.startswith(".")]
+    for folder in folders:
+        assert (folder / "model_index.json").exists() or (folder / "config.json").exists(), folder
+        assert list(folder.rglob("*.safetensors")) and not list(folder.rglob("*.bin")), folder
+    total = sum(path.stat().st_size for path in COMMITTED_DIR.rglob("*") if path.is_file())
+    assert total <= BUDGET_BYTES, f"built-ins take {total / 2**20:.1f} MiB; the budget is 40"
+
+
 @committed("shapes")
 def test_shapes_txt2img_floor(engine):
     assert_floors(quality.txt2img(engine, 20, seed=4321), FLOORS["txt2img"])
