@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .requests import Mode, RequestError, describe_validation_error
+from .requests import Mode, RequestError, default_of, describe_validation_error
 
 
 def _quiet_libraries() -> None:
@@ -194,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", default="")
     generate.add_argument("--negative-prompt", default="")
     generate.add_argument("--seed", type=int)
-    generate.add_argument("--steps", type=int, default=20)
-    generate.add_argument("--guidance", type=float, default=7.0)
+    generate.add_argument("--steps", type=int, default=default_of("steps"))
+    generate.add_argument("--guidance", type=float, default=default_of("guidance"))
     generate.add_argument("--width", type=int)
     generate.add_argument("--height", type=int)
     generate.add_argument("--scheduler", default="Euler")

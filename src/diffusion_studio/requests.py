@@ -313,3 +313,8 @@ class GenerationResult:
     @property
     def seed(self) -> int:
         return self.seeds[0]
+
+
+def default_of(field: str):
+    """A GenerationRequest field's default, for the UI's and CLI's initial values (one source of truth)."""
+    return GenerationRequest.model_fields[field].get_default(call_default_factory=True)

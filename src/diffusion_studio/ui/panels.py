@@ -9,6 +9,7 @@ from typing import Any
 
 import gradio as gr
 
+from ..requests import default_of
 from ..samplers import SAMPLERS
 from ..studio import Studio
 from .runs import follow_job, user_error
@@ -70,21 +71,21 @@ def prompt_boxes(value: str = "", placeholder: str = "a red circle on a white ba
     return prompt, negative
 
 
-def params_panel(studio: Studio, steps: int = 20, batch: bool = True) -> Params:
+def params_panel(studio: Studio, batch: bool = True) -> Params:
     limits = studio.config.limits
     model = gr.Dropdown(studio.base_model_names(), value=studio.config.default_model, label="Model",
                         allow_custom_value=True, info="built-ins first; or a hub id, folder or checkpoint path")
     note = gr.Markdown(model_note_for(studio, studio.config.default_model))
     model.change(lambda name: model_note_for(studio, name), model, note, api_visibility="private")
     with gr.Row():
-        steps_ = gr.Slider(1, limits.max_steps, value=steps, step=1, label="Steps")
-        guidance = gr.Slider(0, 20, value=7.0, step=0.5, label="Guidance (CFG)")
+        steps_ = gr.Slider(1, limits.max_steps, value=default_of("steps"), step=1, label="Steps")
+        guidance = gr.Slider(0, 20, value=default_of("guidance"), step=0.5, label="Guidance (CFG)")
     with gr.Row():
         width = gr.Slider(0, limits.max_width, value=0, step=8, label="Width", info="0 = the model's native size")
         height = gr.Slider(0, limits.max_height, value=0, step=8, label="Height", info="0 = the model's native size")
     with gr.Row():
         seed = gr.Number(-1, precision=0, label="Seed", info="-1 = random")
-        scheduler = gr.Dropdown(list(SAMPLERS), value="Euler", label="Scheduler")
+        scheduler = gr.Dropdown(list(SAMPLERS), value=default_of("scheduler"), label="Scheduler")
         batch_size = gr.Slider(1, limits.max_batch_size, value=1, step=1, label="Batch size", visible=batch)
     loras = gr.Dropdown(studio.loras(), value=[], multiselect=True, allow_custom_value=True, label="LoRAs",
                         info="NAME or NAME:WEIGHT (default weight 1); trained LoRAs appear here")

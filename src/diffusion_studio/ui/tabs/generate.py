@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import gradio as gr
 
+from ...requests import default_of
 from ...studio import Studio
 from ..panels import Params, params_panel, prompt_boxes, results_panel, run_buttons, stream_job
 
-EXAMPLES = [
-    ["a red circle on a white background", 20, 7.0, 42],
-    ["a blue star on a black background at the top left", 20, 7.0, 7],
-    ["a yellow triangle on a gray background in the center", 20, 7.0, 1234],
-]
+EXAMPLES = [[prompt, default_of("steps"), default_of("guidance"), seed] for prompt, seed in (
+    ("a red circle on a white background", 42),
+    ("a blue star on a black background at the top left", 7),
+    ("a yellow triangle on a gray background in the center", 1234),
+)]
 
 
 def family_mode(studio: Studio, model: str) -> str:
