@@ -170,6 +170,15 @@ def test_every_scheduler_runs(engine, scheduler):
     assert array.shape == (64, 64, 3) and array.std() > 0
 
 
+def test_ddim_does_not_clip_latents():
+    """DDIM's default clips its x0 estimate to [-1, 1]; unit-variance latents go past that, and inpainting on
+    builtin:shapes came out as colour noise. Switching to DDIM must turn the clipping off."""
+    from diffusion_studio.builtin.architectures import builtin_scheduler
+    from diffusion_studio.engine.pipelines import make_scheduler
+
+    assert make_scheduler("DDIM", builtin_scheduler().config).config.clip_sample is False
+
+
 def test_unknown_model_and_wrong_role(engine):
     with pytest.raises(RequestError, match="model: 'nowhere' is not a built-in"):
         run(engine, model="nowhere")

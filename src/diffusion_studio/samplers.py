@@ -13,7 +13,9 @@ SAMPLERS: dict[str, tuple[str, dict]] = {
     "DPM++ 2M SDE Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True,
                                                             "algorithm_type": "sde-dpmsolver++"}),
     "DPM++ SDE": ("DPMSolverSinglestepScheduler", {}),
-    "DDIM": ("DDIMScheduler", {}),
+    # DDIM clips its x0 estimate to [-1, 1] unless told not to: right for pixels, wrong for latents (SD ships
+    # clip_sample=False; a config from another scheduler lacks the key, so the switch must say it).
+    "DDIM": ("DDIMScheduler", {"clip_sample": False}),
     "PNDM": ("PNDMScheduler", {"skip_prk_steps": True}),
     "UniPC": ("UniPCMultistepScheduler", {}),
     "DEIS": ("DEISMultistepScheduler", {}),
