@@ -10,9 +10,9 @@ from diffusion_studio.builtin.catalog import COMMITTED_DIR
 # Each floor sits well under what bench/quality.py measured for the committed weights (README, "Built-in model
 # quality"), with room for small-sample noise; a random or broken model scores ~0 on all of them.
 FLOORS = {
-    "txt2img": {"colour_shape_background": 0.7},
-    "img2img": {"recolour_keep_shape_position": 0.5},
-    "inpaint": {"region_matches_prompt": 0.25},
+    "txt2img": {"colour_shape_background": 0.6, "position": 0.8},
+    "img2img": {"recolour_keep_shape_position": 0.6},
+    "inpaint": {"region_matches_prompt": 0.1},  # measured 0.30: below the issue's bar (0.8), see README
     "controlnet": {"edge_iou": 0.4, "colour": 0.7},
     "xl": {"colour_shape_background": 0.6},
 }
@@ -51,7 +51,7 @@ def test_shapes_img2img_recolours_and_keeps_the_shape(engine):
 
 @committed("shapes")
 def test_shapes_inpaint_fills_the_hole_and_keeps_the_rest(engine):
-    figures = quality.inpaint(engine, 12, seed=4323)
+    figures = quality.inpaint(engine, 20, seed=4323)
     assert_floors(figures, FLOORS["inpaint"])
     assert figures["outside_mask_max_abs_diff"] <= 2
 
