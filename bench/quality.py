@@ -49,7 +49,9 @@ def main() -> int:
             "txt2img": lambda: (quality.txt2img(engine, count), f"builtin:shapes, {count} prompts, defaults"),
             "img2img": lambda: (quality.img2img(engine, quarter), f"strength 0.5, {quarter} images"),
             "inpaint": lambda: (quality.inpaint(engine, quarter), f"{quarter} images, 32 px hole"),
-            "controlnet": lambda: (quality.controlnet(engine, quarter), f"builtin:shapes-canny, {quarter} images"),
+            "controlnet": lambda: ({**quality.controlnet(engine, quarter), "edge_iou_without_control":
+                                    quality.controlnet(engine, quarter, control_scale=0.0)["edge_iou"]},
+                                   f"builtin:shapes-canny, {quarter} images; control_scale 0 for the baseline"),
             "xl": lambda: (quality.txt2img(engine, count // 2, "builtin:shapes-xl"),
                            f"builtin:shapes-xl, {count // 2} prompts, defaults"),
         }
