@@ -115,6 +115,20 @@ def test_resume_with_other_settings_is_refused(pipe, sd_folder, tmp_path):
         other.run()
 
 
+def test_a_checkpoint_older_than_a_new_setting_still_resumes(pipe, sd_folder, tmp_path):
+    """A checkpoint written before a TrainConfig field existed resumes when the run uses that field's default."""
+    Trainer(config(tmp_path, steps=2), pipe).run()
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    del state["config"]["caption_dropout"]  # as if the field were added after this checkpoint
+    torch.save(state, path)
+    assert Trainer(config(tmp_path, steps=3), StableDiffusionPipeline.from_pretrained(sd_folder)).load_checkpoint()
+    state["config"]["caption_dropout"] = 0.5  # but a value other than the default is a different run
+    torch.save(state, path)
+    with pytest.raises(TrainingError, match=r"different settings \(caption_dropout\)"):
+        Trainer(config(tmp_path, steps=3), StableDiffusionPipeline.from_pretrained(sd_folder)).load_checkpoint()
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(pipe, tmp_path):
     trainer = Trainer(config(tmp_path, steps=10, checkpoint_every=1), pipe)
     real_loss = trainer._loss

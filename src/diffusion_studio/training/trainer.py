@@ -346,8 +346,10 @@ class Trainer:
             return False
         state = torch.load(path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
         mine = self.config.model_dump(mode="json", exclude={"steps"})
-        if state["config"] != mine:
-            changed = sorted(k for k in mine if state["config"].get(k) != mine[k])
+        # A setting added to TrainConfig after the checkpoint was written counts as its default there.
+        saved = {**TrainConfig.model_construct().model_dump(mode="json", exclude={"steps"}), **state["config"]}
+        if saved != mine:
+            changed = sorted(k for k in mine if saved.get(k) != mine[k])
             raise TrainingError(f"output_dir: '{self.output_dir}' holds a run with different settings "
                                 f"({', '.join(changed)}); resume with the same settings or use another folder")
         if self.config.method == "lora":
