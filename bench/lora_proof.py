@@ -58,11 +58,12 @@ def write_dataset(folder: Path, count: int = 8, prior: int = 8, seed: int = 0) -
     return folder
 
 
-def prove(work: Path, data_dir: Path, steps: int, prompts: int, seed: int = 0) -> dict[str, float]:
+def prove(work: Path, data_dir: Path, steps: int, prompts: int, seed: int = 0,
+          learning_rate: float = 4e-4) -> dict[str, float]:
     dataset = write_dataset(work / "hearts")
     base = builtin_folder("shapes", data_dir)
     config = TrainConfig(base="builtin:shapes", method="lora", dataset=str(dataset), resolution=64, steps=steps,
-                         batch_size=8, learning_rate=1e-3, lora_rank=8, lora_alpha=8, seed=seed,
+                         batch_size=8, learning_rate=learning_rate, lora_rank=8, lora_alpha=8, seed=seed,
                          checkpoint_every=max(steps, 1), output_dir=work / "run")
     lora = Trainer(config, StableDiffusionPipeline.from_pretrained(base)).run()
     engine = Engine(StudioConfig(data_dir=data_dir, models_dir=work, preview_interval=0))
@@ -84,9 +85,11 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--prompts", type=int, default=30)
+    parser.add_argument("--learning-rate", type=float, default=4e-4)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
-        result = prove(Path(scratch), Path(os.environ.get("DS_DATA_DIR", scratch)), args.steps, args.prompts)
+        result = prove(Path(scratch), Path(os.environ.get("DS_DATA_DIR", scratch)), args.steps, args.prompts,
+                       learning_rate=args.learning_rate)
     print(f"lora_heart_prompts_make_hearts {result['heart']:.3f}  (template match, {args.prompts} prompts, "
           f"{args.steps} steps on 8 images + 8 prior images; goal >= 0.6; without the LoRA "
           f"{result['heart_without_lora']:.3f})")
