@@ -169,6 +169,7 @@ def test_full_run_exports_a_loadable_model(pipe, tmp_path, make_config):
 
 
 @pytest.mark.parametrize("fields, message", [
+    ({"canny_thresholds": (200, 100)}, "canny_thresholds: need 0 <= low <= high <= 255"),
     ({"warmup_steps": 10, "steps": 10}, "warmup_steps: must be smaller than steps"),
     ({"method": "lora", "train_text_encoder": True}, "train_text_encoder: only with method 'full'"),
     ({"resolution": 60}, "multiple of 8"),
@@ -182,11 +183,18 @@ def test_config_errors_name_the_field(fields, message):
 def test_controlnet_training_exports_a_usable_controlnet(pipe, tmp_path, make_config, sd_folder):
     from diffusers import ControlNetModel
 
-    trainer = Trainer(config(tmp_path, method="controlnet", ema_decay=0.9, steps=3, sample_every=3, sample_steps=2),
-                      pipe)
+    from diffusion_studio.engine.control import canny
+    from diffusion_studio.training.data import control_maps
+
+    trainer = Trainer(config(tmp_path, method="controlnet", ema_decay=0.9, steps=3, sample_every=3, sample_steps=2,
+                             canny_thresholds=(30, 60)), pipe)
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     output = trainer.run()
     assert output.name == "controlnet" and (output / "config.json").exists()
+    # the control maps are made with the configured thresholds (which, on this pool, differ from canny's usual)
+    images = trainer.pool.images
+    assert torch.equal(trainer.pool.conditions, control_maps(images, lambda image: canny(image, 30, 60)))
+    assert not torch.equal(trainer.pool.conditions, control_maps(images, canny))
     assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())  # the base stays frozen
     assert trainer.pool.conditions.shape[1:] == (3, 32, 32) and 0 <= trainer.pool.conditions.min()
     ControlNetModel.from_pretrained(output)

@@ -177,6 +177,9 @@ def shapes_canny_trainer(run: RecipeRun) -> Trainer:
         batch_size=run.batch_size, learning_rate=3e-4, lr_schedule="cosine", warmup_steps=100, checkpoint_every=100,
         sample_every=500, sample_prompts=SAMPLE_PROMPTS[:4], sample_steps=20, min_snr_gamma=5.0,
         caption_dropout=0.1, ema_decay=0.999, pool_size=run.pool_size or 8000, output_dir=run.work / "controlnet",
+        # Low thresholds: at canny's usual 100/200 a third of the colour pairs (green or blue on gray, yellow on
+        # white) give an empty map, and the installed 1,500-step ControlNet learned from those empty maps.
+        canny_thresholds=(30, 60),
     )
     pipe = StableDiffusionPipeline.from_pretrained(COMMITTED_DIR / "shapes")
     return Trainer(config, pipe, bus=run.bus, device=run.device)

@@ -36,6 +36,8 @@ class TrainConfig(BaseModel):
     ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an EMA of the weights (not for LoRA)")
     max_grad_norm: float = Field(1.0, gt=0)
     pool_size: int = Field(4096, ge=1, description="shapes world: samples encoded once and drawn from")
+    canny_thresholds: tuple[int, int] = Field((100, 200), description="controlnet: the canny thresholds (low, "
+                                              "high) that make the training control maps")
     output_dir: Path = Path("data/training/run")
 
     @model_validator(mode="after")
@@ -44,6 +46,9 @@ class TrainConfig(BaseModel):
             raise ValueError(f"warmup_steps: must be smaller than steps ({self.steps})")
         if self.method == "lora" and self.train_text_encoder:
             raise ValueError("train_text_encoder: only with method 'full' (LoRA adapts the UNet)")
+        low, high = self.canny_thresholds
+        if not 0 <= low <= high <= 255:
+            raise ValueError("canny_thresholds: need 0 <= low <= high <= 255")
         if self.ema_decay is not None and self.method == "lora":
             raise ValueError("ema_decay: only with method 'full' or 'controlnet'")
         return self

@@ -113,8 +113,11 @@ class Trainer:
         else:
             pool = folder_pool(self.pipe.vae, Path(cfg.dataset), cfg.resolution, cfg.instance_prompt, self._warn)
         if cfg.method == "controlnet":
-            pool.conditions = control_maps(pool.images, canny)
+            pool.conditions = control_maps(pool.images, self._control_map)
         return pool
+
+    def _control_map(self, image):
+        return canny(image, *self.config.canny_thresholds)
 
     def _warn(self, message: str) -> None:
         self.bus.publish(TrainingEvent("warning", self.step, self.config.steps, message=message))
@@ -271,7 +274,7 @@ class Trainer:
             if cfg.method == "controlnet":
                 family = StableDiffusionXLControlNetPipeline if self.is_xl else StableDiffusionControlNetPipeline
                 pipe = family(**components, controlnet=self.controlnet)
-                extra["image"] = [canny(self.pool.images[i]) for i in range(len(cfg.sample_prompts))]
+                extra["image"] = [self._control_map(self.pool.images[i]) for i in range(len(cfg.sample_prompts))]
             else:
                 pipe = type(self.pipe)(**components)
             pipe.set_progress_bar_config(disable=True)
