@@ -19,9 +19,6 @@ from ..engine.runner import Engine
 from ..requests import GenerationRequest
 from .shapes import COLOURS, POSITIONS, ShapeSpec, blob_mask, check, random_spec, render
 
-# Where the inpainting measurement cuts its 32 px hole: centred on the anchor of the prompt's position.
-MASK_CENTRES = {"top left": (18, 18), "top right": (46, 18), "bottom left": (18, 46), "bottom right": (46, 46),
-                "center": (32, 32)}
 EDGE_DILATION = np.ones((5, 5), np.uint8)
 CONTROL_CANNY = (30, 60)  # thresholds that find the outline of every shapes-world colour pair
 
@@ -74,7 +71,7 @@ def inpaint(engine: Engine, count: int, seed: int = 77) -> dict[str, float]:
         spec = ShapeSpec(spec.colour, spec.shape, spec.background, spec.position or "center")
         empty = Image.new("RGB", (64, 64), tuple(int(v) for v in np.asarray(render(spec, rng=rng))[0, 0]))
         mask = Image.new("L", (64, 64), 0)
-        cx, cy = MASK_CENTRES[spec.position]
+        cx, cy = (round(fraction * 64) for fraction in POSITIONS[spec.position])  # the hole sits on the anchor
         mask.paste(255, (cx - 16, cy - 16, cx + 16, cy + 16))
         image = engine.run(GenerationRequest(mode="inpaint", prompt=spec.caption, init_image=empty,
                                              mask_image=mask, mask_blur=0, strength=1.0, seed=index)).images[0]

@@ -63,8 +63,8 @@ class Trainer:
         self.modules = self._choose_trainable()
         # Everything lives on `device`; data and random draws stay on the CPU (the same run on any device).
         pipeline.to(self.device)
-        for module in self.modules.values():
-            module.to(self.device)
+        if self.controlnet is not None:  # the one trainable module outside the pipeline
+            self.controlnet.to(self.device)
         self.params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate,
                                            weight_decay=0.0 if config.method == "lora" else 1e-2)
