@@ -4,6 +4,7 @@ scratch models folder: it builds, checkpoints, resumes, installs, and what it in
 import json
 
 import pytest
+import torch
 from diffusers import DiffusionPipeline
 
 from diffusion_studio.builtin import recipes
@@ -37,6 +38,8 @@ def test_shapes_then_canny_and_xl_build_resume_and_install(models, tmp_path):
     pipe = DiffusionPipeline.from_pretrained(installed)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert pipe.vae.config.scaling_factor != 1.0  # measured from the autoencoder's latents
+    # img2img and inpainting sample the posterior: pinned to its mean, it adds no noise the UNet never saw.
+    assert pipe.vae.encode(torch.rand(1, 3, 64, 64) * 2 - 1).latent_dist.std.max() < 1e-3
     image = pipe("a red circle on a white background", num_inference_steps=2, height=64, width=64).images[0]
     assert image.size == (64, 64)
 

@@ -19,8 +19,10 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
 from .config import StudioConfig
-from .requests import GenerationRequest
+from .requests import GenerationRequest, default_of
 from .studio import Studio
+
+GUIDANCE = default_of("guidance")
 
 PIPELINES = {
     "stable_diffusion": "txt2img",
@@ -97,14 +99,14 @@ class DiffusionDemo:
                         f"({seed_text}, {request.steps} steps, {request.model})")
 
     async def generate_image(self, prompt: str, negative_prompt: str = "", num_steps: int = 20,
-                             guidance_scale: float = 7.0, height: int | None = None, width: int | None = None,
+                             guidance_scale: float = GUIDANCE, height: int | None = None, width: int | None = None,
                              seed: int | None = None) -> tuple[Image.Image | None, str]:
         images, status = await self._generate(prompt=prompt, negative_prompt=negative_prompt, steps=num_steps,
                                               guidance=guidance_scale, height=height, width=width, seed=seed)
         return (images[0] if images else None), status
 
     async def generate_batch(self, prompts: list[str], negative_prompts: list[str] | None = None,
-                             num_steps: int = 20, guidance_scale: float = 7.0, height: int | None = None,
+                             num_steps: int = 20, guidance_scale: float = GUIDANCE, height: int | None = None,
                              width: int | None = None, seed: int | None = None) -> tuple[list[Image.Image], str]:
         """One job per prompt, submitted together (they queue and run like any other jobs)."""
         negatives = negative_prompts or [""] * len(prompts)
@@ -121,7 +123,7 @@ class DiffusionDemo:
         return images, status + (f"; {len(failed)} failed: {failed[0]}" if failed else "")
 
     async def img2img_generation(self, image: Image.Image, prompt: str, negative_prompt: str = "",
-                                 num_steps: int = 20, guidance_scale: float = 7.0, strength: float = 0.75,
+                                 num_steps: int = 20, guidance_scale: float = GUIDANCE, strength: float = 0.75,
                                  seed: int | None = None) -> tuple[Image.Image | None, str]:
         images, status = await self._generate(mode="img2img", init_image=image, prompt=prompt,
                                               negative_prompt=negative_prompt, steps=num_steps,
@@ -129,7 +131,7 @@ class DiffusionDemo:
         return (images[0] if images else None), status
 
     async def inpaint_generation(self, image: Image.Image, mask: Image.Image, prompt: str, negative_prompt: str = "",
-                                 num_steps: int = 20, guidance_scale: float = 7.0, strength: float = 1.0,
+                                 num_steps: int = 20, guidance_scale: float = GUIDANCE, strength: float = 1.0,
                                  seed: int | None = None) -> tuple[Image.Image | None, str]:
         images, status = await self._generate(mode="inpaint", init_image=image, mask_image=mask, prompt=prompt,
                                               negative_prompt=negative_prompt, steps=num_steps,
@@ -137,7 +139,7 @@ class DiffusionDemo:
         return (images[0] if images else None), status
 
     async def controlnet_generation(self, control_image: Image.Image, prompt: str, negative_prompt: str = "",
-                                    num_steps: int = 20, guidance_scale: float = 7.0, control_type: str = "canny",
+                                    num_steps: int = 20, guidance_scale: float = GUIDANCE, control_type: str = "canny",
                                     control_scale: float = 1.0, seed: int | None = None
                                     ) -> tuple[Image.Image | None, str]:
         images, status = await self._generate(mode="controlnet", control_image=control_image, prompt=prompt,

@@ -9,15 +9,22 @@ reproducible for given weights.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 from PIL import Image
 
+from diffusers import StableDiffusionPipeline
+
+from ..config import StudioConfig
 from ..engine.runner import Engine
 from ..requests import GenerationRequest
-from .shapes import COLOURS, POSITIONS, ShapeSpec, blob_mask, check, random_spec, render
+from ..training.config import TrainConfig
+from ..training.trainer import Trainer
+from .catalog import builtin_folder
+from .shapes import BACKGROUNDS, COLOURS, POSITIONS, ShapeSpec, blob_mask, check, nearest_template, random_spec, render
 
 EDGE_DILATION = np.ones((5, 5), np.uint8)
 CONTROL_CANNY = (30, 60)  # thresholds that find the outline of every shapes-world colour pair
@@ -40,7 +47,7 @@ def txt2img(engine: Engine, count: int, model: str = "builtin:shapes", seed: int
     checks = [check(engine.run(GenerationRequest(model=model, prompt=spec.caption, seed=index)).images[0],
                     spec.caption) for index, spec in enumerate(specs)]
     return {
-        "colour_shape_background": _share(c.colour_ok and c.shape_ok and c.background_ok for c in checks),
+        "colour_shape_background": _share(c.colour_shape_background_ok for c in checks),
         "colour": _share(c.colour_ok for c in checks),
         "shape": _share(c.shape_ok for c in checks),
         "background": _share(c.background_ok for c in checks),
@@ -126,3 +133,51 @@ def position_similarity(engine: Engine, model: str = "builtin:shapes") -> float:
         hidden = torch.nn.functional.normalize(pipe.text_encoder(ids)[0].flatten(1), dim=1)
     similarity = hidden @ hidden.T
     return float(similarity[~torch.eye(len(captions), dtype=torch.bool)].mean())
+
+
+def heart_specs(count: int, seed: int) -> list[ShapeSpec]:
+    rng = random.Random(seed)
+    return [ShapeSpec(rng.choice(list(COLOURS)), "heart", rng.choice(list(BACKGROUNDS)),
+                      rng.choice(list(POSITIONS))) for _ in range(count)]
+
+
+def write_heart_dataset(folder: Path, count: int = 8, prior: int = 8, seed: int = 0) -> Path:
+    """`count` images of the new concept, plus `prior` ordinary shapes-world images that the base model already
+    draws (DreamBooth's prior preservation: without them the LoRA drifts every prompt towards hearts)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    for index, spec in enumerate(heart_specs(count, seed)):
+        render(spec, rng=rng).save(folder / f"heart{index}.png")
+        (folder / f"heart{index}.txt").write_text(spec.caption)
+    for index in range(prior):
+        spec = random_spec(rng)
+        render(spec, rng=rng).save(folder / f"prior{index}.png")
+        (folder / f"prior{index}.txt").write_text(spec.caption)
+    return folder
+
+
+def lora_proof(work: Path, data_dir: Path, steps: int, prompts: int, seed: int = 0, learning_rate: float = 4e-4,
+               prior: int = 8) -> dict[str, float]:
+    """Teach builtin:shapes a shape it has never drawn ("heart") with a LoRA from 8 images (+ `prior` ordinary
+    ones), then: heart prompts that draw a heart (template match) with and without the LoRA, and ordinary prompts
+    still right (colour + shape + background) with the LoRA loaded."""
+    dataset = write_heart_dataset(work / "hearts", prior=prior)
+    config = TrainConfig(base="builtin:shapes", method="lora", dataset=str(dataset), resolution=64, steps=steps,
+                         batch_size=8, learning_rate=learning_rate, lora_rank=8, lora_alpha=8, seed=seed,
+                         checkpoint_every=max(steps, 1), output_dir=work / "run")
+    lora = Trainer(config, StableDiffusionPipeline.from_pretrained(builtin_folder("shapes", data_dir))).run()
+    engine = Engine(StudioConfig(data_dir=data_dir, models_dir=work, preview_interval=0))
+    loras = [{"name": str(lora), "weight": 1.0}]
+
+    def draw(prompt: str, index: int, with_lora: bool = True) -> Image.Image:
+        return engine.run(GenerationRequest(prompt=prompt, seed=index, loras=loras if with_lora else [])).images[0]
+
+    hearts = [spec.caption for spec in heart_specs(prompts, seed=1000)]
+    ordinary = random_specs(prompts, seed=2000)
+    return {
+        "heart": _share(nearest_template(draw(prompt, i)) == "heart" for i, prompt in enumerate(hearts)),
+        "heart_without_lora": _share(nearest_template(draw(prompt, i, False)) == "heart"
+                                     for i, prompt in enumerate(hearts)),
+        "base_kept": _share(check(draw(spec.caption, i), spec.caption).colour_shape_background_ok
+                            for i, spec in enumerate(ordinary)),
+    }

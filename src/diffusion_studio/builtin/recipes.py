@@ -1,6 +1,6 @@
 """How the built-in models are made: `diffusion-studio train builtin --name shapes`.
 
-shapes: (1) autoencoder on shapes-world images, (2) its scaling factor so latents have unit variance,
+shapes: (1) autoencoder on shapes-world images, its posterior pinned to the mean, (2) its scaling factor so latents have unit variance,
 (3) UNet + text encoder from scratch with the studio's Trainer, (4) the pipeline saved to builtin/models/shapes.
 Every stage checkpoints into the work folder and resumes from it, so a run killed at any point picks up where it was.
 """
@@ -86,6 +86,17 @@ def train_vae(vae, work: Path, steps: int, bus: EventBus, batch: int = 16, lr: f
     vae.eval()
 
 
+def pin_posterior(vae, log_variance: float = -30.0) -> None:
+    """Make the encoder's posterior its mean. diffusers' img2img and inpainting pipelines encode their input by
+    *sampling* the posterior, and an autoencoder trained with a whisper of KL keeps its std near 1 there: noise as
+    large as the latents themselves, while the UNet learned from means. The log-variance half of `quant_conv` is
+    set to a constant at the floor `DiagonalGaussianDistribution` clamps to (std 3e-7); the means are untouched."""
+    channels = vae.quant_conv.out_channels // 2
+    with torch.no_grad():
+        vae.quant_conv.weight[channels:] = 0
+        vae.quant_conv.bias[channels:] = log_variance
+
+
 def set_scaling_factor(vae, count: int = 512) -> float:
     """SD's trick: scale latents to unit variance so the noise schedule fits them."""
     images, _ = ShapesWorld(seed=2).batch(count)
@@ -125,6 +136,7 @@ def _fresh_pipeline(run: RecipeRun):
     pipe = build_sd_pipeline(seed=0, size=BUILTIN_SIZE).to(run.device)
     pipe.tokenizer.model_max_length = TOKENS
     train_vae(pipe.vae, run.work, run.vae_steps, run.bus)  # 1. autoencoder (loads it when already trained)
+    pin_posterior(pipe.vae)
     factor = set_scaling_factor(pipe.vae)  # 2. latent scale
     log.info("vae scaling factor %.4f", factor)
     return pipe
@@ -160,6 +172,7 @@ def shapes_xl_trainer(run: RecipeRun) -> Trainer:
     def start():
         torch.manual_seed(0)
         vae = AutoencoderKL.from_pretrained(COMMITTED_DIR / "shapes", subfolder="vae")
+        pin_posterior(vae)  # already pinned when shapes was trained after the fix; idempotent
         pipe = build_sdxl_pipeline(seed=0, size=BUILTIN_SIZE, vae=vae)
         pipe.tokenizer.model_max_length = pipe.tokenizer_2.model_max_length = TOKENS
         return pipe

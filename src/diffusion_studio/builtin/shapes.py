@@ -159,8 +159,12 @@ class Check:
     position_ok: bool | None
 
     @property
+    def colour_shape_background_ok(self) -> bool:
+        return self.colour_ok and self.shape_ok and self.background_ok
+
+    @property
     def all_ok(self) -> bool:
-        return self.colour_ok and self.shape_ok and self.background_ok and self.position_ok is not False
+        return self.colour_shape_background_ok and self.position_ok is not False
 
 
 def _nearest(value: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
