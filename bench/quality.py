@@ -5,7 +5,8 @@
 Prints one line per figure (the measurements live in `diffusion_studio.builtin.quality`, shared with the tests):
 - txt2img on builtin:shapes at default settings: colour+shape+background all right; position right where named.
 - img2img at strength 0.5: the prompt's colour, with the source's shape and position kept.
-- inpainting: pixels outside the mask unchanged (max abs difference), the masked region matching the prompt.
+- inpainting (through builtin:shapes-inpaint when trained): pixels outside the mask unchanged (max abs difference),
+  the masked region matching the prompt; and the same without the inpainting ControlNet's effect.
 - ControlNet (builtin:shapes-canny): IoU of dilated canny edges of control vs result, and the prompt's colour.
 - builtin:shapes-xl: colour, shape and background all right.
 """
@@ -48,7 +49,9 @@ def main() -> int:
                                        "near 1.0 = collapsed"),
             "txt2img": lambda: (quality.txt2img(engine, count), f"builtin:shapes, {count} prompts, defaults"),
             "img2img": lambda: (quality.img2img(engine, quarter), f"strength 0.5, {quarter} images"),
-            "inpaint": lambda: (quality.inpaint(engine, quarter), f"{quarter} images, 32 px hole"),
+            "inpaint": lambda: ({**quality.inpaint(engine, quarter), "region_matches_prompt_without_controlnet":
+                                 quality.inpaint(engine, quarter, control_scale=0.0)["region_matches_prompt"]},
+                                f"{quarter} images, 32 px hole; control_scale 0: latent blending alone"),
             "controlnet": lambda: ({**quality.controlnet(engine, quarter), "edge_iou_without_control":
                                     quality.controlnet(engine, quarter, control_scale=0.0)["edge_iou"]},
                                    f"builtin:shapes-canny, {quarter} images; control_scale 0 for the baseline"),

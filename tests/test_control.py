@@ -14,7 +14,7 @@ from transformers import (
     VitPoseImageProcessor,
 )
 
-from diffusion_studio.engine.control import canny, depth, pose
+from diffusion_studio.engine.control import canny, depth, inpaint_condition, pose
 from diffusion_studio.engine.runner import Engine
 from diffusion_studio.requests import GenerationRequest, RequestError
 
@@ -39,6 +39,15 @@ def pose_folder(tmp_path_factory):
     VitPoseForPoseEstimation(VitPoseConfig(backbone_config=backbone)).save_pretrained(folder)
     VitPoseImageProcessor(size={"height": 64, "width": 48}).save_pretrained(folder)
     return str(folder)
+
+
+def test_inpaint_condition_marks_the_hole_with_minus_one(shape_image, center_mask):
+    condition = inpaint_condition(shape_image, center_mask)[0]
+    hole = torch.from_numpy(np.asarray(center_mask) > 127)
+    assert condition.shape == (3, *hole.shape)
+    assert (condition[:, hole] == -1).all()
+    expected = torch.from_numpy(np.asarray(shape_image, np.float32) / 255).permute(2, 0, 1)
+    assert torch.equal(condition[:, ~hole], expected[:, ~hole])  # the rest is the image, in [0, 1]
 
 
 def test_canny_thresholds_change_the_edges(shape_image):

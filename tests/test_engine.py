@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from diffusion_studio.engine import runner
 from diffusion_studio.engine.runner import Engine, prepare_mask
 from diffusion_studio.requests import GenerationRequest, RequestError
 from diffusion_studio.samplers import SAMPLERS
@@ -66,13 +67,24 @@ def test_img2img_starts_from_the_image(engine, shape_image):
     assert len(low.timings.step_s) == 1  # strength 0.1 of 10 steps runs one step
 
 
-def test_inpaint_keeps_pixels_outside_the_mask(engine, shape_image, center_mask):
+@pytest.mark.parametrize("controlnet", [None, "builtin:shapes-inpaint"])  # default, and the inpainting ControlNet
+def test_inpaint_keeps_pixels_outside_the_mask(engine, shape_image, center_mask, controlnet):
     result = run(engine, mode="inpaint", init_image=shape_image, mask_image=center_mask, mask_blur=0, strength=1.0,
-                 prompt="a blue square on a black background")
+                 prompt="a blue square on a black background", controlnet=controlnet)
     out, original = pixels(result.images[0]), pixels(shape_image)
     outside = np.asarray(center_mask) == 0
     assert np.array_equal(out[outside], original[outside])
     assert np.abs(out[~outside] - original[~outside]).mean() > 5  # and the masked part was repainted
+
+
+def test_inpainting_uses_the_bases_trained_inpainting_controlnet_or_none(engine, monkeypatch):
+    inpaint = GenerationRequest(mode="inpaint", init_image=Image.new("RGB", (8, 8)), mask_image=Image.new("L", (8, 8)))
+    monkeypatch.setattr(runner, "is_trained", lambda name: True)
+    assert engine.controlnet_name(inpaint) == "builtin:shapes-inpaint"
+    assert engine.controlnet_name(inpaint.model_copy(update={"controlnet": "mine"})) == "mine"  # asked for: used
+    assert engine.controlnet_name(GenerationRequest()) is None  # txt2img runs without one
+    monkeypatch.setattr(runner, "is_trained", lambda name: False)  # a stand-in would steer with noise
+    assert engine.controlnet_name(inpaint) is None
 
 
 def test_mask_is_resized_grown_and_blurred():
@@ -126,7 +138,8 @@ def test_all_modes_share_one_base(make_config, shape_image, center_mask):
                         ("inpaint", {"init_image": shape_image, "mask_image": center_mask}),
                         ("controlnet", {"control_image": shape_image})]:
         run(engine, mode=mode, **extra)
-    assert engine.manager.load_count == 2  # the base once, its ControlNet once; no mode loaded weights again
+    # The base once and each ControlNet once (inpainting's and canny's); no mode loaded the base's weights again.
+    assert engine.manager.load_count == 3
     storages = list(unet_storage.values())
     assert len(storages) == 4 and all(s == storages[0] for s in storages)
 

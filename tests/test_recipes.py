@@ -48,9 +48,11 @@ def test_shapes_then_canny_and_xl_build_resume_and_install(models, tmp_path):
     assert steps_logged(work, "resumed") == [STEPS]
     assert json.loads((installed / "training.json").read_text())["unet_step"] == STEPS + 2
 
-    # 3. the ControlNet beside it and the SDXL-architecture model reusing its autoencoder.
+    # 3. the ControlNets beside it (canny, inpainting) and the SDXL-architecture model reusing its autoencoder.
     canny = train_builtin("shapes-canny", tmp_path / "canny", unet_steps=101, batch_size=2, pool_size=8)
     assert (canny / "config.json").exists() and (canny / "diffusion_pytorch_model.safetensors").exists()
+    inpaint = train_builtin("shapes-inpaint", tmp_path / "inpaint", unet_steps=101, batch_size=2, pool_size=8)
+    assert inpaint == models / "shapes-inpaint" and (inpaint / "diffusion_pytorch_model.safetensors").exists()
     xl = train_builtin("shapes-xl", tmp_path / "xl", unet_steps=STEPS, batch_size=2, pool_size=8)
     xl_pipe = DiffusionPipeline.from_pretrained(xl)
     assert xl_pipe.text_encoder_2 is not None and xl_pipe.unet.config.addition_embed_type == "text_time"

@@ -1,5 +1,6 @@
 """The trainer on a tiny model: events, controls from another thread, exact resume, NaN stop, datasets, outputs."""
 
+import random
 import threading
 import time
 
@@ -10,10 +11,11 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image, ImageDraw
 from pydantic import ValidationError
 
+from diffusion_studio.builtin.shapes import ShapesWorld, blob_mask
 from diffusion_studio.engine.runner import Engine
 from diffusion_studio.requests import GenerationRequest
 from diffusion_studio.training.config import TrainConfig
-from diffusion_studio.training.data import DatasetError
+from diffusion_studio.training.data import DatasetError, inpainting_mask
 from diffusion_studio.training.events import EventBus
 from diffusion_studio.training.trainer import Trainer, TrainingError
 
@@ -228,3 +230,18 @@ def test_snr_loss_weights_keep_the_noisiest_steps_in_the_v_loss():
     assert torch.allclose(v[3], torch.tensor(5.0 / 101.0))  # capped at gamma where the image is nearly clean
     eps = snr_loss_weight(snr, 5.0, "epsilon")
     assert eps[0] == 1.0 and torch.allclose(eps[3], torch.tensor(0.05))
+
+
+def test_inpainting_masks_hide_the_object_a_rectangle_or_everything():
+    images, _ = ShapesWorld(seed=3).batch(200)
+    rng = random.Random(0)
+    masks = [np.asarray(inpainting_mask(image, rng)) > 127 for image in images]
+    assert all(mask.any() for mask in masks)
+    everything = [mask.all() for mask in masks]
+    covers_object = [not mask.all() and (mask >= blob_mask(image)).all() for image, mask in zip(images, masks)]
+    assert 0.05 <= np.mean(everything) <= 0.15
+    assert np.mean(covers_object) >= 0.4  # the object-box masks, and rectangles that happen to cover it
+    assert np.mean([not (e or c) for e, c in zip(everything, covers_object)]) >= 0.2  # partial holes too
+    rng_again = random.Random(0)  # the same seed, the same holes: a resumed run rebuilds the same pool
+    assert all(((np.asarray(inpainting_mask(image, rng_again)) > 127) == mask).all()
+               for image, mask in zip(images[:10], masks))

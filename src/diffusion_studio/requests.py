@@ -184,7 +184,8 @@ class GenerationRequest(BaseModel):
     control_preprocess: bool = Field(True, description="run the preprocessor; False: control_image is the map")
     canny_low: int = Field(100, ge=0, le=255)
     canny_high: int = Field(200, ge=0, le=255)
-    controlnet: str | None = Field(None, description="ControlNet model; default: the base's built-in for the type")
+    controlnet: str | None = Field(None, description="ControlNet model; default: the base's built-in for the type "
+                                                     "(inpaint mode: its trained inpainting ControlNet, if any)")
     control_scale: float = Field(1.0, ge=0.0, le=2.0)
     control_start: float = Field(0.0, ge=0.0, le=1.0)
     control_end: float = Field(1.0, ge=0.0, le=1.0)

@@ -54,10 +54,11 @@ class Studio:
         return paths
 
     def weights_identity(self, request: GenerationRequest) -> str:
-        """Which weights a request runs on (base, and ControlNet in that mode): a part of its cache key."""
+        """Which weights a request runs on (base, and the ControlNet it runs with): a part of its cache key."""
         parts = [resolve(request.model, self.config).identity]
-        if request.mode.value == "controlnet":
-            parts.append(resolve(self.engine.controlnet_name(request), self.config).identity)
+        controlnet = self.engine.controlnet_name(request)
+        if controlnet:
+            parts.append(resolve(controlnet, self.config).identity)
         return "+".join(parts)
 
     def delete_job(self, job_id: str, user: str) -> int:

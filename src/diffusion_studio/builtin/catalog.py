@@ -38,6 +38,8 @@ BUILTINS: dict[str, BuiltinSpec] = {
         BuiltinSpec("shapes", "base", "sd", "SD architecture, 64 px shapes world; the default model"),
         BuiltinSpec("shapes-xl", "base", "sdxl", "SDXL architecture (two text encoders), 64 px shapes world"),
         BuiltinSpec("shapes-canny", "controlnet", "sd", "canny ControlNet for builtin:shapes", "shapes", "canny"),
+        BuiltinSpec("shapes-inpaint", "controlnet", "sd", "inpainting ControlNet for builtin:shapes", "shapes",
+                    "inpaint"),
         BuiltinSpec("shapes-xl-canny", "controlnet", "sdxl", "canny ControlNet for builtin:shapes-xl", "shapes-xl",
                     "canny"),
     )
@@ -54,6 +56,11 @@ def builtin_controlnet_for(base_name: str, control_type: str) -> str | None:
     return None
 
 
+def is_trained(name: str) -> bool:
+    """Whether built-in `name` has committed trained weights (else it is served by a stand-in)."""
+    return (COMMITTED_DIR / name).is_dir()
+
+
 def is_standin(folder: Path) -> bool:
     return (folder / STANDIN_MARKER).exists()
 
@@ -62,9 +69,8 @@ def builtin_folder(name: str, data_dir: Path) -> Path:
     """The folder holding built-in `name`: committed weights if present, else a (cached) stand-in."""
     if name not in BUILTINS:
         raise KeyError(f"unknown built-in model '{name}'; built-ins are: {', '.join(BUILTINS)}")
-    committed = COMMITTED_DIR / name
-    if committed.is_dir():
-        return committed
+    if is_trained(name):
+        return COMMITTED_DIR / name
     target = Path(data_dir) / "builtin-standins" / name
     with _build_lock:
         if not target.is_dir():

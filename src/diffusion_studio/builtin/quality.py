@@ -70,9 +70,11 @@ def img2img(engine: Engine, count: int, seed: int = 99) -> dict[str, float]:
     return {"recolour_keep_shape_position": _share(passed)}
 
 
-def inpaint(engine: Engine, count: int, seed: int = 77) -> dict[str, float]:
+def inpaint(engine: Engine, count: int, seed: int = 77, control_scale: float = 1.0) -> dict[str, float]:
     """An empty background with a 32 px hole where the prompt's position is: the region must come out as the
-    prompt says, and pixels outside the mask must not change (max abs difference, 0-255)."""
+    prompt says, and pixels outside the mask must not change (max abs difference, 0-255). builtin:shapes inpaints
+    through its inpainting ControlNet when one is trained; `control_scale` 0 switches its effect off (the
+    baseline: latent blending alone)."""
     rng, matched, worst = random.Random(seed), [], 0
     for index, spec in enumerate(random_specs(count, seed)):
         spec = ShapeSpec(spec.colour, spec.shape, spec.background, spec.position or "center")
@@ -81,7 +83,8 @@ def inpaint(engine: Engine, count: int, seed: int = 77) -> dict[str, float]:
         cx, cy = (round(fraction * 64) for fraction in POSITIONS[spec.position])  # the hole sits on the anchor
         mask.paste(255, (cx - 16, cy - 16, cx + 16, cy + 16))
         image = engine.run(GenerationRequest(mode="inpaint", prompt=spec.caption, init_image=empty,
-                                             mask_image=mask, mask_blur=0, strength=1.0, seed=index)).images[0]
+                                             mask_image=mask, mask_blur=0, strength=1.0, seed=index,
+                                             control_scale=control_scale)).images[0]
         outside = np.asarray(mask) == 0
         worst = max(worst, int(np.abs(np.asarray(image, int) - np.asarray(empty, int))[outside].max()))
         matched.append(check(image, spec.caption).all_ok)

@@ -181,24 +181,36 @@ def shapes_xl_trainer(run: RecipeRun) -> Trainer:
     return _resume_or_start("shapes-xl", config, start, run)
 
 
-def shapes_canny_trainer(run: RecipeRun) -> Trainer:
-    """builtin:shapes-canny: a ControlNet on canny edges of shapes-world images, beside the frozen builtin:shapes."""
+def _controlnet_trainer(name: str, run: RecipeRun, **settings) -> Trainer:
+    """A ControlNet beside the frozen builtin:shapes (`settings`: what it learns to follow)."""
     if not (COMMITTED_DIR / "shapes").is_dir():
-        raise TrainingError("name: shapes-canny is trained beside builtin:shapes; train shapes first")
+        raise TrainingError(f"name: {name} is trained beside builtin:shapes; train shapes first")
     config = TrainConfig(
         base="builtin:shapes", method="controlnet", dataset="shapes", resolution=64, steps=run.unet_steps,
         batch_size=run.batch_size, learning_rate=3e-4, lr_schedule="cosine", warmup_steps=100, checkpoint_every=100,
         sample_every=500, sample_prompts=SAMPLE_PROMPTS[:4], sample_steps=20, min_snr_gamma=5.0,
         caption_dropout=0.1, ema_decay=0.999, pool_size=run.pool_size or 8000, output_dir=run.work / "controlnet",
-        # Low thresholds: at canny's usual 100/200 a third of the colour pairs (green or blue on gray, yellow on
-        # white) give an empty map, and the installed 1,500-step ControlNet learned from those empty maps.
-        canny_thresholds=(30, 60),
+        **settings,
     )
     pipe = StableDiffusionPipeline.from_pretrained(COMMITTED_DIR / "shapes")
     return Trainer(config, pipe, bus=run.bus, device=run.device)
 
 
-TRAINERS = {"shapes": shapes_trainer, "shapes-canny": shapes_canny_trainer, "shapes-xl": shapes_xl_trainer}
+def shapes_canny_trainer(run: RecipeRun) -> Trainer:
+    """builtin:shapes-canny: a ControlNet on canny edges of shapes-world images."""
+    # Low thresholds: at canny's usual 100/200 a third of the colour pairs (green or blue on gray, yellow on
+    # white) give an empty map, and the installed 1,500-step ControlNet learned from those empty maps.
+    return _controlnet_trainer("shapes-canny", run, control_type="canny", canny_thresholds=(30, 60))
+
+
+def shapes_inpaint_trainer(run: RecipeRun) -> Trainer:
+    """builtin:shapes-inpaint: an inpainting ControlNet (control: the image with its hole marked), which tells the
+    non-inpainting UNet what surrounds the hole at every step; builtin:shapes inpaints through it."""
+    return _controlnet_trainer("shapes-inpaint", run, control_type="inpaint")
+
+
+TRAINERS = {"shapes": shapes_trainer, "shapes-canny": shapes_canny_trainer, "shapes-inpaint": shapes_inpaint_trainer,
+            "shapes-xl": shapes_xl_trainer}
 
 
 def train_builtin(name: str, work: Path, vae_steps: int = 1500, unet_steps: int = 30000, batch_size: int = 64,

@@ -8,6 +8,7 @@ from functools import lru_cache
 
 import cv2
 import numpy as np
+import torch
 from PIL import Image
 
 from ..requests import RequestError
@@ -53,8 +54,6 @@ def pose(image: Image.Image, model_folder: str | None) -> Image.Image:
     if not model_folder:
         raise RequestError("control_type", "pose needs a local pose-estimation model: set pose_estimator "
                                            "(DS_POSE_ESTIMATOR) to a transformers VitPose model folder")
-    import torch
-
     width, height = image.size
     boxes = [[[0, 0, width, height]]]
     with _estimator_lock:
@@ -80,6 +79,15 @@ def _pose_model(model_folder: str):
                 VitPoseForPoseEstimation.from_pretrained(model_folder, local_files_only=True).eval())
     except (OSError, ValueError) as exc:
         raise RequestError("control_type", f"pose estimator at '{model_folder}' can't be loaded: {exc}") from None
+
+
+def inpaint_condition(image: Image.Image, mask: Image.Image) -> torch.Tensor:
+    """An inpainting ControlNet's control: the image in [0, 1] with the masked pixels set to -1, 1 x 3 x H x W.
+    That is the convention of lllyasviel's control_v11p_sd15_inpaint, and diffusers' ControlNet inpainting
+    pipelines pass a tensor control through unnormalised, so the marker survives."""
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), np.float32) / 255).permute(2, 0, 1).contiguous()
+    pixels[:, torch.from_numpy(np.asarray(mask.convert("L").resize(image.size)) > 127)] = -1.0
+    return pixels[None]
 
 
 def make_control_image(image: Image.Image, control_type: str, canny_low: int = 100, canny_high: int = 200,

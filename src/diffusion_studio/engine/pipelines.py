@@ -43,6 +43,13 @@ MODE_PIPELINES = {
 }
 
 
+# Inpainting with a ControlNet (an inpainting one: its control is the image with the hole marked).
+CONTROLNET_INPAINT_PIPELINES = {
+    "sd": diffusers.StableDiffusionControlNetInpaintPipeline,
+    "sdxl": diffusers.StableDiffusionXLControlNetInpaintPipeline,
+}
+
+
 def pick_device(preference: str) -> torch.device:
     if preference != "auto":
         if preference == "cuda" and not torch.cuda.is_available():
@@ -271,7 +278,10 @@ class PipelineManager:
 
         This is what diffusers' `from_pipe` does, minus its `.to(dtype)` over every module on each call (12 ms
         on a tiny model, more on a real one): the modules already have the right dtype and device."""
-        cls = MODE_PIPELINES[base.family].get(mode)
+        if mode == Mode.inpaint and controlnet is not None:
+            cls = CONTROLNET_INPAINT_PIPELINES[base.family]
+        else:
+            cls = MODE_PIPELINES[base.family].get(mode)
         if cls is None:
             raise RequestError("mode", f"mode '{mode.value}' needs an SDXL base; '{base.source.name}' is SD")
         shared = {**base.pipeline.components, "controlnet": controlnet,

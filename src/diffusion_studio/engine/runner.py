@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..builtin.catalog import builtin_controlnet_for
+from ..builtin.catalog import builtin_controlnet_for, is_trained
 from ..config import StudioConfig
 from ..requests import GenerationRequest, GenerationResult, Mode, RequestError, StepEvent, Timings
-from .control import make_control_image
+from .control import inpaint_condition, make_control_image
 from .memory import MemorySampler, check_fits
 from .pipelines import LoadedModel, PipelineManager
 from .preview import latents_to_preview, preview_map
@@ -99,8 +99,8 @@ class Engine:
             # 1. Check the mode against the base family, find the ControlNet.
             if request.mode == Mode.sdxl and base.family != "sdxl":
                 raise RequestError("mode", f"'sdxl' needs an SDXL base; '{request.model}' is {base.family.upper()}")
-            if request.mode == Mode.controlnet:
-                controlnet_name = self.controlnet_name(request)
+            controlnet_name = self.controlnet_name(request)
+            if controlnet_name:
                 with self.manager.use(controlnet_name, "controlnet") as (control_model, control_load_s):
                     if control_model.family != base.family:
                         raise RequestError("controlnet", f"'{controlnet_name}' is for {control_model.family.upper()}"
@@ -109,15 +109,25 @@ class Engine:
                                         load_s + control_load_s)
             return self._run_on(base, None, requests, on_steps, cancels, started, load_s)
 
-    def controlnet_name(self, request: GenerationRequest) -> str:
-        """The ControlNet a controlnet request uses: its own, or the base's built-in for the control type."""
+    def controlnet_name(self, request: GenerationRequest) -> str | None:
+        """The ControlNet a request runs with. controlnet mode: its own, or the base's built-in for the control
+        type (an error when there is none). inpaint mode: its own (an inpainting ControlNet), or the base's trained
+        built-in inpainting ControlNet when it has one, else none (plain latent-blending inpainting). Other modes:
+        none."""
+        if request.mode not in (Mode.controlnet, Mode.inpaint):
+            return None
         if request.controlnet:
             return request.controlnet
+        inpainting = request.mode == Mode.inpaint
         base = resolve(request.model, self.config)
         if base.kind == "builtin":
-            name = builtin_controlnet_for(base.name.removeprefix("builtin:"), request.control_type)
-            if name:
+            name = builtin_controlnet_for(base.name.removeprefix("builtin:"), "inpaint" if inpainting
+                                          else request.control_type)
+            # An untrained stand-in would steer inpainting with noise; only a trained one is used unasked.
+            if name and not (inpainting and not is_trained(name)):
                 return f"builtin:{name}"
+        if inpainting:
+            return None
         raise RequestError("controlnet", f"no default {request.control_type} ControlNet for '{request.model}'; "
                                          "name one in controlnet")
 
@@ -136,7 +146,7 @@ class Engine:
 
         # 3. Refuse what would not fit in memory; mode inputs, at the output size.
         check_fits(base.pipeline, self.device, width, height, len(generators), request.guidance)
-        inputs, mask, control_image = self._mode_inputs(request, width, height)
+        inputs, mask, control_image = self._mode_inputs(request, width, height, control_model is not None)
 
         # 4. A pipeline view with its own scheduler; LoRAs through the base's gate.
         pipe = self.manager.view(base, request.mode, request.scheduler,
@@ -208,22 +218,25 @@ class Engine:
         native = base.pipeline.unet.config.sample_size * base.pipeline.vae_scale_factor
         return request.width or native, request.height or native
 
-    def _mode_inputs(self, request: GenerationRequest, width: int, height: int):
+    def _mode_inputs(self, request: GenerationRequest, width: int, height: int, controlled: bool):
         """Pipeline keyword arguments for the mode, plus the prepared mask and control image (for the result)."""
         size = (width, height)
         if request.mode in (Mode.txt2img, Mode.sdxl):
             return {"width": width, "height": height}, None, None
         if request.mode == Mode.img2img:
             return {"image": request.init_image.resize(size, Image.LANCZOS), "strength": request.strength}, None, None
+        control = {"controlnet_conditioning_scale": request.control_scale,
+                   "control_guidance_start": request.control_start, "control_guidance_end": request.control_end}
         if request.mode == Mode.inpaint:
             image = request.init_image.resize(size, Image.LANCZOS)
             mask = prepare_mask(request.mask_image, size, request.mask_blur, request.mask_grow)
-            return ({"image": image, "mask_image": mask, "strength": request.strength, "width": width,
-                     "height": height}, mask, None)
+            inputs = {"image": image, "mask_image": mask, "strength": request.strength, "width": width,
+                      "height": height}
+            if controlled:  # an inpainting ControlNet sees the image with its hole marked
+                inputs |= {"control_image": inpaint_condition(image, mask), **control}
+            return inputs, mask, None
         control_image = self.control_preview(request).resize(size, Image.BILINEAR)
-        return ({"image": control_image, "controlnet_conditioning_scale": request.control_scale,
-                 "control_guidance_start": request.control_start, "control_guidance_end": request.control_end,
-                 "width": width, "height": height}, None, control_image)
+        return {"image": control_image, **control, "width": width, "height": height}, None, control_image
 
     @staticmethod
     def _adapter_name(name: str) -> str:

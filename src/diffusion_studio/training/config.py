@@ -14,7 +14,7 @@ class TrainConfig(BaseModel):
     base: str = Field("builtin:shapes", description="model whose weights start the run (or give the architecture)")
     method: Literal["full", "lora", "controlnet"] = Field(
         "lora", description="full: UNet (+ text encoder); lora: adapters on the UNet's attention; controlnet: a "
-                            "canny ControlNet beside a frozen base")
+                            "canny or inpainting ControlNet beside a frozen base")
     train_text_encoder: bool = Field(False, description="full training only: also train the text encoder")
     dataset: str = Field("shapes", description="'shapes' (shapes world) or a folder of images")
     instance_prompt: str | None = Field(None, description="caption for images without a .txt caption file")
@@ -36,6 +36,8 @@ class TrainConfig(BaseModel):
     ema_decay: float | None = Field(None, gt=0, lt=1, description="keep an EMA of the weights (not for LoRA)")
     max_grad_norm: float = Field(1.0, gt=0)
     pool_size: int = Field(4096, ge=1, description="shapes world: samples encoded once and drawn from")
+    control_type: Literal["canny", "inpaint"] = Field(
+        "canny", description="controlnet: what it learns to follow: canny edges, or the masked image (inpainting)")
     canny_thresholds: tuple[int, int] = Field((100, 200), description="controlnet: the canny thresholds (low, "
                                               "high) that make the training control maps")
     output_dir: Path = Path("data/training/run")

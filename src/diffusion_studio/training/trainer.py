@@ -9,25 +9,30 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import (
     ControlNetModel,
     DDPMScheduler,
+    StableDiffusionControlNetInpaintPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLControlNetInpaintPipeline,
     StableDiffusionXLControlNetPipeline,
 )
 from diffusers.training_utils import EMAModel
 from diffusers.utils import convert_state_dict_to_diffusers
+from PIL import Image
 
 from ..builtin.shapes import check, parse_caption
 from .config import TrainConfig
-from ..engine.control import canny
-from .data import LatentPool, control_maps, folder_pool, shapes_pool
+from ..engine.control import canny, inpaint_condition
+from .data import LatentPool, control_maps, folder_pool, inpainting_mask, shapes_pool
 from .events import EventBus, StabilityMeter, TrainingEvent
 
 log = logging.getLogger(__name__)
@@ -112,12 +117,26 @@ class Trainer:
             pool = shapes_pool(self.pipe.vae, cfg.pool_size, cfg.resolution, cfg.seed)
         else:
             pool = folder_pool(self.pipe.vae, Path(cfg.dataset), cfg.resolution, cfg.instance_prompt, self._warn)
-        if cfg.method == "controlnet":
+        if cfg.method == "controlnet" and cfg.control_type == "inpaint":
+            rng = random.Random(cfg.seed)  # the same holes when a resumed run rebuilds the pool
+            pool.conditions = torch.cat([inpaint_condition(image, inpainting_mask(image, rng)) for image in pool.images])
+        elif cfg.method == "controlnet":
             pool.conditions = control_maps(pool.images, self._control_map)
         return pool
 
     def _control_map(self, image):
         return canny(image, *self.config.canny_thresholds)
+
+    def _control_sample_inputs(self, count: int) -> tuple[type, dict]:
+        """The pipeline and inputs that show a ControlNet at work: canny maps, or pool images with their holes."""
+        if self.config.control_type == "canny":
+            family = StableDiffusionXLControlNetPipeline if self.is_xl else StableDiffusionControlNetPipeline
+            return family, {"image": [self._control_map(self.pool.images[i]) for i in range(count)]}
+        family = StableDiffusionXLControlNetInpaintPipeline if self.is_xl else StableDiffusionControlNetInpaintPipeline
+        holes = [Image.fromarray((self.pool.conditions[i] < 0).all(0).numpy().astype(np.uint8) * 255)
+                 for i in range(count)]
+        return family, {"image": self.pool.images[:count], "mask_image": holes, "strength": 1.0,
+                        "control_image": self.pool.conditions[:count]}
 
     def _warn(self, message: str) -> None:
         self.bus.publish(TrainingEvent("warning", self.step, self.config.steps, message=message))
@@ -272,9 +291,8 @@ class Trainer:
             if not self.is_xl:
                 components["requires_safety_checker"] = False
             if cfg.method == "controlnet":
-                family = StableDiffusionXLControlNetPipeline if self.is_xl else StableDiffusionControlNetPipeline
+                family, extra = self._control_sample_inputs(len(cfg.sample_prompts))
                 pipe = family(**components, controlnet=self.controlnet)
-                extra["image"] = [self._control_map(self.pool.images[i]) for i in range(len(cfg.sample_prompts))]
             else:
                 pipe = type(self.pipe)(**components)
             pipe.set_progress_bar_config(disable=True)
