@@ -206,6 +206,27 @@ def test_controlnet_training_exports_a_usable_controlnet(pipe, tmp_path, make_co
     assert result.images[0].size == (32, 32)
 
 
+def test_inpainting_controlnet_learns_from_holes_and_inpaints(pipe, tmp_path, make_config, sd_folder):
+    bus = EventBus()
+    events = collect(bus)
+    trainer = Trainer(config(tmp_path, method="controlnet", control_type="inpaint", steps=2, sample_every=2,
+                             sample_steps=2), pipe, bus=bus)
+    output = trainer.run()
+    conditions = trainer.pool.conditions
+    holes = (conditions == -1).all(dim=1)
+    assert holes.any(dim=(1, 2)).all()  # every pool image has a hole, and outside it the image in [0, 1]
+    assert conditions.permute(1, 0, 2, 3)[:, ~holes].min() >= 0
+    samples = [e for e in events if e.kind == "sample"]
+    assert samples[0].data["prompts"] == trainer.pool.captions[:1]  # the sampled image's own caption
+    engine = Engine(make_config())
+    source, mask = Image.new("RGB", (32, 32), "white"), Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    result = engine.run(GenerationRequest(model=str(sd_folder), mode="inpaint", controlnet=str(output),
+                                          init_image=source, mask_image=mask, mask_blur=0, steps=2, seed=1))
+    assert np.array_equal(np.asarray(result.images[0])[np.asarray(mask) == 0],
+                          np.asarray(source)[np.asarray(mask) == 0])
+
+
 def test_sdxl_full_training_with_both_text_encoders(tmp_path, make_config):
     from diffusion_studio.builtin.architectures import TinySize, build_sdxl_pipeline
 

@@ -124,7 +124,7 @@ class Engine:
             name = builtin_controlnet_for(base.name.removeprefix("builtin:"), "inpaint" if inpainting
                                           else request.control_type)
             # An untrained stand-in would steer inpainting with noise; only a trained one is used unasked.
-            if name and not (inpainting and not is_trained(name)):
+            if name and (is_trained(name) or not inpainting):
                 return f"builtin:{name}"
         if inpainting:
             return None

@@ -127,16 +127,18 @@ class Trainer:
     def _control_map(self, image):
         return canny(image, *self.config.canny_thresholds)
 
-    def _control_sample_inputs(self, count: int) -> tuple[type, dict]:
-        """The pipeline and inputs that show a ControlNet at work: canny maps, or pool images with their holes."""
+    def _control_sample_inputs(self, prompts: list[str]) -> tuple[type, list[str], dict]:
+        """The pipeline, prompts and inputs that show a ControlNet at work: the sample prompts on canny maps of pool
+        images, or pool images with their holes and their own captions (another prompt would fight the context)."""
+        count = len(prompts)
         if self.config.control_type == "canny":
             family = StableDiffusionXLControlNetPipeline if self.is_xl else StableDiffusionControlNetPipeline
-            return family, {"image": [self._control_map(self.pool.images[i]) for i in range(count)]}
+            return family, prompts, {"image": [self._control_map(self.pool.images[i]) for i in range(count)]}
         family = StableDiffusionXLControlNetInpaintPipeline if self.is_xl else StableDiffusionControlNetInpaintPipeline
         holes = [Image.fromarray((self.pool.conditions[i] < 0).all(0).numpy().astype(np.uint8) * 255)
                  for i in range(count)]
-        return family, {"image": self.pool.images[:count], "mask_image": holes, "strength": 1.0,
-                        "control_image": self.pool.conditions[:count]}
+        return family, self.pool.captions[:count], {"image": self.pool.images[:count], "mask_image": holes,
+                                                    "strength": 1.0, "control_image": self.pool.conditions[:count]}
 
     def _warn(self, message: str) -> None:
         self.bus.publish(TrainingEvent("warning", self.step, self.config.steps, message=message))
@@ -287,17 +289,17 @@ class Trainer:
         with self._ema_weights():
             for module in self.modules.values():
                 module.eval()
-            components, extra = dict(self.pipe.components), {}
+            components, prompts, extra = dict(self.pipe.components), cfg.sample_prompts, {}
             if not self.is_xl:
                 components["requires_safety_checker"] = False
             if cfg.method == "controlnet":
-                family, extra = self._control_sample_inputs(len(cfg.sample_prompts))
+                family, prompts, extra = self._control_sample_inputs(prompts)
                 pipe = family(**components, controlnet=self.controlnet)
             else:
                 pipe = type(self.pipe)(**components)
             pipe.set_progress_bar_config(disable=True)
-            generator = [torch.Generator().manual_seed(i) for i in range(len(cfg.sample_prompts))]
-            images = pipe(cfg.sample_prompts, num_inference_steps=cfg.sample_steps, generator=generator,
+            generator = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+            images = pipe(prompts, num_inference_steps=cfg.sample_steps, generator=generator,
                           height=cfg.resolution, width=cfg.resolution, **extra).images
             for module in self.modules.values():
                 module.train()
@@ -306,8 +308,8 @@ class Trainer:
             path = folder / f"step{self.step:07d}-{index}.png"
             image.save(path)
             paths.append(path)
-        data = {"images": [str(p) for p in paths], "prompts": cfg.sample_prompts}
-        adherence = None if cfg.method == "controlnet" else shapes_adherence(images, cfg.sample_prompts)
+        data = {"images": [str(p) for p in paths], "prompts": prompts}
+        adherence = None if cfg.method == "controlnet" else shapes_adherence(images, prompts)
         if adherence is not None:
             data["adherence"] = adherence
         self.bus.publish(TrainingEvent("sample", self.step, cfg.steps, data=data))
