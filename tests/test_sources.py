@@ -52,7 +52,8 @@ def test_models_list(make_config, sd_folder):
     shutil.copytree(sd_folder, config.models_dir / "found-sd")
     (config.models_dir / "notes.txt").write_text("not a model")
     rows = {row["name"]: row for row in list_models(config)}
-    assert list(rows)[:4] == ["builtin:shapes", "builtin:shapes-xl", "builtin:shapes-canny", "builtin:shapes-xl-canny"]
+    assert list(rows)[:5] == ["builtin:shapes", "builtin:shapes-xl", "builtin:shapes-canny", "builtin:shapes-inpaint",
+                              "builtin:shapes-xl-canny"]
     assert rows["builtin:shapes-xl-canny"]["origin"] == "built-in (untrained stand-in)"
     assert rows["found-sd"]["role"] == "base" and rows["found-sd"]["family"] == "sd"
     assert "notes.txt" not in rows
