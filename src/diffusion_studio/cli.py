@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train the built-in models or a LoRA")
     train_sub = train.add_subparsers(dest="what", required=True)
     builtin = train_sub.add_parser("builtin", parents=[common], help="rebuild a built-in model from scratch")
-    builtin.add_argument("--name", required=True, help="built-in to train: shapes, then shapes-canny, shapes-inpaint, shapes-xl")
+    builtin.add_argument("--name", required=True,
+                         help="built-in to train: shapes, then shapes-canny, shapes-inpaint, shapes-xl")
     builtin.add_argument("--work", help="checkpoints and logs (default: data/training/<name>); resumes from it")
     builtin.add_argument("--vae-steps", type=int, default=1500)
     builtin.add_argument("--unet-steps", type=int, default=30000, help="UNet (or ControlNet) training steps")

@@ -14,9 +14,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from PIL import Image
-
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 
 from ..config import StudioConfig
 from ..engine.runner import Engine

@@ -119,7 +119,8 @@ class Trainer:
             pool = folder_pool(self.pipe.vae, Path(cfg.dataset), cfg.resolution, cfg.instance_prompt, self._warn)
         if cfg.method == "controlnet" and cfg.control_type == "inpaint":
             rng = random.Random(cfg.seed)  # the same holes when a resumed run rebuilds the pool
-            pool.conditions = torch.cat([inpaint_condition(image, inpainting_mask(image, rng)) for image in pool.images])
+            pool.conditions = torch.cat([inpaint_condition(image, inpainting_mask(image, rng))
+                                         for image in pool.images])
         elif cfg.method == "controlnet":
             pool.conditions = control_maps(pool.images, self._control_map)
         return pool
