@@ -10,6 +10,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image, ImageDraw
 from pydantic import ValidationError
+from safetensors.torch import load_file, save_file
 
 from diffusion_studio.builtin.shapes import ShapesWorld, blob_mask
 from diffusion_studio.engine.runner import Engine
@@ -57,6 +58,37 @@ def test_lora_run_publishes_metrics_and_gives_a_usable_lora(pipe, tmp_path, make
     with_lora = engine.run(GenerationRequest(model=str(sd_folder), prompt="a red circle", steps=2, seed=1,
                                              loras=[{"name": str(output), "weight": 1.0}]))
     assert not np.array_equal(np.asarray(plain.images[0]), np.asarray(with_lora.images[0]))
+
+
+def test_lora_on_the_text_encoder_too_resumes_exactly_and_loads_into_generation(sd_folder, tmp_path, make_config):
+    def lora_trainer(folder):
+        return Trainer(config(folder, steps=4, train_text_encoder=True), StableDiffusionPipeline.from_pretrained(sd_folder))
+
+    straight = lora_trainer(tmp_path / "a")
+    encoder_before = {k: v.clone() for k, v in straight.pipe.text_encoder.state_dict().items()}
+    output = straight.run()
+    # Only the adapters trained: the encoder's own weights are untouched, its adapter moved.
+    trained = straight.pipe.text_encoder.state_dict()
+    assert all(torch.equal(trained[k], v) for k, v in encoder_before.items() if "lora_" not in k)
+    assert any("lora_B" in k and not torch.equal(trained[k], v) for k, v in encoder_before.items())
+    # A run stopped at step 2 and resumed ends with the same adapters as one that ran straight through.
+    interrupted = lora_trainer(tmp_path / "b")
+    interrupted.bus.subscribe(lambda e: e.kind == "step" and e.step == 2 and interrupted.stop())
+    interrupted.run()
+    resumed = lora_trainer(tmp_path / "b")
+    resumed.run()
+    for name in ("unet", "text_encoder"):
+        a, b = straight._trainable_state()[name], resumed._trainable_state()[name]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The exported file carries both parts, and generation loads the text encoder's part too.
+    assert {key.split(".")[0] for key in load_file(output)} == {"unet", "text_encoder"}
+    engine = Engine(make_config())
+    unet_only = tmp_path / "unet-only.safetensors"
+    save_file({k: v for k, v in load_file(output).items() if k.startswith("unet.")}, unet_only)
+    request = dict(model=str(sd_folder), prompt="a red circle", steps=2, seed=1)
+    both = engine.run(GenerationRequest(**request, loras=[{"name": str(output), "weight": 1.0}]))
+    unet_part = engine.run(GenerationRequest(**request, loras=[{"name": str(unet_only), "weight": 1.0}]))
+    assert not np.array_equal(np.asarray(both.images[0]), np.asarray(unet_part.images[0]))
 
 
 def test_pause_resume_stop_from_another_thread(pipe, tmp_path):
@@ -173,7 +205,7 @@ def test_full_run_exports_a_loadable_model(pipe, tmp_path, make_config):
 @pytest.mark.parametrize("fields, message", [
     ({"canny_thresholds": (200, 100)}, "canny_thresholds: need 0 <= low <= high <= 255"),
     ({"warmup_steps": 10, "steps": 10}, "warmup_steps: must be smaller than steps"),
-    ({"method": "lora", "train_text_encoder": True}, "train_text_encoder: only with method 'full'"),
+    ({"method": "controlnet", "train_text_encoder": True}, "train_text_encoder: not with method 'controlnet'"),
     ({"resolution": 60}, "multiple of 8"),
     ({"learning_rate": 0}, "greater than 0"),
 ])

@@ -143,14 +143,26 @@ def heart_specs(count: int, seed: int) -> list[ShapeSpec]:
                       rng.choice(list(POSITIONS))) for _ in range(count)]
 
 
-def write_heart_dataset(folder: Path, count: int = 8, prior: int = 8, seed: int = 0) -> Path:
-    """`count` images of the new concept, plus `prior` ordinary shapes-world images that the base model already
-    draws (DreamBooth's prior preservation: without them the LoRA drifts every prompt towards hearts)."""
+def varied_heart_specs(count: int, seed: int) -> list[ShapeSpec]:
+    """Hearts whose colours, backgrounds and positions each cycle through every value (in a seeded order), as a
+    person choosing 8 example images would vary them: a random draw of 8 repeats some colours and misses others,
+    and the LoRA then ties "heart" to the colours it saw."""
+    rng = random.Random(seed)
+    orders = [rng.sample(list(values), len(values)) for values in (COLOURS, BACKGROUNDS, POSITIONS)]
+    return [ShapeSpec(orders[0][i % len(COLOURS)], "heart", orders[1][i % len(BACKGROUNDS)],
+                      orders[2][i % len(POSITIONS)]) for i in range(count)]
+
+
+def write_heart_dataset(folder: Path, count: int = 8, prior: int = 8, seed: int = 0, repeats: int = 1) -> Path:
+    """`count` varied images of the new concept, plus `prior` ordinary shapes-world images that the base model
+    already draws (DreamBooth's prior preservation: without them the LoRA drifts every prompt towards hearts)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    for index, spec in enumerate(heart_specs(count, seed)):
-        render(spec, rng=rng).save(folder / f"heart{index}.png")
-        (folder / f"heart{index}.txt").write_text(spec.caption)
+    for index, spec in enumerate(varied_heart_specs(count, seed)):
+        image = render(spec, rng=rng)
+        for copy in range(repeats):
+            image.save(folder / f"heart{index}-{copy}.png")
+            (folder / f"heart{index}-{copy}.txt").write_text(spec.caption)
     for index in range(prior):
         spec = random_spec(rng)
         render(spec, rng=rng).save(folder / f"prior{index}.png")
@@ -159,13 +171,14 @@ def write_heart_dataset(folder: Path, count: int = 8, prior: int = 8, seed: int 
 
 
 def lora_proof(work: Path, data_dir: Path, steps: int, prompts: int, seed: int = 0, learning_rate: float = 4e-4,
-               prior: int = 8) -> dict[str, float]:
+               prior: int = 8, train_text_encoder: bool = False, repeats: int = 1) -> dict[str, float]:
     """Teach builtin:shapes a shape it has never drawn ("heart") with a LoRA from 8 images (+ `prior` ordinary
     ones), then: heart prompts that draw a heart (template match) with and without the LoRA, and ordinary prompts
     still right (colour + shape + background) with the LoRA loaded."""
-    dataset = write_heart_dataset(work / "hearts", prior=prior)
+    dataset = write_heart_dataset(work / "hearts", prior=prior, repeats=repeats)
     config = TrainConfig(base="builtin:shapes", method="lora", dataset=str(dataset), resolution=64, steps=steps,
                          batch_size=8, learning_rate=learning_rate, lora_rank=8, lora_alpha=8, seed=seed,
+                         train_text_encoder=train_text_encoder,
                          checkpoint_every=max(steps, 1), output_dir=work / "run")
     lora = Trainer(config, StableDiffusionPipeline.from_pretrained(builtin_folder("shapes", data_dir))).run()
     engine = Engine(StudioConfig(data_dir=data_dir, models_dir=work, preview_interval=0))

@@ -166,12 +166,11 @@ def shapes_trainer(run: RecipeRun) -> Trainer:
 def shapes_xl_trainer(run: RecipeRun) -> Trainer:
     """builtin:shapes-xl: SDXL architecture trained from scratch on the shapes world, reusing the autoencoder
     trained for builtin:shapes (same images, so the same latent space; no second VAE stage)."""
-    if not (COMMITTED_DIR / "shapes").is_dir():
-        raise TrainingError("name: shapes-xl reuses builtin:shapes' autoencoder; train shapes first")
+    shapes = _trained_shapes("shapes-xl reuses builtin:shapes' autoencoder")
 
     def start():
         torch.manual_seed(0)
-        vae = AutoencoderKL.from_pretrained(COMMITTED_DIR / "shapes", subfolder="vae")
+        vae = AutoencoderKL.from_pretrained(shapes, subfolder="vae")
         pin_posterior(vae)  # already pinned when shapes was trained after the fix; idempotent
         pipe = build_sdxl_pipeline(seed=0, size=BUILTIN_SIZE, vae=vae)
         pipe.tokenizer.model_max_length = pipe.tokenizer_2.model_max_length = TOKENS
@@ -181,10 +180,17 @@ def shapes_xl_trainer(run: RecipeRun) -> Trainer:
     return _resume_or_start("shapes-xl", config, start, run)
 
 
+def _trained_shapes(needed_by: str) -> Path:
+    """The installed builtin:shapes folder, which other recipes build on (`needed_by` says why, for the error)."""
+    folder = COMMITTED_DIR / "shapes"
+    if not folder.is_dir():
+        raise TrainingError(f"name: {needed_by}; train shapes first")
+    return folder
+
+
 def _controlnet_trainer(name: str, run: RecipeRun, **settings) -> Trainer:
     """A ControlNet beside the frozen builtin:shapes (`settings`: what it learns to follow)."""
-    if not (COMMITTED_DIR / "shapes").is_dir():
-        raise TrainingError(f"name: {name} is trained beside builtin:shapes; train shapes first")
+    shapes = _trained_shapes(f"{name} is trained beside builtin:shapes")
     config = TrainConfig(
         base="builtin:shapes", method="controlnet", dataset="shapes", resolution=64, steps=run.unet_steps,
         batch_size=run.batch_size, learning_rate=3e-4, lr_schedule="cosine", warmup_steps=100, checkpoint_every=100,
@@ -192,8 +198,7 @@ def _controlnet_trainer(name: str, run: RecipeRun, **settings) -> Trainer:
         caption_dropout=0.1, ema_decay=0.999, pool_size=run.pool_size or 8000, output_dir=run.work / "controlnet",
         **settings,
     )
-    pipe = StableDiffusionPipeline.from_pretrained(COMMITTED_DIR / "shapes")
-    return Trainer(config, pipe, bus=run.bus, device=run.device)
+    return Trainer(config, StableDiffusionPipeline.from_pretrained(shapes), bus=run.bus, device=run.device)
 
 
 def shapes_canny_trainer(run: RecipeRun) -> Trainer:

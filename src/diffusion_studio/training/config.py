@@ -15,7 +15,8 @@ class TrainConfig(BaseModel):
     method: Literal["full", "lora", "controlnet"] = Field(
         "lora", description="full: UNet (+ text encoder); lora: adapters on the UNet's attention; controlnet: a "
                             "canny or inpainting ControlNet beside a frozen base")
-    train_text_encoder: bool = Field(False, description="full training only: also train the text encoder")
+    train_text_encoder: bool = Field(False, description="also train the text encoder(s): all their weights (full) "
+                                                         "or LoRA adapters on their attention (lora)")
     dataset: str = Field("shapes", description="'shapes' (shapes world) or a folder of images")
     instance_prompt: str | None = Field(None, description="caption for images without a .txt caption file")
     resolution: int = Field(64, ge=8, le=2048, multiple_of=8)
@@ -46,8 +47,8 @@ class TrainConfig(BaseModel):
     def _check(self) -> "TrainConfig":
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps: must be smaller than steps ({self.steps})")
-        if self.method == "lora" and self.train_text_encoder:
-            raise ValueError("train_text_encoder: only with method 'full' (LoRA adapts the UNet)")
+        if self.method == "controlnet" and self.train_text_encoder:
+            raise ValueError("train_text_encoder: not with method 'controlnet' (it trains beside a frozen base)")
         low, high = self.canny_thresholds
         if not 0 <= low <= high <= 255:
             raise ValueError("canny_thresholds: need 0 <= low <= high <= 255")

@@ -12,6 +12,7 @@ import os
 import random
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from diffusers import (
 )
 from diffusers.training_utils import EMAModel
 from diffusers.utils import convert_state_dict_to_diffusers
+from diffusers.utils.peft_utils import delete_adapter_layers
 from PIL import Image
 
 from ..builtin.shapes import check, parse_caption
@@ -38,6 +40,9 @@ from .events import EventBus, StabilityMeter, TrainingEvent
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 ADAPTER = "studio_training"
+# What LoRA adapts: the UNet's attention projections; with train_text_encoder, the text encoders' too.
+UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 class TrainingError(RuntimeError):
@@ -86,16 +91,11 @@ class Trainer:
         for encoder in encoders.values():
             encoder.requires_grad_(False)
         if self.config.method == "lora":
-            from peft import LoraConfig
-
             unet.requires_grad_(False)
-            if ADAPTER in getattr(unet, "peft_config", {}):  # a fresh adapter for each run on a reused UNet
-                unet.delete_adapters(ADAPTER)
-            unet.add_adapter(adapter_name=ADAPTER, adapter_config=LoraConfig(r=self.config.lora_rank, lora_alpha=self.config.lora_alpha,
-                                        init_lora_weights="gaussian",
-                                        target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-            unet.set_adapters(ADAPTER)
-            return {"unet": unet}
+            adapted = {"unet": unet, **(encoders if self.config.train_text_encoder else {})}
+            for name, module in adapted.items():
+                self._add_lora(name, module)
+            return adapted
         if self.config.method == "controlnet":
             unet.requires_grad_(False)
             if self.controlnet is None:  # starts as a copy of the UNet's encoder, outputs zeroed (standard)
@@ -110,6 +110,26 @@ class Trainer:
                 encoder.requires_grad_(True)
             return {"unet": unet, **encoders}
         return {"unet": unet}
+
+    def _add_lora(self, name: str, module: torch.nn.Module) -> None:
+        """A fresh LoRA adapter on `module`'s attention projections (replacing one a reused pipeline still has)."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        config = LoraConfig(r=self.config.lora_rank, lora_alpha=self.config.lora_alpha, init_lora_weights="gaussian",
+                            target_modules=UNET_LORA_TARGETS if name == "unet" else TEXT_LORA_TARGETS)
+        if name == "unet":
+            if ADAPTER in getattr(module, "peft_config", {}):
+                module.delete_adapters(ADAPTER)
+            module.add_adapter(adapter_name=ADAPTER, adapter_config=config)
+            module.set_adapters(ADAPTER)
+            return
+        # transformers' own add_adapter wants peft >= 0.22 (0.21 is the newest); peft's injection is what it calls.
+        if ADAPTER in getattr(module, "peft_config", {}):
+            delete_adapter_layers(module, ADAPTER)
+            module.peft_config.pop(ADAPTER)
+        with warnings.catch_warnings():  # transformers models carry an empty `peft_config`, which peft warns about
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            inject_adapter_in_model(config, module, adapter_name=ADAPTER)  # only the new adapter is trainable
 
     def _build_pool(self) -> LatentPool:
         cfg = self.config
@@ -336,7 +356,8 @@ class Trainer:
         if self.config.method == "lora":
             from peft.utils import get_peft_model_state_dict
 
-            return {"unet": get_peft_model_state_dict(self.pipe.unet, adapter_name=ADAPTER)}
+            return {name: get_peft_model_state_dict(module, adapter_name=ADAPTER)
+                    for name, module in self.modules.items()}
         return {name: module.state_dict() for name, module in self.modules.items()}
 
     def save_checkpoint(self) -> Path:
@@ -379,7 +400,8 @@ class Trainer:
         if self.config.method == "lora":
             from peft.utils import set_peft_model_state_dict
 
-            set_peft_model_state_dict(self.pipe.unet, state["trainable"]["unet"], adapter_name=ADAPTER)
+            for name, module in self.modules.items():
+                set_peft_model_state_dict(module, state["trainable"][name], adapter_name=ADAPTER)
         else:
             for name, module in self.modules.items():
                 module.load_state_dict(state["trainable"][name])
@@ -400,9 +422,11 @@ class Trainer:
         if self.config.method == "lora":
             from peft.utils import get_peft_model_state_dict
 
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.pipe.unet, adapter_name=ADAPTER))
-            StableDiffusionPipeline.save_lora_weights(self.output_dir, unet_lora_layers=layers,
-                                                      weight_name="lora.safetensors", safe_serialization=True)
+            # unet_lora_layers, text_encoder_lora_layers, text_encoder_2_lora_layers: the loader's own names.
+            layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(
+                get_peft_model_state_dict(module, adapter_name=ADAPTER)) for name, module in self.modules.items()}
+            type(self.pipe).save_lora_weights(self.output_dir, weight_name="lora.safetensors",
+                                              safe_serialization=True, **layers)
             return self.output_dir / "lora.safetensors"
         target = self.output_dir / ("controlnet" if self.config.method == "controlnet" else "model")
         with self._ema_weights():
