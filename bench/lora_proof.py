@@ -1,10 +1,12 @@
 """LoRA proof: teach builtin:shapes a shape it has never seen ("heart") from 8 images, then measure.
 
-    python bench/lora_proof.py [--steps 500] [--prompts 30] [--learning-rate 4e-4] [--prior 8]
+    python bench/lora_proof.py [--steps 500] [--prompts 30] [--prior 32] [--repeats 4] [--learning-rate 1e-3]
+                               [--lora-layers attn2.to_k,attn2.to_v] [--no-text-encoder]
 
 Prints: heart prompts that produce a heart (template match, goal >= 0.6) and base prompts still right with the
-LoRA loaded (checker, goal >= 0.8). The measurement is `diffusion_studio.builtin.quality.lora_proof`;
-tests/test_lora_proof.py runs a short version.
+LoRA loaded (checker, goal >= 0.8), each beside the base model's own figure on the same prompts. The measurement
+is `diffusion_studio.builtin.quality.lora_proof` (its recipe: LORA_PROOF_SETTINGS); tests/test_lora_proof.py runs
+a short version.
 """
 
 from __future__ import annotations
@@ -25,17 +27,28 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--prompts", type=int, default=30)
-    parser.add_argument("--learning-rate", type=float, default=4e-4)
-    parser.add_argument("--prior", type=int, default=8, help="ordinary images beside the 8 hearts")
+    parser.add_argument("--prior", type=int, default=32, help="ordinary images beside the 8 hearts")
+    parser.add_argument("--repeats", type=int, default=4, help="times each heart image is in the dataset")
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--lora-layers", help="comma-separated UNet modules (default: the proof's recipe)")
+    parser.add_argument("--no-text-encoder", action="store_true", help="adapt the UNet only")
     args = parser.parse_args()
+    overrides = {}
+    if args.learning_rate:
+        overrides["learning_rate"] = args.learning_rate
+    if args.lora_layers:
+        overrides["lora_layers"] = args.lora_layers.split(",")
+    if args.no_text_encoder:
+        overrides["train_text_encoder"] = False
     _quiet_libraries()
     with tempfile.TemporaryDirectory() as scratch:
         result = lora_proof(Path(scratch), Path(os.environ.get("DS_DATA_DIR", scratch)), args.steps, args.prompts,
-                            learning_rate=args.learning_rate, prior=args.prior)
+                            prior=args.prior, repeats=args.repeats, **overrides)
     print(f"lora_heart_prompts_make_hearts {result['heart']:.3f}  (template match, {args.prompts} prompts, "
-          f"{args.steps} steps on 8 images + {args.prior} prior images, lr {args.learning_rate:g}; goal >= 0.6; "
-          f"without the LoRA {result['heart_without_lora']:.3f})")
-    print(f"lora_base_prompts_still_right {result['base_kept']:.3f}  (checker colour+shape+background; goal >= 0.8)")
+          f"{args.steps} steps on 8 hearts x{args.repeats} + {args.prior} prior images {overrides or ''}; "
+          f"goal >= 0.6; without the LoRA {result['heart_without_lora']:.3f})")
+    print(f"lora_base_prompts_still_right {result['base_kept']:.3f}  (checker colour+shape+background; goal >= 0.8; "
+          f"without the LoRA {result['base_without_lora']:.3f})")
     return 0
 
 

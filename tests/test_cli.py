@@ -1,6 +1,9 @@
 """The command line: generate writes PNGs that carry their parameters; models lists what exists."""
 
+from pathlib import Path
+
 from PIL import Image
+from safetensors.torch import load_file
 
 from diffusion_studio.cli import main
 from diffusion_studio.engine.metadata import request_from_png
@@ -59,3 +62,16 @@ def test_users_and_tokens(tmp_path, capsys):
     assert token.startswith("ds_") and token not in (tmp_path / "users.json").read_text()  # stored hashed
     assert main(["users", "token", "bob", "--data-dir", str(tmp_path)]) == 2
     assert "name: no user 'bob'" in capsys.readouterr().err
+
+
+def test_train_lora_adapts_the_chosen_layers_and_the_text_encoder(data_dir, tmp_path, sd_folder, capsys):
+    common = ["train", "lora", "--data-dir", str(data_dir), "--base", str(sd_folder), "--dataset", "shapes",
+              "--resolution", "32", "--steps", "2", "--batch-size", "2"]
+    assert main([*common, "--name", "kv", "--lora-layers", "attn2.to_k,attn2.to_v", "--train-text-encoder"]) == 0
+    lora = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert lora == data_dir / "loras" / "kv.safetensors"
+    unet_modules = {key.split(".lora")[0].rsplit(".", 1)[-1] for key in load_file(lora) if key.startswith("unet.")}
+    assert unet_modules == {"to_k", "to_v"}
+    assert any(key.startswith("text_encoder.") for key in load_file(lora))
+    assert main([*common, "--name", "bad", "--lora-layers", "to_nothing"]) == 2
+    assert capsys.readouterr().err.startswith("error: lora_layers: ")

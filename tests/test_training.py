@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from diffusion_studio.builtin.shapes import ShapesWorld, blob_mask
 from diffusion_studio.engine.runner import Engine
-from diffusion_studio.requests import GenerationRequest
+from diffusion_studio.requests import GenerationRequest, RequestError
 from diffusion_studio.training.config import TrainConfig
 from diffusion_studio.training.data import DatasetError, inpainting_mask
 from diffusion_studio.training.events import EventBus
@@ -89,6 +89,16 @@ def test_lora_on_the_text_encoder_too_resumes_exactly_and_loads_into_generation(
     both = engine.run(GenerationRequest(**request, loras=[{"name": str(output), "weight": 1.0}]))
     unet_part = engine.run(GenerationRequest(**request, loras=[{"name": str(unet_only), "weight": 1.0}]))
     assert not np.array_equal(np.asarray(both.images[0]), np.asarray(unet_part.images[0]))
+
+
+def test_lora_layers_choose_what_the_lora_adapts(pipe, sd_folder, tmp_path):
+    trainer = Trainer(config(tmp_path, steps=1, lora_layers=["attn2.to_k", "attn2.to_v"]), pipe)
+    adapted = {name.rsplit(".lora_A", 1)[0] for name, p in pipe.unet.named_parameters()
+               if p.requires_grad and ".lora_A" in name}
+    assert adapted and all(name.endswith(("attn2.to_k", "attn2.to_v")) for name in adapted)
+    assert trainer.params and all(p.requires_grad for p in trainer.params)
+    with pytest.raises(RequestError, match="lora_layers: .*not found"):
+        Trainer(config(tmp_path, lora_layers=["to_nothing"]), StableDiffusionPipeline.from_pretrained(sd_folder))
 
 
 def test_pause_resume_stop_from_another_thread(pipe, tmp_path):

@@ -4,11 +4,13 @@ ControlNet, compare, training (start, live status, stop/finish, LoRA usable at o
 import re
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from PIL import Image, ImageDraw
+from safetensors.torch import load_file
 
 from diffusion_studio.engine.metadata import request_from_png
 
@@ -119,9 +121,9 @@ def test_training_runs_with_live_status_and_the_lora_is_usable_at_once(client, s
     _, studio = server
     with pytest.raises(Exception, match="name: use 1-48 letters"):
         client.predict("builtin:shapes", "bad name!", "shapes world", None, "", 2, 10, 1e-3, 2, 0,
-                       api_name="/train_start")
+                       "all attention", False, api_name="/train_start")
     client.predict("builtin:shapes", "ui-lora", "shapes world", None, "", 2, 12, 1e-3, 2, 6,
-                   api_name="/train_start")
+                   "cross-attention keys/values", True, api_name="/train_start")
     deadline = time.time() + 240
     seen_steps = set()
     while True:
@@ -136,6 +138,9 @@ def test_training_runs_with_live_status_and_the_lora_is_usable_at_once(client, s
     assert len(loss["data"]) == 12 and len(seen_steps) >= 2  # the plot grew while it trained
     assert samples  # sample images every 6 steps
     assert "ui-lora" in studio.loras()
+    trained = load_file(Path(studio.config.data_dir) / "loras" / "ui-lora.safetensors")
+    assert any(key.startswith("text_encoder.") for key in trained)  # "Text encoder too"
+    assert {key.split(".lora")[0].rsplit(".", 1)[-1] for key in trained if key.startswith("unet.")} == {"to_k", "to_v"}
     _, gallery, status = client.predict("a red circle on a white background", "", 1,
                                            *params(loras=["ui-lora:0.8"]), api_name="/generate")
     assert status.startswith("Done")

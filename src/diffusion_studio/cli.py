@@ -121,7 +121,9 @@ def cmd_train_lora(args) -> int:
     train = TrainConfig(base=args.base, method="lora", dataset=args.dataset, instance_prompt=args.instance_prompt,
                         resolution=args.resolution, steps=args.steps, batch_size=args.batch_size,
                         learning_rate=args.learning_rate, lora_rank=args.rank, lora_alpha=args.rank,
-                        seed=args.seed, output_dir=Path(config.data_dir) / "training" / f"lora-{args.name}")
+                        train_text_encoder=args.train_text_encoder, seed=args.seed,
+                        output_dir=Path(config.data_dir) / "training" / f"lora-{args.name}",
+                        **({"lora_layers": args.lora_layers.split(",")} if args.lora_layers else {}))
     bus = EventBus()
     bus.subscribe(_print_training_event)
     bus.subscribe(JsonlLog(train.output_dir / "log.jsonl"))
@@ -238,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--batch-size", type=int, default=8)
     lora.add_argument("--learning-rate", type=float, default=1e-3)
     lora.add_argument("--rank", type=int, default=8)
+    lora.add_argument("--lora-layers", help="comma-separated UNet modules to adapt (default: all attention "
+                                            "projections; attn2.to_k,attn2.to_v disturbs other prompts least)")
+    lora.add_argument("--train-text-encoder", action="store_true", help="LoRA on the text encoder too")
     lora.add_argument("--seed", type=int, default=0)
     lora.set_defaults(func=cmd_train_lora)
 

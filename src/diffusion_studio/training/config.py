@@ -8,6 +8,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+# LoRA targets (UNet module-name endings): every attention projection, or only what the prompt writes into the
+# image, the cross-attention keys and values (Custom Diffusion's choice), which disturbs other prompts least.
+LORA_ATTENTION = ("to_k", "to_q", "to_v", "to_out.0")
+LORA_CROSS_ATTENTION_KV = ("attn2.to_k", "attn2.to_v")
+
+
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -27,6 +33,10 @@ class TrainConfig(BaseModel):
     warmup_steps: int = Field(0, ge=0)
     lora_rank: int = Field(8, ge=1, le=256)
     lora_alpha: float = Field(8.0, gt=0)
+    lora_layers: list[str] = Field(
+        default_factory=lambda: list(LORA_ATTENTION), min_length=1,
+        description="UNet modules the LoRA adapts (names or name endings, as diffusers' --lora_layers), e.g. "
+                    "LORA_ATTENTION or LORA_CROSS_ATTENTION_KV")
     seed: int = Field(0, ge=0, le=2**32 - 1)
     checkpoint_every: int = Field(100, ge=1)
     sample_every: int = Field(0, ge=0, description="0: no samples while training")

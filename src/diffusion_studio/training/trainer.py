@@ -34,14 +34,14 @@ from PIL import Image
 from ..builtin.shapes import check, parse_caption
 from .config import TrainConfig
 from ..engine.control import canny, inpaint_condition
+from ..requests import RequestError
 from .data import LatentPool, control_maps, folder_pool, inpainting_mask, shapes_pool
 from .events import EventBus, StabilityMeter, TrainingEvent
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 ADAPTER = "studio_training"
-# What LoRA adapts: the UNet's attention projections; with train_text_encoder, the text encoders' too.
-UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+# With train_text_encoder, LoRA adapts the text encoders' attention projections too (the UNet's: config.lora_layers).
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
@@ -116,11 +116,15 @@ class Trainer:
         from peft import LoraConfig, inject_adapter_in_model
 
         config = LoraConfig(r=self.config.lora_rank, lora_alpha=self.config.lora_alpha, init_lora_weights="gaussian",
-                            target_modules=UNET_LORA_TARGETS if name == "unet" else TEXT_LORA_TARGETS)
+                            target_modules=self.config.lora_layers if name == "unet" else TEXT_LORA_TARGETS)
         if name == "unet":
             if ADAPTER in getattr(module, "peft_config", {}):
                 module.delete_adapters(ADAPTER)
-            module.add_adapter(adapter_name=ADAPTER, adapter_config=config)
+            try:
+                module.add_adapter(adapter_name=ADAPTER, adapter_config=config)
+            except ValueError as exc:  # no module matched
+                raise RequestError("lora_layers", f"{exc} (this UNet's attention layers end in to_q, to_k, to_v, "
+                                                  "to_out.0, under attn1 (self) and attn2 (cross))") from None
             module.set_adapters(ADAPTER)
             return
         # transformers' own add_adapter wants peft >= 0.22 (0.21 is the newest); peft's injection is what it calls.

@@ -11,9 +11,10 @@ import gradio as gr
 import pandas as pd
 
 from ...studio import Studio
-from ...training.config import TrainConfig
+from ...training.config import LORA_ATTENTION, LORA_CROSS_ATTENTION_KV, TrainConfig
 from ..runs import user_error
 
+LORA_LAYERS = {"all attention": LORA_ATTENTION, "cross-attention keys/values": LORA_CROSS_ATTENTION_KV}
 METRICS = {"loss": "Loss", "grad_norm": "Gradient norm", "lr": "Learning rate", "stability": "Stability (0-100)"}
 
 
@@ -47,6 +48,11 @@ def build(studio: Studio) -> None:
                     sample_every = gr.Slider(0, 1000, value=50, step=10, label="Sample every N steps",
                                              info="0: no samples")
                 with gr.Row():
+                    layers = gr.Radio(list(LORA_LAYERS), value="all attention", label="LoRA adapts",
+                                      info="keys/values of cross-attention: disturbs other prompts least")
+                    text_encoder = gr.Checkbox(False, label="Text encoder too",
+                                               info="for a new word the base model has never seen")
+                with gr.Row():
                     start = gr.Button("Start", variant="primary")
                     pause = gr.Button("Pause")
                     resume = gr.Button("Resume")
@@ -62,12 +68,15 @@ def build(studio: Studio) -> None:
                 samples = gr.Gallery(label="Samples while training", columns=4, height=200, preview=False,
                                      interactive=False)
         timer = gr.Timer(1.0, active=False)
-        gr.Examples([["builtin:shapes", "quick-shapes", "shapes world", "", 8, 200, 1e-3, 8, 50],
-                     ["builtin:shapes", "red-hearts", "uploaded images", "a red heart on a white background", 8, 300,
-                      1e-3, 4, 50]],
-                    [base, name, dataset, instance_prompt, rank, steps, learning_rate, batch, sample_every])
+        gr.Examples([["builtin:shapes", "quick-shapes", "shapes world", "", 8, 200, 1e-3, 8, 50, "all attention",
+                      False],
+                     ["builtin:shapes", "red-hearts", "uploaded images", "a red heart on a white background", 8, 500,
+                      1e-3, 8, 50, "cross-attention keys/values", True]],  # the LoRA proof's recipe
+                    [base, name, dataset, instance_prompt, rank, steps, learning_rate, batch, sample_every, layers,
+                     text_encoder])
 
-        def start_run(base, name, dataset, files, instance_prompt, rank, steps, learning_rate, batch, sample_every):
+        def start_run(base, name, dataset, files, instance_prompt, rank, steps, learning_rate, batch, sample_every,
+                      layers, text_encoder):
             try:
                 if dataset == "uploaded images":
                     if not files:
@@ -79,6 +88,7 @@ def build(studio: Studio) -> None:
                     base=base, method="lora", dataset=str(folder), instance_prompt=instance_prompt or None,
                     steps=int(steps), batch_size=int(batch), learning_rate=float(learning_rate),
                     lora_rank=int(rank), lora_alpha=float(rank), sample_every=int(sample_every),
+                    lora_layers=list(LORA_LAYERS[layers]), train_text_encoder=bool(text_encoder),
                     sample_prompts=[instance_prompt or "a red circle on a white background"], sample_steps=10,
                     pool_size=256, checkpoint_every=max(10, int(steps) // 4),
                     output_dir=Path(studio.config.data_dir) / "training" / f"lora-{name}-{int(time.time())}")
@@ -106,7 +116,7 @@ def build(studio: Studio) -> None:
             return [gr.Timer(active=not run.finished), text, *plot_values, list(run.samples)]
 
         start.click(start_run, [base, name, dataset, files, instance_prompt, rank, steps, learning_rate, batch,
-                                sample_every], [timer, status], api_name="train_start")
+                                sample_every, layers, text_encoder], [timer, status], api_name="train_start")
         timer.tick(refresh, None, [timer, status, *plots.values(), samples], api_name="train_status",
                    show_progress="hidden")
         pause.click(lambda: studio.training.pause(), None, None, api_name="train_pause")
