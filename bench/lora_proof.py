@@ -1,10 +1,10 @@
 """LoRA proof: teach builtin:shapes a shape it has never seen ("heart") from 8 images, then measure.
 
     python bench/lora_proof.py [--steps 500] [--prompts 30] [--prior 32] [--repeats 4] [--learning-rate 1e-3]
-                               [--lora-layers attn2.to_k,attn2.to_v] [--no-text-encoder]
+                               [--lora-layers attn2.to_k,attn2.to_v] [--no-text-encoder] [--weights 0,0.9,1]
 
-Prints: heart prompts that produce a heart (template match, goal >= 0.6) and base prompts still right with the
-LoRA loaded (checker, goal >= 0.8), each beside the base model's own figure on the same prompts. The measurement
+Prints, at each LoRA weight (0: the base model): heart prompts that produce a heart (template match, goal >= 0.6)
+and base prompts still right with the LoRA loaded (checker, goal >= 0.8). The measurement
 is `diffusion_studio.builtin.quality.lora_proof` (its recipe: LORA_PROOF_SETTINGS); tests/test_lora_proof.py runs
 a short version.
 """
@@ -32,6 +32,7 @@ def main() -> int:
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--lora-layers", help="comma-separated UNet modules (default: the proof's recipe)")
     parser.add_argument("--no-text-encoder", action="store_true", help="adapt the UNet only")
+    parser.add_argument("--weights", default="0,0.9,1", help="comma-separated LoRA weights to measure (0: the base)")
     args = parser.parse_args()
     overrides = {}
     if args.learning_rate:
@@ -43,12 +44,13 @@ def main() -> int:
     _quiet_libraries()
     with tempfile.TemporaryDirectory() as scratch:
         result = lora_proof(Path(scratch), Path(os.environ.get("DS_DATA_DIR", scratch)), args.steps, args.prompts,
-                            prior=args.prior, repeats=args.repeats, **overrides)
-    print(f"lora_heart_prompts_make_hearts {result['heart']:.3f}  (template match, {args.prompts} prompts, "
-          f"{args.steps} steps on 8 hearts x{args.repeats} + {args.prior} prior images {overrides or ''}; "
-          f"goal >= 0.6; without the LoRA {result['heart_without_lora']:.3f})")
-    print(f"lora_base_prompts_still_right {result['base_kept']:.3f}  (checker colour+shape+background; goal >= 0.8; "
-          f"without the LoRA {result['base_without_lora']:.3f})")
+                            prior=args.prior, repeats=args.repeats,
+                            weights=tuple(float(w) for w in args.weights.split(",")), **overrides)
+    print(f"LoRA proof: {args.prompts} prompts each, {args.steps} steps on 8 hearts x{args.repeats} + {args.prior} "
+          f"prior images{', ' + str(overrides) if overrides else ''}; goals: hearts >= 0.6, base >= 0.8")
+    for weight, scores in result.items():
+        print(f"lora_weight {weight:<4g} heart_prompts_make_hearts {scores['heart']:.3f}  "
+              f"base_prompts_still_right {scores['base_kept']:.3f}")
     return 0
 
 

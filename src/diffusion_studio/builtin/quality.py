@@ -174,35 +174,33 @@ def write_heart_dataset(folder: Path, count: int = 8, prior: int = 32, seed: int
 # The proof's recipe (bench/lora_proof.py measured the alternatives; README, "LoRA proof"): Custom Diffusion's
 # choice of adapting only the cross-attention keys and values, plus LoRA on the text encoder so the new word's
 # tokens (untrained character fallbacks: h, e, a, r, t) get an embedding of their own.
-LORA_PROOF_SETTINGS = {"learning_rate": 1e-3, "lora_layers": list(LORA_CROSS_ATTENTION_KV), "train_text_encoder": True,
-                       "lora_rank": 8, "lora_alpha": 8}
+LORA_PROOF_SETTINGS = {"learning_rate": 1e-3, "lora_layers": list(LORA_CROSS_ATTENTION_KV),
+                       "train_text_encoder": True, "lora_rank": 8, "lora_alpha": 8}
 
 
 def lora_proof(work: Path, data_dir: Path, steps: int, prompts: int, seed: int = 0, prior: int = 32,
-               repeats: int = 4, **train_settings) -> dict[str, float]:
+               repeats: int = 4, weights: tuple[float, ...] = (1.0,),
+               **train_settings) -> dict[float, dict[str, float]]:
     """Teach builtin:shapes a shape it has never drawn ("heart") with a LoRA from 8 images, each shown `repeats`
-    times beside `prior` ordinary ones (DreamBooth's prior preservation, hearts half of what it sees), then measure:
-    heart prompts that draw a heart (template match) with and without the LoRA, and ordinary prompts still right
-    (colour + shape + background) with and without it. `train_settings` override LORA_PROOF_SETTINGS."""
+    times beside `prior` ordinary ones (DreamBooth's prior preservation, hearts half of what it sees), then measure
+    at each LoRA weight: heart prompts that draw a heart (template match) and ordinary prompts still right (colour
+    + shape + background). Weight 0 is the base model itself. `train_settings` override LORA_PROOF_SETTINGS."""
     dataset = write_heart_dataset(work / "hearts", prior=prior, repeats=repeats)
     config = TrainConfig(base="builtin:shapes", method="lora", dataset=str(dataset), resolution=64, steps=steps,
                          batch_size=8, seed=seed, checkpoint_every=max(steps, 1), output_dir=work / "run",
                          **{**LORA_PROOF_SETTINGS, **train_settings})
     lora = Trainer(config, StableDiffusionPipeline.from_pretrained(builtin_folder("shapes", data_dir))).run()
     engine = Engine(StudioConfig(data_dir=data_dir, models_dir=work, preview_interval=0))
-    loras = [{"name": str(lora), "weight": 1.0}]
-
-    def draw(prompt: str, index: int, with_lora: bool = True) -> Image.Image:
-        return engine.run(GenerationRequest(prompt=prompt, seed=index, loras=loras if with_lora else [])).images[0]
-
     hearts = [spec.caption for spec in heart_specs(prompts, seed=1000)]
     ordinary = random_specs(prompts, seed=2000)
-    return {
-        "heart": _share(nearest_template(draw(prompt, i)) == "heart" for i, prompt in enumerate(hearts)),
-        "heart_without_lora": _share(nearest_template(draw(prompt, i, False)) == "heart"
-                                     for i, prompt in enumerate(hearts)),
-        "base_kept": _share(check(draw(spec.caption, i), spec.caption).colour_shape_background_ok
-                            for i, spec in enumerate(ordinary)),
-        "base_without_lora": _share(check(draw(spec.caption, i, False), spec.caption).colour_shape_background_ok
-                                    for i, spec in enumerate(ordinary)),
-    }
+
+    def measure(weight: float) -> dict[str, float]:
+        def draw(prompt: str, index: int) -> Image.Image:
+            loras = [{"name": str(lora), "weight": weight}] if weight else []
+            return engine.run(GenerationRequest(prompt=prompt, seed=index, loras=loras)).images[0]
+
+        return {"heart": _share(nearest_template(draw(prompt, i)) == "heart" for i, prompt in enumerate(hearts)),
+                "base_kept": _share(check(draw(spec.caption, i), spec.caption).colour_shape_background_ok
+                                    for i, spec in enumerate(ordinary))}
+
+    return {weight: measure(weight) for weight in weights}
