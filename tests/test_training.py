@@ -62,7 +62,8 @@ def test_lora_run_publishes_metrics_and_gives_a_usable_lora(pipe, tmp_path, make
 
 def test_lora_on_the_text_encoder_too_resumes_exactly_and_loads_into_generation(sd_folder, tmp_path, make_config):
     def lora_trainer(folder):
-        return Trainer(config(folder, steps=4, train_text_encoder=True), StableDiffusionPipeline.from_pretrained(sd_folder))
+        return Trainer(config(folder, steps=4, train_text_encoder=True),
+                       StableDiffusionPipeline.from_pretrained(sd_folder))
 
     straight = lora_trainer(tmp_path / "a")
     encoder_before = {k: v.clone() for k, v in straight.pipe.text_encoder.state_dict().items()}

@@ -112,7 +112,8 @@ def test_compare_makes_a_labelled_grid_of_real_cells(client):
     with pytest.raises(Exception, match="x_values: values for steps must be ints"):
         client.predict("x", "", "steps", "two, three", "(none)", "", None, *params(), api_name="/compare")
     with pytest.raises(Exception, match="does not occur in the prompt"):
-        client.predict("a red star", "", "prompt S/R", "blue, green", "(none)", "", None, *params(), api_name="/compare")
+        client.predict("a red star", "", "prompt S/R", "blue, green", "(none)", "", None, *params(),
+                       api_name="/compare")
     with pytest.raises(Exception, match="init_image: the strength axis"):
         client.predict("a red star", "", "strength", "0.3, 0.6", "(none)", "", None, *params(), api_name="/compare")
 
@@ -140,7 +141,8 @@ def test_training_runs_with_live_status_and_the_lora_is_usable_at_once(client, s
     assert "ui-lora" in studio.loras()
     trained = load_file(Path(studio.config.data_dir) / "loras" / "ui-lora.safetensors")
     assert any(key.startswith("text_encoder.") for key in trained)  # "Text encoder too"
-    assert {key.split(".lora")[0].rsplit(".", 1)[-1] for key in trained if key.startswith("unet.")} == {"to_k", "to_v"}
+    adapted = {key.split(".lora")[0].rsplit(".", 1)[-1] for key in trained if key.startswith("unet.")}
+    assert adapted == {"to_k", "to_v"}
     _, gallery, status = client.predict("a red circle on a white background", "", 1,
                                            *params(loras=["ui-lora:0.8"]), api_name="/generate")
     assert status.startswith("Done")
