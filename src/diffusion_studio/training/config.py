@@ -19,8 +19,8 @@ class TrainConfig(BaseModel):
 
     base: str = Field("builtin:shapes", description="model whose weights start the run (or give the architecture)")
     method: Literal["full", "lora", "controlnet"] = Field(
-        "lora", description="full: UNet (+ text encoder); lora: adapters on the UNet's attention; controlnet: a "
-                            "canny or inpainting ControlNet beside a frozen base")
+        "lora", description="full: UNet (+ text encoder); lora: adapters on the UNet's lora_layers (+ text "
+                            "encoder); controlnet: a canny or inpainting ControlNet beside a frozen base")
     train_text_encoder: bool = Field(False, description="also train the text encoder(s): all their weights (full) "
                                                          "or LoRA adapters on their attention (lora)")
     dataset: str = Field("shapes", description="'shapes' (shapes world) or a folder of images")

@@ -112,7 +112,8 @@ class Trainer:
         return {"unet": unet}
 
     def _add_lora(self, name: str, module: torch.nn.Module) -> None:
-        """A fresh LoRA adapter on `module`'s attention projections (replacing one a reused pipeline still has)."""
+        """A fresh LoRA adapter on the UNet's `lora_layers` or a text encoder's attention projections (replacing one
+        that a reused pipeline still has)."""
         from peft import LoraConfig, inject_adapter_in_model
 
         config = LoraConfig(r=self.config.lora_rank, lora_alpha=self.config.lora_alpha, init_lora_weights="gaussian",
@@ -129,8 +130,8 @@ class Trainer:
             return
         # transformers' own add_adapter wants peft >= 0.22 (0.21 is the newest); peft's injection is what it calls.
         if ADAPTER in getattr(module, "peft_config", {}):
-            delete_adapter_layers(module, ADAPTER)
-            module.peft_config.pop(ADAPTER)
+            delete_adapter_layers(module, ADAPTER)  # may drop the whole peft_config itself
+            getattr(module, "peft_config", {}).pop(ADAPTER, None)
         with warnings.catch_warnings():  # transformers models carry an empty `peft_config`, which peft warns about
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             inject_adapter_in_model(config, module, adapter_name=ADAPTER)  # only the new adapter is trainable
