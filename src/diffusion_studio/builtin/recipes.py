@@ -1,7 +1,8 @@
 """How the built-in models are made: `diffusion-studio train builtin --name shapes`.
 
 shapes: (1) autoencoder on shapes-world images, its posterior pinned to the mean, (2) its scaling factor so
-latents have unit variance, (3) UNet + text encoder from scratch with the studio's Trainer, (4) the pipeline saved to builtin/models/shapes.
+latents have unit variance, (3) UNet + text encoder from scratch with the studio's Trainer, (4) the pipeline saved
+to builtin/models/shapes.
 Every stage checkpoints into the work folder and resumes from it, so a run killed at any point picks up where it was.
 """
 

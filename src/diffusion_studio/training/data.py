@@ -49,10 +49,11 @@ def inpainting_mask(image: Image.Image, rng: random.Random) -> Image.Image:
     object: what a user masks most), 45% a random rectangle, 10% everything (plain generation from the prompt)."""
     width, height = image.size
     mask = Image.new("L", image.size, 0)
-    choice, foreground = rng.random(), blob_mask(image)
+    choice = rng.random()
+    foreground = blob_mask(image) if 0.1 <= choice < 0.55 else None  # only the object-box branch needs it
     if choice < 0.1:
         mask.paste(255, (0, 0, width, height))
-    elif choice < 0.55 and foreground is not None:
+    elif foreground is not None:
         ys, xs = np.nonzero(foreground)
         margin = [rng.randint(1, width // 6) for _ in range(4)]
         mask.paste(255, (max(xs.min() - margin[0], 0), max(ys.min() - margin[1], 0),

@@ -12,7 +12,6 @@ import os
 import random
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -132,9 +131,7 @@ class Trainer:
         if ADAPTER in getattr(module, "peft_config", {}):
             delete_adapter_layers(module, ADAPTER)  # may drop the whole peft_config itself
             getattr(module, "peft_config", {}).pop(ADAPTER, None)
-        with warnings.catch_warnings():  # transformers models carry an empty `peft_config`, which peft warns about
-            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-            inject_adapter_in_model(config, module, adapter_name=ADAPTER)  # only the new adapter is trainable
+        inject_adapter_in_model(config, module, adapter_name=ADAPTER)  # only the new adapter is trainable
 
     def _build_pool(self) -> LatentPool:
         cfg = self.config
