@@ -32,7 +32,7 @@ from diffusers import StableDiffusionPipeline  # noqa: E402
 from diffusion_studio.builtin.catalog import builtin_folder  # noqa: E402
 from diffusion_studio.cli import _quiet_libraries  # noqa: E402
 from diffusion_studio.config import StudioConfig  # noqa: E402
-from diffusion_studio.ui.app import build_app  # noqa: E402
+from diffusion_studio.server import build_app  # noqa: E402
 
 
 def serve(config: StudioConfig):

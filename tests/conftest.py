@@ -79,7 +79,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(data_dir, tmp_path_factory):
-    from diffusion_studio.ui.app import build_app
+    from diffusion_studio.server import build_app
 
     config = StudioConfig(data_dir=data_dir, models_dir=tmp_path_factory.mktemp("no-models"), preview_interval=1)
     port = free_port()

@@ -244,7 +244,7 @@ def test_restart_keeps_history_interrupts_the_running_job_and_requeues_the_rest(
 
     from conftest import free_port
     from diffusion_studio.config import StudioConfig
-    from diffusion_studio.ui.app import build_app
+    from diffusion_studio.server import build_app
 
     def start():
         config = StudioConfig(data_dir=tmp_path, models_dir=tmp_path / "none", preview_interval=0, workers=1)

@@ -15,7 +15,7 @@ from starlette.routing import Mount
 from diffusion_studio.api.access import is_public
 from diffusion_studio.config import StudioConfig
 from diffusion_studio.service.auth import Users
-from diffusion_studio.ui.app import build_app
+from diffusion_studio.server import build_app
 
 from conftest import free_port
 

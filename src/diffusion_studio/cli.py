@@ -144,7 +144,7 @@ def cmd_models(args) -> int:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from .ui.app import build_app
+    from .server import build_app
 
     config = _config(args).model_copy(update={"host": args.host, "port": args.port})
     app = build_app(config)  # refuses a network address without users to authenticate

@@ -22,6 +22,10 @@ class Limits(BaseModel):
     max_prompt_chars: int = Field(2000, ge=1)
     max_input_pixels: int = Field(4096 * 4096, ge=64, description="refuse input images larger than this")
     blocked_terms: tuple[str, ...] = Field((), description="prompts containing any of these words are refused")
+    max_images_per_request: int = Field(16, ge=1, description="A1111 routes: most images (n_iter x batch_size) "
+                                                              "one request may ask for")
+    max_body_bytes: int = Field(64 * 2**20, ge=1024, description="request bodies larger than this are refused "
+                                                                 "(HTTP 413) before they are read")
 
 
 class MemoryOptions(BaseModel):

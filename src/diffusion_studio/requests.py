@@ -28,6 +28,7 @@ from pydantic import (
     PlainSerializer,
     ValidationError,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -77,7 +78,12 @@ def describe_validation_error(error: ValidationError) -> str:
 # once, here, with a pixel limit checked before the pixels are read (decompression-bomb guard).
 
 
+class ImageRefused(ValueError):
+    """A readable image the studio refuses (format, size): its message is already the one to show."""
+
+
 def decode_image(value: Any, max_pixels: int) -> Image.Image:
+    """The one safe decoder for every image a client sends (generation inputs and both png-info routes)."""
     if isinstance(value, Image.Image):
         image = value
     elif isinstance(value, np.ndarray):
@@ -86,7 +92,11 @@ def decode_image(value: Any, max_pixels: int) -> Image.Image:
         image = Image.fromarray(value)
     else:
         if isinstance(value, str):
-            text = value.split(",", 1)[1] if value.startswith("data:") else value
+            text = value
+            if value.startswith("data:"):
+                _, comma, text = value.partition(",")
+                if not comma:
+                    raise ValueError("is a data URL without its data: write data:image/png;base64,<base64>")
             try:
                 value = base64.b64decode(text, validate=True)
             except (binascii.Error, ValueError):
@@ -98,13 +108,15 @@ def decode_image(value: Any, max_pixels: int) -> Image.Image:
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image = Image.open(io.BytesIO(value))
                 if image.format not in ALLOWED_IMAGE_FORMATS:
-                    raise ValueError(f"format {image.format} is not allowed; use one of {sorted(ALLOWED_IMAGE_FORMATS)}")
+                    raise ImageRefused(f"format {image.format} is not allowed; use one of {sorted(ALLOWED_IMAGE_FORMATS)}")
                 _check_pixels(image, max_pixels)
                 image.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ValueError(f"image is too large (more than {max_pixels} pixels)") from None
-        except (OSError, SyntaxError) as exc:  # PIL's "cannot identify image file" and truncated data
-            raise ValueError(f"is not a readable image ({exc})") from None
+        except ImageRefused:
+            raise
+        except (OSError, SyntaxError, ValueError):  # unidentified, truncated, or an oversized text chunk
+            raise ValueError("is not a readable image (truncated, corrupt or not an image file)") from None
     _check_pixels(image, max_pixels)
     return image
 
@@ -112,9 +124,9 @@ def decode_image(value: Any, max_pixels: int) -> Image.Image:
 def _check_pixels(image: Image.Image, max_pixels: int) -> None:
     width, height = image.size
     if width < 1 or height < 1:
-        raise ValueError("image is empty")
+        raise ImageRefused("image is empty")
     if width * height > max_pixels:
-        raise ValueError(f"image is {width}x{height}, more than the allowed {max_pixels} pixels")
+        raise ImageRefused(f"image is {width}x{height}, more than the allowed {max_pixels} pixels")
 
 
 def image_digest(image: Image.Image) -> str:
@@ -142,6 +154,8 @@ InputImage = Annotated[
     Image.Image,
     BeforeValidator(_decode_in_context),
     PlainSerializer(image_to_base64, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "description": "an image (PNG, JPEG, WEBP, BMP, GIF, TIFF) as base64 text, "
+                                                     "optionally a data:image/...;base64, URL"}),
 ]
 
 

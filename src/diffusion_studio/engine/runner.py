@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import cv2
@@ -31,6 +32,15 @@ class CancelFlag(Protocol):
 
 
 StepCallback = Callable[[StepEvent], None]
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One request of a batch with its own step callback and cancel flag (the job service's unit of work)."""
+
+    request: GenerationRequest
+    on_step: StepCallback | None = None
+    cancel: CancelFlag = field(default_factory=threading.Event)
 
 
 def prepare_mask(mask: Image.Image, size: tuple[int, int], blur: int, grow: int) -> Image.Image:
@@ -83,14 +93,16 @@ class Engine:
 
     def run(self, request: GenerationRequest, on_step: StepCallback | None = None,
             cancel: CancelFlag | None = None) -> GenerationResult:
-        return self.run_batch([request], [on_step], [cancel or threading.Event()])[0]
+        return self.run_batch([WorkItem(request, on_step, cancel or threading.Event())])[0]
 
-    def run_batch(self, requests: list[GenerationRequest], on_steps: list[StepCallback | None],
-                  cancels: list[CancelFlag]) -> list[GenerationResult]:
+    def run_batch(self, items: list[WorkItem]) -> list[GenerationResult]:
         """Several requests with one `batch_key()` as one pipeline call: each keeps its prompts, seeds, step events
         and cancel flag, and gets the bits it would get alone (see invariance.py). The call stops early only when
         every request in it is cancelled; a request cancelled alone is reported cancelled at the end."""
         started = time.perf_counter()
+        requests = [item.request for item in items]
+        on_steps = [item.on_step for item in items]
+        cancels = [item.cancel for item in items]
         request = requests[0]  # the shared parameters
         if len(requests) > 1 and (request.batch_key() is None or
                                   any(other.batch_key() != request.batch_key() for other in requests[1:])):

@@ -1,19 +1,9 @@
-"""The server: one FastAPI app with the Gradio studio mounted at the root path beside the API routes."""
+"""The studio's page: every tab, one module each, in one gr.Blocks (the server mounts it beside the API)."""
 
 from __future__ import annotations
 
-import contextlib
-
 import gradio as gr
-from fastapi import FastAPI, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST
 
-from ..api.a1111 import build_router as build_a1111_router
-from ..api.access import AccessControl, build_login_router
-from ..api.routes import build_router, build_share_router, install_error_handlers
-from ..config import StudioConfig
-from ..requests import RequestError
-from ..service.auth import Users
 from ..studio import Studio
 from .tabs import batch, compare, controlnet, generate, history, img2img, inpaint, system, training
 
@@ -39,48 +29,3 @@ def build_blocks(studio: Studio, is_admin=lambda user: True) -> gr.Blocks:
             system.build(studio, is_admin)
     blocks.queue(default_concurrency_limit=4, max_size=64)
     return blocks
-
-
-def build_app(config: StudioConfig, studio: Studio | None = None) -> FastAPI:
-    studio = studio or Studio(config)
-    users = Users(config.users_path()) if config.auth_required() else None
-    if users is not None and not users.names():
-        raise RequestError("auth", f"auth is required (host {config.host}, auth={config.auth}) but "
-                                   f"{config.users_path()} has no users: add one with `diffusion-studio users add "
-                                   "NAME`")
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        await studio.jobs.start()  # on the server's own event loop
-        try:
-            yield
-        finally:
-            await studio.jobs.stop()
-
-    app = FastAPI(title="Diffusion Studio", version="0.1.0", lifespan=lifespan)
-    app.state.studio = studio
-    app.add_middleware(AccessControl, users=users)
-    app.include_router(build_login_router(users))
-    app.include_router(build_router(studio))
-    app.include_router(build_share_router(studio))
-    app.include_router(build_a1111_router(studio))
-    install_error_handlers(app)
-
-    @app.get("/metrics", tags=["system"])
-    def metrics() -> Response:
-        """Prometheus: jobs by outcome, errors by kind, queue wait / load / step / job time, it/s, memory,
-        queue length, running jobs (and GPU utilisation where nvidia-ml-py finds a GPU)."""
-        return Response(studio.jobs.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/health", tags=["system"])
-    def health(request: Request) -> dict:
-        """Public for probes; details only for a signed-in caller."""
-        if request.state.user is None:
-            return {"status": "ok"}
-        return {"status": "ok", "device": str(studio.engine.device), "loaded": studio.engine.manager.loaded()}
-
-    studio.outputs_dir.mkdir(parents=True, exist_ok=True)
-    blocks = build_blocks(studio, (lambda user: True) if users is None else users.is_admin)
-    return gr.mount_gradio_app(app, blocks, path="/", theme=THEME,
-                               allowed_paths=[str(studio.outputs_dir)], footer_links=["api", "settings"],
-                               auth_dependency=lambda request: request.state.user)
