@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from diffusion_studio.requests import GenerationRequest, GenerationResult, StepEvent, Timings
-from diffusion_studio.service.jobs import FairQueue, JobNotFound, JobService, QueueFull
+from diffusion_studio.service.jobs import FairQueue, Job, JobNotFound, JobService, QueueFull
+from diffusion_studio.service.outcomes import ErrorKind
 from diffusion_studio.service.store import JobRecord, JobStatus, JobStore
 
 
@@ -23,7 +24,9 @@ class FakeEngine:
         self.gate = threading.Event()
         self.gate.set()
 
-    def run_batch(self, requests, on_steps, cancels):
+    def run_batch(self, items):
+        requests, on_steps, cancels = ([getattr(item, name) for item in items] for name in
+                                       ("request", "on_step", "cancel"))
         self.batches.append([request.prompt for request in requests])
         if len(requests) > 1 and any(request.prompt == "explode" for request in requests):
             raise RuntimeError("one bad request spoils the batch")
@@ -78,8 +81,8 @@ def test_fair_queue_round_robin_and_priority():
     queue = FairQueue()
     for user, name, priority in [("a", "a1", 0), ("a", "a2", 0), ("a", "a3", 0), ("b", "b1", 0), ("c", "c1", 0),
                                  ("b", "b2", 5)]:
-        queue.push(JobRecord(id=name, user=user, request={}, priority=priority))
-    assert queue.order() == ["a1", "b1", "b2", "c1", "a2", "a3"]  # b2 heads its lane after b1 and outranks all
+        queue.push(Job(JobRecord(id=name, user=user, request={}, priority=priority), GenerationRequest(), None, None))
+    assert [job.id for job in queue.order()] == ["a1", "b1", "b2", "c1", "a2", "a3"]  # b2 heads its lane after b1 and outranks all
     assert queue.remove("c1").id == "c1" and len(queue) == 5
 
 
@@ -128,10 +131,14 @@ def test_cancel_queued_and_running_and_failures_as_data(tmp_path):
         return [service.store.get(j.id) for j in (running, queued, broken, oom)]
 
     running, queued, broken, oom = asyncio.run(scenario())
-    assert oom.status == JobStatus.failed and oom.error.startswith("out_of_memory: ") and "vae_tiling" in oom.error
+    assert oom.status == JobStatus.failed and oom.error.kind == ErrorKind.out_of_memory
+    assert "vae_tiling" in oom.error.message
     assert queued.status == JobStatus.cancelled and queued.started_at is None
-    assert running.status == JobStatus.cancelled and "while running" in running.error
-    assert broken.status == JobStatus.failed and broken.error == "RuntimeError: out of memory"
+    assert queued.error.kind == ErrorKind.cancelled and "before it started" in queued.error.message
+    assert running.status == JobStatus.cancelled and "while running" in running.error.message
+    # A fault of ours: kind internal, a message with no exception text or repr (the log has the details).
+    assert broken.status == JobStatus.failed and broken.error.kind == ErrorKind.internal
+    assert "RuntimeError" in broken.error.message and "out of memory" not in broken.error.message
     assert "waiting" not in engine.ran
 
 
@@ -177,7 +184,7 @@ def test_restart_recovers_queued_and_marks_running_interrupted(tmp_path):
         return service.store.get("r")
 
     interrupted = asyncio.run(scenario())
-    assert interrupted.status == JobStatus.interrupted and "stopped while this job ran" in interrupted.error
+    assert interrupted.status == JobStatus.interrupted and interrupted.error.kind == ErrorKind.interrupted
     assert engine.ran == ["was queued"]
 
 
@@ -271,7 +278,8 @@ def test_wall_time_limit_fails_the_job_and_the_next_runs(tmp_path):
         return service.store.get(slow.id)
 
     slow = asyncio.run(scenario())
-    assert slow.status == JobStatus.failed and slow.error.startswith("time_limit: stopped after the 0.3 s limit")
+    assert slow.status == JobStatus.failed and slow.error.kind == ErrorKind.time_limit
+    assert slow.error.message.startswith("stopped after the 0.3 s limit")
     assert slow.finished_at - slow.started_at < 2
 
 

@@ -8,9 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from pydantic import ValidationError
 
-from .requests import Mode, RequestError, default_of, describe_validation_error
+from .requests import Mode, RequestError, default_of
 
 
 def _quiet_libraries() -> None:
@@ -95,7 +94,7 @@ def _print_training_event(event) -> None:
 
 
 def cmd_train_builtin(args) -> int:
-    from .builtin.recipes import TRAINERS, train_builtin
+    from .workshop.recipes import TRAINERS, train_builtin
     from .engine.pipelines import pick_device
     from .training.events import EventBus
 
@@ -141,6 +140,9 @@ def cmd_models(args) -> int:
     return 0
 
 
+SHUTDOWN_GRACE_S = 2
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -149,7 +151,10 @@ def cmd_serve(args) -> int:
     config = _config(args).model_copy(update={"host": args.host, "port": args.port})
     app = build_app(config)  # refuses a network address without users to authenticate
     print(f"Diffusion Studio on http://{config.host}:{config.port}/  (API docs: /docs)", file=sys.stderr)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+    # Open browser tabs, SSE streams and WebSockets never end by themselves: after a stop signal, give them
+    # SHUTDOWN_GRACE_S, then close them, so SIGTERM / Ctrl-C stop the server within seconds.
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning",
+                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     return 0
 
 
@@ -192,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = sub.add_parser("generate", parents=[common], help="generate images into a folder")
     generate.add_argument("--model")
-    generate.add_argument("--mode", default="txt2img", choices=[m.value for m in Mode])
+    generate.add_argument("--mode", default="txt2img", choices=[*(m.value for m in Mode), "sdxl"],
+                          help="sdxl: an alias of txt2img (the model's family picks the SD or SDXL pipeline)")
     generate.add_argument("--prompt", default="")
     generate.add_argument("--negative-prompt", default="")
     generate.add_argument("--seed", type=int)
@@ -272,18 +278,21 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return args.func(args)
-    except ValidationError as exc:
-        print(f"error: {describe_validation_error(exc)}", file=sys.stderr)
-    except RequestError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-    except (ValueError, RuntimeError) as exc:  # training: DatasetError, TrainingError
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # one line, from the same outcome table as every other front end
+        from .service.outcomes import ErrorKind, classify
         from .training.data import DatasetError
         from .training.trainer import TrainingError
 
-        if not isinstance(exc, (DatasetError, TrainingError)):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-    return 2
+        if isinstance(exc, (DatasetError, TrainingError)):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        error = classify(exc)
+        if error.kind == ErrorKind.internal:
+            logging.getLogger("diffusion_studio").exception("unexpected failure")
+        print(f"error: {error.text()}", file=sys.stderr)
+        return 2 if error.http_status < 500 else 1
 
 
 if __name__ == "__main__":

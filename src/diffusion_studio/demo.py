@@ -19,7 +19,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
 from .config import StudioConfig
-from .requests import GenerationRequest, default_of
+from .requests import default_of
 from .studio import Studio
 
 GUIDANCE = default_of("guidance")
@@ -71,11 +71,7 @@ class DiffusionDemo:
         self.kind = kind
         started = time.perf_counter()
 
-        def load():
-            with self.studio.engine.manager.use(self.base_model):
-                pass
-
-        await asyncio.to_thread(load)
+        await asyncio.to_thread(self.studio.preload, self.base_model)
         return f"Loaded {self.base_model} for {kind} in {time.perf_counter() - started:.2f}s"
 
     async def _generate(self, **fields: Any) -> tuple[list[Image.Image], str]:
@@ -85,15 +81,14 @@ class DiffusionDemo:
                                         **{k: v for k, v in fields.items() if v is not None}})
         jobs = await self._service()
         started = time.perf_counter()
-        job_id = None
         async for event in jobs.follow(request, self.config.user):
-            job_id = event.job_id
-        job = jobs.get(job_id)
+            outcome = event.outcome
         elapsed = time.perf_counter() - started
-        if job.status.value != "done":
-            return [], f"{job.status.value.capitalize()} after {elapsed:.2f}s: {job.error}"
-        images = [Image.open(path) for path in self.studio.image_paths(job.result["image_ids"])]
-        seeds = job.result["seeds"]
+        if not outcome.ok:
+            reason = outcome.error.text() if outcome.error else outcome.status
+            return [], f"{outcome.status.capitalize()} after {elapsed:.2f}s: {reason}"
+        images = [Image.open(path) for path in self.studio.image_paths(outcome.result["image_ids"])]
+        seeds = outcome.result["seeds"]
         seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}–{seeds[-1]}"
         return images, (f"Generated {len(images)} image{'s' * (len(images) > 1)} in {elapsed:.2f}s "
                         f"({seed_text}, {request.steps} steps, {request.model})")
@@ -150,8 +145,8 @@ class DiffusionDemo:
         return (images[0] if images else None), status
 
     def create_control_image(self, image: Image.Image, control_type: str = "canny") -> Image.Image:
-        request = GenerationRequest(mode="controlnet", control_image=image, control_type=control_type)
-        return self.studio.engine.control_preview(request)
+        return self.studio.control_preview({"mode": "controlnet", "control_image": image,
+                                            "control_type": control_type})
 
     @property
     def generation_history(self) -> list[dict[str, Any]]:
@@ -159,5 +154,5 @@ class DiffusionDemo:
         return [{"id": job.id, "status": job.status.value, "prompt": job.request.get("prompt"),
                  "mode": job.request.get("mode"), "seeds": job.result.get("seeds", []),
                  "images": [str(p) for p in self.studio.image_paths(job.result.get("image_ids", []))],
-                 "created_at": job.created_at, "error": job.error}
-                for job in self.studio.store.find(user=self.config.user)]
+                 "created_at": job.created_at, "error": job.error.text() if job.error else None}
+                for job in self.studio.history(self.config.user)]

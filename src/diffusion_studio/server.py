@@ -7,16 +7,27 @@ import contextlib
 
 import gradio as gr
 from fastapi import FastAPI, Request, Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .api.a1111 import build_router as build_a1111_router
 from .api.access import AccessControl, build_login_router
+from .api.bodies import BodyLimit, add_body_schemas
 from .api.routes import build_router, build_share_router, install_error_handlers
 from .config import StudioConfig
 from .requests import RequestError
 from .service.auth import Users
 from .studio import Studio
 from .ui.app import THEME, build_blocks
+
+
+class Health(BaseModel):
+    status: str  # "ok" | "degraded"
+    reasons: list[str] = []
+    device: str | None = None
+    loaded: list[dict] | None = None
 
 
 def build_app(config: StudioConfig, studio: Studio | None = None) -> FastAPI:
@@ -38,24 +49,38 @@ def build_app(config: StudioConfig, studio: Studio | None = None) -> FastAPI:
     app = FastAPI(title="Diffusion Studio", version="0.1.0", lifespan=lifespan)
     app.state.studio = studio
     app.add_middleware(AccessControl, users=users)
+    app.add_middleware(BodyLimit, max_bytes=config.limits.max_body_bytes)  # outermost: before auth reads anything
     app.include_router(build_login_router(users))
     app.include_router(build_router(studio))
     app.include_router(build_share_router(studio))
     app.include_router(build_a1111_router(studio))
     install_error_handlers(app)
 
-    @app.get("/metrics", tags=["system"])
+    @app.get("/metrics", tags=["system"], response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
     def metrics() -> Response:
         """Prometheus: jobs by outcome, errors by kind, queue wait / load / step / job time, it/s, memory,
-        queue length, running jobs (and GPU utilisation where nvidia-ml-py finds a GPU)."""
+        queue length, running jobs, worker restarts, storage faults (and GPU utilisation where nvidia-ml-py finds
+        a GPU)."""
         return Response(studio.jobs.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/health", tags=["system"])
-    def health(request: Request) -> dict:
-        """Public for probes; details only for a signed-in caller."""
-        if request.state.user is None:
-            return {"status": "ok"}
-        return {"status": "ok", "device": str(studio.engine.device), "loaded": studio.engine.manager.loaded()}
+    @app.get("/health", tags=["system"], response_model=Health,
+             responses={503: {"model": Health, "description": "degraded: the reasons say why"}})
+    async def health(request: Request) -> JSONResponse:
+        """Public for probes: 200 ok, or 503 degraded while the data dir can't be written or a worker is down
+        (the reasons say which). Device and loaded models only for a signed-in caller."""
+        state = await studio.jobs.health()
+        if request.state.user is not None:
+            state |= {"device": studio.device, "loaded": studio.loaded_models()}
+        return JSONResponse(state, status_code=200 if state["status"] == "ok" else 503)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = add_body_schemas(get_openapi(title=app.title, version=app.version,
+                                                              routes=app.routes))
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     studio.outputs_dir.mkdir(parents=True, exist_ok=True)
     blocks = build_blocks(studio, (lambda user: True) if users is None else users.is_admin)

@@ -5,20 +5,25 @@ UI tabs, the API and the CLI receive a `Studio` and call its methods; none of th
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from datetime import datetime
 from pathlib import Path
 
+from PIL import Image
+
 from .config import StudioConfig
 from .engine.metadata import image_request, save_png
 from .engine.runner import CancelFlag, Engine, StepCallback
-from .engine.sources import list_loras, list_models, resolve
+from .engine.sources import list_loras, list_models
 from .requests import GenerationRequest, GenerationResult, RequestError
 from .service.jobs import JobNotFound, JobService
 from .service.limits import UserLimits
-from .service.store import JobStore
+from .service.store import JobRecord, JobStore
 from .service.training import TrainingService
+
+STORAGE_PROBE_BYTES = 64 * 1024
 
 
 class Studio:
@@ -31,7 +36,8 @@ class Studio:
                                workers=config.workers, validate=self.validate, identify=self.weights_identity,
                                cache_entries=config.cache_entries, time_limit_s=config.job_time_limit_s,
                                batch_images=config.batch_images,
-                               limits=UserLimits(config.rate_per_minute, config.rate_burst, config.max_active_jobs))
+                               limits=UserLimits(config.rate_per_minute, config.rate_burst, config.max_active_jobs),
+                               check_storage=self.check_storage)
         self.training = TrainingService(config)
 
     def validate(self, data: dict) -> GenerationRequest:
@@ -54,12 +60,8 @@ class Studio:
         return paths
 
     def weights_identity(self, request: GenerationRequest) -> str:
-        """Which weights a request runs on (base, and the ControlNet it runs with): a part of its cache key."""
-        parts = [resolve(request.model, self.config).identity]
-        controlnet = self.engine.controlnet_name(request)
-        if controlnet:
-            parts.append(resolve(controlnet, self.config).identity)
-        return "+".join(parts)
+        """Which weights a request runs on: a part of its cache key (see `Engine.weights_identity`)."""
+        return self.engine.weights_identity(request)
 
     def delete_job(self, job_id: str, user: str) -> int:
         """Remove one of `user`'s finished jobs from the history, with its image files; returns the file count."""
@@ -81,6 +83,60 @@ class Studio:
 
     def image_paths(self, image_ids: list[str]) -> list[Path]:
         return [Path(self.store.image(image_id)["path"]) for image_id in image_ids]
+
+    def image_path(self, image_id: str, user: str | None) -> Path:
+        """One of `user`'s images (None: a shared image's token stands in for the user)."""
+        image = self.store.image(image_id)
+        if image is None or image["user"] != user or not Path(image["path"]).is_file():
+            raise JobNotFound(image_id)  # another user's image is reported as missing
+        return Path(image["path"])
+
+    def shared_image_path(self, token: str) -> Path:
+        image = self.store.shared_image(token)
+        if image is None or not Path(image["path"]).is_file():
+            raise JobNotFound(token)
+        return Path(image["path"])
+
+    def history(self, user: str | None, **filters) -> list[JobRecord]:
+        """`user`'s jobs (None: everyone's), newest first; filters as JobStore.find."""
+        return self.store.find(user=user, **filters)
+
+    def recent_counts(self, window_s: float) -> dict[str, int]:
+        """Jobs created in the last `window_s` seconds, by status."""
+        return self.store.status_counts(time.time() - window_s)
+
+    def loaded_models(self) -> list[dict]:
+        return self.engine.manager.loaded()
+
+    def preload(self, name: str) -> None:
+        """Load a base model now (blocking), so the first generation on it doesn't wait."""
+        with self.engine.manager.use(name):
+            pass
+
+    def unload_model(self, name: str) -> bool:
+        """Free a loaded model (False: not loaded, or a job is using it)."""
+        return self.engine.manager.unload(name)
+
+    def control_preview(self, fields: dict) -> Image.Image:
+        """The control map a ControlNet request with these fields would use."""
+        return self.engine.control_preview(self.validate(fields))
+
+    @property
+    def device(self) -> str:
+        return str(self.engine.device)
+
+    def check_storage(self) -> None:
+        """Raise while the data dir can't take a new image and a history row (disk full, read-only)."""
+        self.outputs_dir.mkdir(parents=True, exist_ok=True)
+        probe = self.outputs_dir / f".probe-{secrets.token_hex(4)}"
+        try:
+            with open(probe, "wb") as handle:  # about one image's worth, so a nearly full disk counts as full
+                handle.write(b"\0" * STORAGE_PROBE_BYTES)
+                handle.flush()
+                os.fsync(handle.fileno())
+        finally:
+            probe.unlink(missing_ok=True)
+        self.store.probe()
 
     def models(self) -> list[dict]:
         return list_models(self.config)

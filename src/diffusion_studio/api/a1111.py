@@ -11,88 +11,141 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine.metadata import a1111_parameters, read_png_text
 from ..requests import GenerationRequest, Mode, RequestError, decode_image, image_to_base64
 from ..samplers import KARRAS_SUFFIX, SAMPLERS
+from ..service.outcomes import StudioError
 from ..studio import Studio
 from .access import current_user
+from .bodies import ERROR_RESPONSES, json_body, json_object
 
-def to_request_fields(body: dict[str, Any], img2img: bool, default_model: str) -> dict[str, Any]:
+
+class OverrideSettings(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    sd_model_checkpoint: str | None = Field(None, description="the model for this request")
+
+
+class Txt2ImgBody(BaseModel):
+    """A1111's txt2img fields as its clients send them; other A1111 fields are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 20
+    cfg_scale: float = 7.0  # A1111's own default (the studio's is 5)
+    seed: int = -1
+    sampler_name: str | None = None
+    sampler_index: str | None = None
+    scheduler: str | None = Field(None, description="A1111 1.9+: 'Karras' picks the sampler's Karras variant")
+    batch_size: int = 1
+    n_iter: int = Field(1, ge=1, description="batch count: successive batches, seeds continuing")
+    width: int | None = None
+    height: int | None = None
+    override_settings: OverrideSettings = OverrideSettings()
+
+
+class Img2ImgBody(Txt2ImgBody):
+    """A1111's img2img; with `mask`, inpainting (white = repaint)."""
+
+    init_images: list[str] = Field(default_factory=list, description="base64 images (or data URLs)")
+    denoising_strength: float = 0.75
+    mask: str | None = None
+    mask_blur: int = 4
+
+
+class A1111PngInfoBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    image: str = Field(description="base64 PNG (or a data URL)")
+
+
+def to_request_fields(body: Txt2ImgBody, default_model: str) -> dict[str, Any]:
     """A1111 payload -> GenerationRequest fields."""
-    sampler = body.get("sampler_name") or body.get("sampler_index") or "Euler"
-    if body.get("scheduler") == "Karras" and sampler + KARRAS_SUFFIX in SAMPLERS:
+    sampler = body.sampler_name or body.sampler_index or "Euler"
+    if body.scheduler == "Karras" and sampler + KARRAS_SUFFIX in SAMPLERS:
         sampler += KARRAS_SUFFIX
-    override = body.get("override_settings") or {}
     fields: dict[str, Any] = {
-        "model": override.get("sd_model_checkpoint") or default_model,
-        "prompt": body.get("prompt", ""), "negative_prompt": body.get("negative_prompt", ""),
-        "steps": body.get("steps", 20), "guidance": body.get("cfg_scale", 7.0), "seed": body.get("seed", -1),
-        "scheduler": sampler, "batch_size": body.get("batch_size", 1),
-        "width": body.get("width"), "height": body.get("height"),
+        "model": body.override_settings.sd_model_checkpoint or default_model,
+        "prompt": body.prompt, "negative_prompt": body.negative_prompt, "steps": body.steps,
+        "guidance": body.cfg_scale, "seed": body.seed, "scheduler": sampler, "batch_size": body.batch_size,
+        "width": body.width, "height": body.height,
     }
-    if img2img:
-        images = body.get("init_images") or []
-        if not images:
+    if isinstance(body, Img2ImgBody):
+        if not body.init_images:
             raise RequestError("init_images", "needs one base64 image for img2img")
-        fields.update(init_image=images[0], strength=body.get("denoising_strength", 0.75))
-        fields["mode"] = Mode.inpaint.value if body.get("mask") else Mode.img2img.value
-        if body.get("mask"):
-            fields.update(mask_image=body["mask"], mask_blur=body.get("mask_blur", 4))
+        fields.update(init_image=body.init_images[0], strength=body.denoising_strength)
+        fields["mode"] = Mode.inpaint.value if body.mask else Mode.img2img.value
+        if body.mask:
+            fields.update(mask_image=body.mask, mask_blur=body.mask_blur)
     return {k: v for k, v in fields.items() if v is not None}
 
 
 def build_router(studio: Studio) -> APIRouter:
-    router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
+    router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], responses=ERROR_RESPONSES)
     # A1111 has one progress bar for the whole server; here each user has their own.
     progress_by_user: dict[str, dict[str, Any]] = {}
+    limits = studio.config.limits
 
     def progress_of(user: str) -> dict[str, Any]:
         return progress_by_user.setdefault(user, {"job_id": None, "step": 0, "total": 0, "eta_s": 0.0,
                                                   "preview": None})
 
-    async def generate(body: dict[str, Any], img2img: bool, user: str) -> dict[str, Any]:
-        request = studio.validate(to_request_fields(body, img2img, studio.config.default_model))
-        count = max(1, int(body.get("n_iter", 1)))
+    async def generate(request: Request, body_model: type[Txt2ImgBody], user: str) -> dict[str, Any]:
+        raw = await json_object(request)
+        body = body_model.model_validate(raw)
+        job_request = studio.validate(to_request_fields(body, studio.config.default_model))
+        if body.n_iter * job_request.batch_size > limits.max_images_per_request:
+            raise RequestError("n_iter", f"n_iter x batch_size is {body.n_iter * job_request.batch_size} images; at "
+                                         f"most {limits.max_images_per_request} per request "
+                                         "(limits.max_images_per_request)")
         images, infotexts, seeds = [], [], []
-        for index in range(count):  # A1111's batch count: successive batches, seeds continuing
-            if index and request.seed is not None:
-                request = request.model_copy(update={"seed": request.seed + request.batch_size})
-            job = await _run(request, user)
-            paths = studio.image_paths(job.result.get("image_ids", []))
+        for index in range(body.n_iter):  # A1111's batch count: successive batches, seeds continuing
+            if index and job_request.seed is not None:
+                job_request = job_request.model_copy(update={"seed": job_request.seed + job_request.batch_size})
+            outcome = await _run(job_request, user)
+            paths = studio.image_paths(outcome.result.get("image_ids", []))
             images += [base64.b64encode(path.read_bytes()).decode() for path in paths]
-            seeds += job.result.get("seeds", [])
-            infotexts += [a1111_parameters(request, seed, *_size(path), request.model) for path, seed in
-                          zip(paths, job.result.get("seeds", []))]
-        info = {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": seeds[0] if seeds
-                else None, "all_seeds": seeds, "steps": request.steps, "cfg_scale": request.guidance,
-                "sampler_name": request.scheduler, "sd_model_name": request.model, "infotexts": infotexts}
-        return {"images": images, "parameters": body, "info": json.dumps(info)}
+            seeds += outcome.result.get("seeds", [])
+            infotexts += [a1111_parameters(job_request, seed, *_size(path), job_request.model) for path, seed in
+                          zip(paths, outcome.result.get("seeds", []))]
+            if not outcome.ok:  # interrupted: A1111 returns what was made so far
+                break
+        info = {"prompt": job_request.prompt, "negative_prompt": job_request.negative_prompt,
+                "seed": seeds[0] if seeds else None, "all_seeds": seeds, "steps": job_request.steps,
+                "cfg_scale": job_request.guidance, "sampler_name": job_request.scheduler,
+                "sd_model_name": job_request.model, "infotexts": infotexts}
+        return {"images": images, "parameters": raw, "info": json.dumps(info)}
 
     async def _run(request: GenerationRequest, user: str):
+        """One job, followed to its outcome; a failure is raised with its kind (HTTP status from the table)."""
         progress = progress_of(user)
         progress.update(step=0, total=request.steps, eta_s=0.0, preview=None)
         try:
             async for event in studio.jobs.follow(request, user):
-                progress["job_id"] = job_id = event.job_id
+                progress["job_id"] = event.job_id
                 if event.kind == "step":
                     progress.update(step=event.data["step"], total=event.data["total"], eta_s=event.data["eta_s"],
                                     preview=event.data["preview"])
+                if event.final:
+                    outcome = event.outcome
         finally:
             progress["job_id"] = None
-        record = studio.jobs.get(job_id)
-        if record.status.value in ("failed", "interrupted"):
-            raise RequestError("request", record.error or record.status.value)
-        return record
+        if not outcome.ok and outcome.status != "cancelled":
+            raise StudioError(outcome.error)
+        return outcome
 
-    @router.post("/txt2img", operation_id="a1111_txt2img")
+    @router.post("/txt2img", operation_id="a1111_txt2img", openapi_extra=json_body(Txt2ImgBody))
     async def txt2img(request: Request, user: str = Depends(current_user)) -> dict:
-        return await generate(await request.json(), img2img=False, user=user)
+        return await generate(request, Txt2ImgBody, user)
 
-    @router.post("/img2img", operation_id="a1111_img2img")
+    @router.post("/img2img", operation_id="a1111_img2img", openapi_extra=json_body(Img2ImgBody))
     async def img2img(request: Request, user: str = Depends(current_user)) -> dict:
         """img2img; with `mask`, inpainting (white = repaint)."""
-        return await generate(await request.json(), img2img=True, user=user)
+        return await generate(request, Img2ImgBody, user)
 
     @router.get("/progress", operation_id="a1111_progress")
     def get_progress(user: str = Depends(current_user)) -> dict:
@@ -114,11 +167,11 @@ def build_router(studio: Studio) -> APIRouter:
             await studio.jobs.cancel(progress["job_id"], user)
         return {}
 
-    @router.post("/png-info", operation_id="a1111_png_info")
+    @router.post("/png-info", operation_id="a1111_png_info", openapi_extra=json_body(A1111PngInfoBody))
     async def png_info(request: Request) -> dict:
-        body = await request.json()
+        body = A1111PngInfoBody.model_validate(await json_object(request))
         try:
-            image = decode_image(body.get("image", ""), studio.config.limits.max_input_pixels)
+            image = decode_image(body.image, limits.max_input_pixels)
         except ValueError as exc:
             raise RequestError("image", str(exc)) from None
         text = read_png_text(image)

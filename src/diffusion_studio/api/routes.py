@@ -4,25 +4,29 @@ HTTP codes in one place (`install_error_handlers`)."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 import json
+import sqlite3
 import zipfile
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, File, Query, Request, UploadFile, WebSocket, WebSocketDisconnect
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from PIL import Image, UnidentifiedImageError
+import torch
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
 
 from ..engine.metadata import read_png_text, request_from_png
-from .access import current_user, require_admin
-from ..requests import RequestError, describe_validation_error, image_to_base64
-from ..service.jobs import FINISHED_KINDS, JobEvent, JobNotFound, QueueFull
+from ..requests import GenerationRequest, RequestError, decode_image, describe_validation_error, image_to_base64
+from ..service.jobs import JobEvent, JobNotFound, QueueFull
 from ..service.limits import LimitExceeded
+from ..service.outcomes import StudioError, classify
 from ..service.store import JobRecord
 from ..studio import Studio
-
+from .access import current_user, require_admin
+from .bodies import ERROR_RESPONSES, error_response, json_body, json_object
 
 
 class JobCreated(BaseModel):
@@ -35,11 +39,15 @@ class PngInfoBody(BaseModel):
     image: str = Field(description="base64 PNG (or a data URL)")
 
 
+PNG_INFO_BODY = json_body(PngInfoBody, ("multipart/form-data", {"schema": {
+    "type": "object", "required": ["file"], "properties": {"file": {"type": "string", "format": "binary"}}}}))
+
+
 def job_json(studio: Studio, job: JobRecord) -> dict[str, Any]:
     parameters = {k: v for k, v in job.request.items() if not k.endswith("_image")}
     return {"id": job.id, "status": job.status.value, "position": studio.jobs.position(job.id),
             "created_at": job.created_at, "started_at": job.started_at, "finished_at": job.finished_at,
-            "error": job.error, "request": parameters, "result": job.result,
+            "error": job.error.as_dict() if job.error else None, "request": parameters, "result": job.result,
             "images": [f"/api/v1/images/{image_id}" for image_id in job.result.get("image_ids", [])]}
 
 
@@ -47,17 +55,56 @@ def event_json(event: JobEvent) -> dict[str, Any]:
     data = dict(event.data)
     if data.get("preview") is not None:
         data["preview"] = image_to_base64(data["preview"])
+    if event.outcome is not None:
+        data["outcome"] = event.outcome.as_dict()
     return {"kind": event.kind, "job_id": event.job_id, **data}
 
 
-def build_router(studio: Studio) -> APIRouter:
-    router = APIRouter(prefix="/api/v1", tags=["jobs"])
+def error_json(exc: BaseException) -> dict[str, Any]:
+    """An error as a WebSocket message: the same kind, field and text as the HTTP error body."""
+    error = classify(exc)
+    return {"kind": "error", "error": error.kind.value, "field": error.field, "detail": error.text()}
 
-    @router.post("/jobs", status_code=202, response_model=JobCreated, operation_id="create_job")
+
+async def png_info_of(request: Request, max_pixels: int) -> dict[str, Any]:
+    """Parameters and text chunks of a PNG sent as multipart `file` or JSON {"image": base64}, decoded by the same
+    safe decoder as generation inputs."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        try:
+            form = await request.form()
+        except MultiPartException as exc:
+            raise RequestError("body", f"is not a readable multipart form ({exc.message})") from None
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise RequestError("file", "is missing: send the PNG as the multipart field 'file', or JSON "
+                                       "{\"image\": base64}")
+        data: Any = await upload.read()
+    else:
+        data = PngInfoBody.model_validate(await json_object(request)).image
+    try:
+        image = decode_image(data, max_pixels)
+    except ValueError as exc:
+        raise RequestError("image", str(exc)) from None
+    text = read_png_text(image)
+    try:
+        parameters = request_from_png(image).parameters()
+    except ValidationError as exc:
+        raise RequestError("image", f"carries parameters that are not valid: {describe_validation_error(exc)}") \
+            from None
+    except ValueError as exc:
+        raise RequestError("image", str(exc)) from None
+    return {"parameters": parameters, "text": text}
+
+
+def build_router(studio: Studio) -> APIRouter:
+    router = APIRouter(prefix="/api/v1", tags=["jobs"], responses=ERROR_RESPONSES)
+
+    @router.post("/jobs", status_code=202, response_model=JobCreated, operation_id="create_job",
+                 openapi_extra=json_body(GenerationRequest))
     async def create_job(request: Request, priority: int = Query(0, ge=-10, le=10),
                          user: str = Depends(current_user)) -> JobCreated:
         """Queue a generation (any mode; images as base64). Returns at once with the job id."""
-        body = await request.json()
+        body = await json_object(request)
         job = await studio.jobs.submit(studio.validate(body), user, priority)
         return JobCreated(id=job.id, status=job.status.value, position=studio.jobs.position(job.id))
 
@@ -71,7 +118,8 @@ def build_router(studio: Studio) -> APIRouter:
         """Cancel a queued job, or stop a running one within one step."""
         return job_json(studio, await studio.jobs.cancel(job_id, user))
 
-    @router.get("/jobs/{job_id}/events", operation_id="job_events")
+    @router.get("/jobs/{job_id}/events", operation_id="job_events", response_class=StreamingResponse,
+                responses={200: {"content": {"text/event-stream": {}}, "description": "The job's events"}})
     async def job_events(job_id: str, user: str = Depends(current_user)) -> StreamingResponse:
         """Server-sent events: queue position, running, each step (with a base64 preview), then the outcome."""
         job = studio.jobs.get(job_id, user)
@@ -89,7 +137,7 @@ def build_router(studio: Studio) -> APIRouter:
                 while True:
                     event = await events.get()
                     yield f"event: {event.kind}\ndata: {json.dumps(event_json(event), default=str)}\n\n"
-                    if event.kind in FINISHED_KINDS:
+                    if event.final:
                         return
             finally:
                 studio.jobs.unsubscribe(job_id, events)
@@ -115,7 +163,7 @@ def build_router(studio: Studio) -> APIRouter:
                 while True:
                     event = await events.get()
                     await send(event_json(event))
-                    if event.kind in FINISHED_KINDS:
+                    if event.final:
                         return
             finally:
                 studio.jobs.unsubscribe(job_id, events)
@@ -127,13 +175,19 @@ def build_router(studio: Studio) -> APIRouter:
 
         try:
             while True:
-                message = json.loads(await socket.receive_text())
+                text = await socket.receive_text()
                 try:
+                    message = json.loads(text)
+                    if not isinstance(message, dict):
+                        raise RequestError("message", "must be a JSON object with an 'action'")
                     action = message.get("action")
                     if action == "submit":
                         events: asyncio.Queue = asyncio.Queue()
+                        priority = message.get("priority", 0)
+                        if not isinstance(priority, int) or not -10 <= priority <= 10:
+                            raise RequestError("priority", "must be an integer between -10 and 10")
                         job = await studio.jobs.submit(studio.validate(message.get("request") or {}), user,
-                                                       int(message.get("priority", 0)), listener=events)
+                                                       priority, listener=events)
                         await send({"kind": "accepted", "job_id": job.id, "position": studio.jobs.position(job.id)})
                         follow(job.id, events)
                     elif action == "subscribe":
@@ -146,13 +200,11 @@ def build_router(studio: Studio) -> APIRouter:
                         await studio.jobs.cancel(str(message.get("job_id")), user)
                     else:
                         raise RequestError("action", "must be 'submit', 'subscribe' or 'cancel'")
-                except ValidationError as exc:
-                    await send({"kind": "error", "detail": describe_validation_error(exc)})
-                except (RequestError, QueueFull, LimitExceeded) as exc:
-                    await send({"kind": "error", "detail": str(exc)})
-                except JobNotFound as exc:
-                    await send({"kind": "error", "detail": f"no such job: {exc.args[0]}"})
-        except (WebSocketDisconnect, json.JSONDecodeError):
+                except json.JSONDecodeError:
+                    await send(error_json(RequestError("message", "is not JSON")))
+                except Exception as exc:  # every failure is a message on the socket, which stays open
+                    await send(error_json(exc))
+        except WebSocketDisconnect:
             pass  # jobs go on; the client can subscribe again from a new socket
         finally:
             for task in list(forwarders):
@@ -163,8 +215,8 @@ def build_router(studio: Studio) -> APIRouter:
                 since: float | None = None, until: float | None = None, limit: int = Query(50, ge=1, le=500),
                 offset: int = Query(0, ge=0), user: str = Depends(current_user)) -> list[dict]:
         """This user's jobs, newest first; search by prompt, filter by mode, model and time (unix seconds)."""
-        jobs = studio.store.find(user=user, prompt=prompt, mode=mode, model=model, since=since,
-                                 until=until, limit=limit, offset=offset)
+        jobs = studio.history(user, prompt=prompt, mode=mode, model=model, since=since, until=until,
+                              limit=limit, offset=offset)
         return [job_json(studio, job) for job in jobs]
 
     @router.delete("/jobs/{job_id}", tags=["history"], operation_id="delete_job")
@@ -172,11 +224,13 @@ def build_router(studio: Studio) -> APIRouter:
         """Remove a finished job from the history, with its image files."""
         return {"deleted": job_id, "files": studio.delete_job(job_id, user)}
 
-    @router.get("/history/export", tags=["history"], operation_id="export_history")
+    @router.get("/history/export", tags=["history"], operation_id="export_history",
+                response_class=StreamingResponse,
+                responses={200: {"content": {"application/zip": {}}, "description": "PNGs and history.json"}})
     def export_history(prompt: str | None = None, mode: str | None = None, model: str | None = None,
                        user: str = Depends(current_user)) -> StreamingResponse:
         """This user's (filtered) history as a zip: the PNGs (parameters inside) and history.json."""
-        jobs = studio.store.find(user=user, prompt=prompt, mode=mode, model=model, limit=100_000)
+        jobs = studio.history(user, prompt=prompt, mode=mode, model=model, limit=100_000)
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:  # PNGs are compressed already
             archive.writestr("history.json", json.dumps([job_json(studio, job) for job in jobs], indent=2))
@@ -188,13 +242,11 @@ def build_router(studio: Studio) -> APIRouter:
         return StreamingResponse(buffer, media_type="application/zip",
                                  headers={"Content-Disposition": 'attachment; filename="history.zip"'})
 
-    @router.get("/images/{image_id}", tags=["history"], operation_id="get_image")
+    @router.get("/images/{image_id}", tags=["history"], operation_id="get_image", response_class=FileResponse,
+                responses=PNG_RESPONSE)
     def get_image(image_id: str, user: str = Depends(current_user)) -> FileResponse:
         """A generated PNG, with its parameters in its metadata."""
-        image = studio.store.image(image_id)
-        if image is None or image["user"] != user:
-            raise JobNotFound(image_id)
-        return FileResponse(image["path"], media_type="image/png")
+        return FileResponse(studio.image_path(image_id, user), media_type="image/png")
 
     @router.post("/images/{image_id}/share", tags=["history"], operation_id="share_image")
     def share_image(image_id: str, user: str = Depends(current_user)) -> dict:
@@ -204,12 +256,12 @@ def build_router(studio: Studio) -> APIRouter:
     @router.get("/models", tags=["models"], operation_id="list_models")
     def models() -> dict:
         """Every model the studio can use, and which are loaded now."""
-        return {"available": studio.models(), "loaded": studio.engine.manager.loaded()}
+        return {"available": studio.models(), "loaded": studio.loaded_models()}
 
     @router.post("/models/{name:path}/unload", tags=["models"], operation_id="unload_model")
     def unload(name: str, admin: str = Depends(require_admin)) -> dict:
         """Free a loaded model's memory (refused while a job uses it). Admin only."""
-        return {"name": name, "unloaded": studio.engine.manager.unload(name)}
+        return {"name": name, "unloaded": studio.unload_model(name)}
 
     @router.get("/queue", tags=["system"], operation_id="queue_status")
     def queue_status(user: str = Depends(current_user)) -> dict:
@@ -227,61 +279,46 @@ def build_router(studio: Studio) -> APIRouter:
         await studio.jobs.resume()
         return studio.jobs.status()
 
-    @router.post("/png-info", tags=["history"], operation_id="png_info")
-    async def png_info(request: Request, file: UploadFile | None = File(None)) -> dict:
-        """Parameters of a PNG (ours or A1111's): upload it, or send {"image": base64}."""
-        if file is not None:
-            data = await file.read()
-        else:
-            data = base64.b64decode(PngInfoBody.model_validate(await request.json()).image.split(",")[-1])
-        try:
-            image = Image.open(io.BytesIO(data))
-        except (UnidentifiedImageError, OSError):
-            raise RequestError("image", "is not a readable image") from None
-        text = read_png_text(image)
-        try:
-            parameters = request_from_png(image).parameters()
-        except ValueError as exc:
-            raise RequestError("image", str(exc)) from None
-        return {"parameters": parameters, "text": text}
+    @router.post("/png-info", tags=["history"], operation_id="png_info", openapi_extra=PNG_INFO_BODY)
+    async def png_info(request: Request) -> dict:
+        """Parameters of a PNG (ours or A1111's): upload it as multipart `file`, or send {"image": base64}."""
+        return await png_info_of(request, studio.config.limits.max_input_pixels)
 
     return router
+
+
+PNG_RESPONSE = {200: {"content": {"image/png": {}}, "description": "The PNG, parameters in its metadata"}}
 
 
 def build_share_router(studio: Studio) -> APIRouter:
-    router = APIRouter(tags=["history"])
+    router = APIRouter(tags=["history"], responses={404: ERROR_RESPONSES[404]})
 
-    @router.get("/share/{token}", operation_id="shared_image")
+    @router.get("/share/{token}", operation_id="shared_image", response_class=FileResponse, responses=PNG_RESPONSE)
     def shared_image(token: str) -> FileResponse:
         """One shared image; public by design (the token is the permission)."""
-        image = studio.store.shared_image(token)
-        if image is None:
-            raise JobNotFound(token)
-        return FileResponse(image["path"], media_type="image/png")
+        return FileResponse(studio.shared_image_path(token), media_type="image/png")
 
     return router
+
+
+# Errors that reach a route: rendered from the outcome table (service/outcomes.py), never a stack trace.
+HANDLED = (StudioError, RequestError, ValidationError, JobNotFound, LimitExceeded, QueueFull, OSError,
+           sqlite3.Error, torch.OutOfMemoryError, MemoryError)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     """Domain exceptions -> HTTP, in one place. Messages name the field; never a stack trace."""
 
-    @app.exception_handler(ValidationError)
-    async def invalid(_, exc: ValidationError):
-        return JSONResponse({"detail": describe_validation_error(exc)}, status_code=422)
+    async def render(_, exc: Exception):
+        return error_response(exc)
 
-    @app.exception_handler(RequestError)
-    async def bad_request(_, exc: RequestError):
-        return JSONResponse({"detail": str(exc), "field": exc.field}, status_code=422)
+    for kind in HANDLED:
+        app.add_exception_handler(kind, render)
 
-    @app.exception_handler(JobNotFound)
-    async def not_found(_, exc: JobNotFound):
-        return JSONResponse({"detail": f"no such job or image: {exc.args[0]}"}, status_code=404)
+    @app.exception_handler(RequestValidationError)
+    async def invalid_parameters(_, exc: RequestValidationError):  # FastAPI's own checks of query/path values
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ())[1:]) or "request"
+        return error_response(RequestError(where, first.get("msg", "is invalid")))
 
-    @app.exception_handler(LimitExceeded)
-    async def limited(_, exc: LimitExceeded):
-        return JSONResponse({"detail": str(exc)}, status_code=429, headers={"Retry-After": str(exc.retry_after_s)})
-
-    @app.exception_handler(QueueFull)
-    async def busy(_, exc: QueueFull):
-        return JSONResponse({"detail": str(exc), "queue_length": exc.length}, status_code=429,
-                            headers={"Retry-After": str(exc.retry_after_s)})
+    app.add_exception_handler(Exception, render)  # anything else: internal, logged by the server

@@ -76,6 +76,8 @@ def request_from_png(image: Image.Image) -> GenerationRequest:
     text = read_png_text(image)
     if JSON_CHUNK in text:
         data = json.loads(text[JSON_CHUNK])
+        if not isinstance(data, dict):
+            raise ValueError(f"its '{JSON_CHUNK}' chunk is not a JSON object of parameters")
         fields = {k: v for k, v in data.items() if not k.endswith("_sha256")}
         return GenerationRequest.model_validate(fields, context=_PARAMETERS_ONLY)
     if A1111_CHUNK in text:

@@ -1,11 +1,19 @@
-"""JobService: the one way work reaches the engine. A bounded asyncio queue, fair across users (round-robin,
-higher priority first), with states queued -> running -> done / failed / cancelled / interrupted, cancel of queued
-and running jobs, pause/resume of the whole queue, per-job event streams, and records that outlive a crash.
+"""JobService: the one way work reaches the engine. A bounded queue, fair across users (round-robin, higher
+priority first), with states queued -> running -> done / failed / cancelled / interrupted, cancel of queued and
+running jobs, pause/resume of the whole queue, per-job event streams, and records that outlive a crash.
 
-Engine calls run in worker threads (`asyncio.to_thread`), `workers` at a time, so nothing blocks the event loop and
-there is no global lock: two jobs on different models, or on one model, run side by side. A worker that takes a
+Each job is one live `Job` object from submit to outcome: the validated request itself, its user, priority, batch
+and cache keys, cancel flag, time limit, listeners and record. Queue, batching, cancel, the engine call and recovery
+all use it; the SQLite row is its persisted copy (a stored request is validated again only when it is recovered
+after a restart). Every job ends with an `Outcome` on its final event.
+
+Engine calls run in worker threads, `workers` at a time, so nothing blocks the event loop. A worker that takes a
 job also takes queued jobs with the same `batch_key()` (any user's, up to `batch_images` images) and runs them as
 one pipeline call; each job still gets its own events, cancel, time limit, record, and its lone-run bits.
+
+The service survives its own faults: a failed write (disk full, read-only folder, SQLite error) fails that job at
+once, in memory and to its listeners, and reaches the store when the store can write again; while the data dir
+can't be written the workers hold the queue and `health()` says why; a worker task that dies is restarted.
 """
 
 from __future__ import annotations
@@ -19,25 +27,27 @@ import shutil
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import torch
 
-from ..requests import GenerationRequest, GenerationResult, RequestError, StepEvent
+from ..engine.runner import WorkItem
+from ..requests import GenerationRequest, GenerationResult, StepEvent
 from .cache import ResultCache
 from .limits import UserLimits
 from .metrics import StudioMetrics
+from .outcomes import ErrorKind, JobError, Outcome, StudioError, classify, is_storage_fault, storage_reason
 from .store import JobRecord, JobStatus, JobStore
 
 log = logging.getLogger(__name__)
 
-BatchRunner = Callable[..., list[GenerationResult]]  # Engine.run_batch(requests, on_steps, cancels)
+BatchRunner = Callable[[list[WorkItem]], list[GenerationResult]]  # Engine.run_batch
 Saver = Callable[[GenerationResult], list]  # Studio.save(result) -> image paths
 
-
 FINISHED_KINDS = {status.value for status in JobStatus if status.finished}
+STORAGE_RECHECK_S = 1.0  # how often a degraded service tries its data dir again
 
 
 class QueueFull(RuntimeError):
@@ -55,26 +65,62 @@ class JobNotFound(KeyError):
 
 @dataclass(frozen=True)
 class JobEvent:
-    """What a job's subscribers receive: a state change, a step (with preview), or the final record."""
+    """What a job's listeners receive: a state change, a step (with preview), or the outcome (final event)."""
 
     kind: str  # "queued" | "position" | "running" | "step" | "done" | "failed" | "cancelled" | "interrupted"
     job_id: str
     data: dict[str, Any]
+    outcome: Outcome | None = None  # set on the final event only
+
+    @property
+    def final(self) -> bool:
+        return self.outcome is not None
+
+
+@dataclass(eq=False)
+class Job:
+    """One job, live in the service from submit to outcome."""
+
+    record: JobRecord  # what is persisted
+    request: GenerationRequest  # validated once, at submit (or on recovery)
+    batch_key: str | None
+    cache_key: str | None
+    listeners: list[asyncio.Queue] = field(default_factory=list)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    timed_out: threading.Event = field(default_factory=threading.Event)
+    outcome: Outcome | None = None
+    _timer: asyncio.TimerHandle | None = None
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def user(self) -> str:
+        return self.record.user
+
+    @property
+    def priority(self) -> int:
+        return self.record.priority
+
+    @property
+    def status(self) -> JobStatus:
+        return self.record.status
 
 
 class FairQueue:
     """Per-user FIFO lanes served round-robin; among the lanes' heads, higher priority goes first."""
 
     def __init__(self):
-        self._lanes: OrderedDict[str, deque[JobRecord]] = OrderedDict()
+        self._lanes: OrderedDict[str, deque[Job]] = OrderedDict()
 
     def __len__(self) -> int:
         return sum(len(lane) for lane in self._lanes.values())
 
-    def push(self, job: JobRecord) -> None:
+    def push(self, job: Job) -> None:
         self._lanes.setdefault(job.user, deque()).append(job)
 
-    def pop(self) -> JobRecord | None:
+    def pop(self) -> Job | None:
         if not self._lanes:
             return None
         best = max(self._lanes, key=lambda user: self._lanes[user][0].priority)  # max keeps the first: round-robin
@@ -84,24 +130,21 @@ class FairQueue:
             self._lanes[best] = lane  # to the back of the rotation
         return job
 
-    def take(self, wanted: Callable[[JobRecord], bool], limit: int) -> list[JobRecord]:
+    def take(self, wanted: Callable[[Job], bool], limit: int) -> list[Job]:
         """Remove and return up to `limit` jobs that `wanted` accepts, in the order they would run. A user whose
         job rides along has had a turn: their lane goes to the back of the rotation, as after `pop`."""
         taken = []
-        for job_id in self.order():
+        for job in self.order():
             if len(taken) == limit:
                 break
-            job = self._find(job_id)
             if wanted(job):
-                taken.append(self.remove(job_id))
+                self.remove(job.id)
+                taken.append(job)
                 if job.user in self._lanes:
                     self._lanes.move_to_end(job.user)
         return taken
 
-    def _find(self, job_id: str) -> JobRecord:
-        return next(job for lane in self._lanes.values() for job in lane if job.id == job_id)
-
-    def remove(self, job_id: str) -> JobRecord | None:
+    def remove(self, job_id: str) -> Job | None:
         for user, lane in self._lanes.items():
             for job in lane:
                 if job.id == job_id:
@@ -111,90 +154,116 @@ class FairQueue:
                     return job
         return None
 
-    def order(self) -> list[str]:
-        """Job ids in the order they would run now."""
-        lanes = OrderedDict((user, deque(lane)) for user, lane in self._lanes.items())
+    def order(self) -> list[Job]:
+        """Jobs in the order they would run now."""
         shadow = FairQueue()
-        shadow._lanes = lanes
-        ids = []
+        shadow._lanes = OrderedDict((user, deque(lane)) for user, lane in self._lanes.items())
+        jobs = []
         while (job := shadow.pop()) is not None:
-            ids.append(job.id)
-        return ids
+            jobs.append(job)
+        return jobs
 
 
 class JobService:
     def __init__(self, store: JobStore, run_batch: BatchRunner, save: Saver, max_queue: int = 64, workers: int = 1,
                  validate: Callable[[dict], GenerationRequest] | None = None,
                  identify: Callable[[GenerationRequest], str] | None = None, cache_entries: int = 1024,
-                 time_limit_s: float | None = None, limits: UserLimits | None = None, batch_images: int = 8):
-        """`identify(request)` names the weights a request would use (for cache keys); without it, no cache.
-        `batch_images`: most images in one cross-user batch (1: every job runs alone)."""
+                 time_limit_s: float | None = None, limits: UserLimits | None = None, batch_images: int = 8,
+                 check_storage: Callable[[], None] | None = None):
+        """`identify(request)` names the weights a request would use (for cache keys; called off the event loop);
+        without it, no cache. `batch_images`: most images in one cross-user batch (1: every job runs alone).
+        `check_storage()` raises while the data dir can't be written (default: the store's own probe)."""
         self.store = store
         self._identify = identify
         self.time_limit_s = time_limit_s
         self.limits = limits
         self.cache = ResultCache(cache_entries)
-        self._cache_keys: dict[str, str] = {}  # job id -> cache key, for jobs that may fill the cache
         self._run_batch = run_batch
         self.batch_images = batch_images
-        self._batch_keys: dict[str, tuple[str, int]] = {}  # queued job id -> (batch key, images)
         self._save = save
         self._validate = validate or GenerationRequest.model_validate
+        self._check_storage = check_storage or store.probe
         self.max_queue = max_queue
         self.workers = workers
         self._queue = FairQueue()
+        self._jobs: dict[str, Job] = {}  # queued and running
         self._wakeup: asyncio.Condition | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._paused = False
-        self._running: dict[str, threading.Event] = {}
-        self._users: dict[str, str] = {}  # job id -> user, for jobs queued or running
-        self._subscribers: dict[str, list[asyncio.Queue]] = {}
-        self._tasks: list[asyncio.Task] = []
-        self.metrics = StudioMetrics(queue_length=self.queue_length, running=lambda: len(self._running))
+        self._stopping = False
+        self._workers: dict[int, asyncio.Task] = {}
+        self._held: dict[int, list[Job]] = {}  # worker index -> the jobs it runs now
+        self._keeper: asyncio.Task | None = None
+        self._unsaved: dict[str, JobRecord] = {}  # records the store could not take yet
+        self.storage_fault: str | None = None  # why the data dir can't be written, while it can't
+        self._storage_checked = 0.0
+        self.metrics = StudioMetrics(queue_length=self.queue_length, running=self.running_count)
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Condition()
-        for job in self.store.recover():  # a crash left these queued: they run again, in their old order
-            self._queue.push(job)
-            self._users[job.id] = job.user
-        self._tasks = [asyncio.create_task(self._worker(), name=f"job-worker-{i}") for i in range(self.workers)]
+        self._stopping = False
+        try:
+            recovered = self.store.recover()  # a crash left these queued: they run again, in their old order
+        except Exception as exc:  # a store that can't be written at start: start degraded, recover later
+            log.error("could not recover queued jobs: %s", exc)
+            self._storage_failed(exc)
+            recovered = []
+        for record in recovered:
+            await self._requeue(record)
+        for index in range(self.workers):
+            self._spawn_worker(index)
+        self._keeper = asyncio.create_task(self._keep_storage(), name="job-storage-keeper")
 
     async def stop(self) -> None:
-        for cancel in self._running.values():
-            cancel.set()
-        for task in self._tasks:
+        self._stopping = True
+        for job in self._jobs.values():
+            if job.status == JobStatus.running:
+                job.cancel.set()
+        tasks = [*self._workers.values(), *([self._keeper] if self._keeper else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._workers, self._keeper = {}, None
+
+    async def _requeue(self, record: JobRecord) -> None:
+        """A job recovered after a restart: validated again, then queued with its batch and cache keys."""
+        try:
+            request = await asyncio.to_thread(self._validate, record.request)
+            cache_key = await self._cache_key(request)
+        except Exception as exc:
+            job = Job(record, GenerationRequest(), None, None)
+            self._finish(job, JobStatus.failed, classify(exc))
+            return
+        job = Job(record, request, request.batch_key(), cache_key)
+        self._jobs[job.id] = job
+        self._queue.push(job)
 
     # -- clients --------------------------------------------------------------------------------------------
     async def submit(self, request: GenerationRequest, user: str, priority: int = 0,
-                     listener: asyncio.Queue | None = None) -> JobRecord:
+                     listener: asyncio.Queue | None = None) -> Job:
         """Queue a job. `listener` is subscribed before the job can start, so it misses none of its events."""
         if self.limits is not None:
             self.limits.admit(user, self.active_jobs(user))
-        cacheable = self._identify is not None and request.seed is not None and self.cache.max_entries > 0
-        key = self.cache.key(request, self._identify(request)) if cacheable else None
-        cached = self._cached(key, request, user, priority, listener) if key else None
-        if cached is not None:
-            return cached
+        cache_key = await self._cache_key(request)
+        if self.storage_fault:
+            raise StudioError(self._storage_error())
+        if cache_key:
+            cached = self._from_cache(cache_key, request, user, priority, listener)
+            if cached is not None:
+                return cached
         if len(self._queue) >= self.max_queue:
             raise QueueFull(len(self._queue))
-        job = JobRecord(id=secrets.token_hex(8), user=user, request=request.model_dump(mode="json"),
-                        priority=priority)
-        self.store.add(job)
-        if key:
-            self._cache_keys[job.id] = key
-        batch_key = request.batch_key()
-        if batch_key is not None:
-            self._batch_keys[job.id] = (batch_key, request.batch_size)
-        self._users[job.id] = user
-        if listener is not None:
-            self._subscribers.setdefault(job.id, []).append(listener)
+        record = JobRecord(id=secrets.token_hex(8), user=user, request=request.model_dump(mode="json"),
+                           priority=priority)
+        self._store_write(self.store.add, record)
+        job = Job(record, request, request.batch_key(), cache_key, listeners=[listener] if listener else [])
+        self._jobs[job.id] = job
         async with self._wakeup:
             self._queue.push(job)
             self._wakeup.notify()
-        self._publish(job.id, "queued", {"position": self.position(job.id)})
+        self._publish(job, "queued", {"position": self.position(job.id)})
         return job
 
     async def follow(self, request: GenerationRequest, user: str, priority: int = 0) -> AsyncIterator[JobEvent]:
@@ -208,77 +277,50 @@ class JobService:
         """Submit several jobs at once (so compatible ones can share batches) and yield all their events, until
         every one has its outcome. Stopping early cancels the unfinished ones."""
         events: asyncio.Queue = asyncio.Queue()
-        jobs = []
+        jobs: list[Job] = []
         try:
             for request in requests:
                 jobs.append(await self.submit(request, user, priority, listener=events))
-            unfinished = {job.id for job in jobs}
+            unfinished = {job.id for job in jobs}  # a job answered from the cache has its outcome queued already
             while unfinished:
                 event = await events.get()
                 yield event
-                if event.kind in FINISHED_KINDS:
+                if event.final:
                     unfinished.discard(event.job_id)
         finally:
             for job in jobs:
-                self.unsubscribe(job.id, events)
-                if not self.store.get(job.id).status.finished:
+                self._unlisten(job, events)
+                if job.outcome is None:
                     await self.cancel(job.id)
 
-    def _cached(self, key: str, request: GenerationRequest, user: str, priority: int,
-                listener: asyncio.Queue | None) -> JobRecord | None:
-        """A finished job answering from an earlier identical one: its images copied, `cached: True`."""
-        source = self.store.get(self.cache.get(key) or "")
-        if source is None or source.status != JobStatus.done:
-            return None
-        now = time.time()
-        job = JobRecord(id=secrets.token_hex(8), user=user, request=request.model_dump(mode="json"),
-                        priority=priority, status=JobStatus.running, created_at=now, started_at=now)
-        self.store.add(job)
-        copies = []
-        for image_id in source.result["image_ids"]:
-            original = Path(self.store.image(image_id)["path"])
-            copy = original.with_name(f"{original.stem}-{job.id}{original.suffix}")
-            try:  # each job owns a name for its files: deleting one never breaks another
-                os.link(original, copy)
-            except OSError:  # a file system without hard links
-                shutil.copyfile(original, copy)
-            copies.append(copy)
-        job.result = {**source.result, "cached": True,
-                      "image_ids": self.store.add_images(job, copies, source.result["seeds"])}
-        if listener is not None:
-            self._subscribers.setdefault(job.id, []).append(listener)
-        self.metrics.cache_hits.inc()
-        self._finish(job, JobStatus.done)
-        return job
-
     def get(self, job_id: str, user: str | None = None) -> JobRecord:
-        job = self.store.get(job_id)
-        if job is None or (user is not None and job.user != user):
+        job = self._jobs.get(job_id)
+        record = job.record if job else self._unsaved.get(job_id) or self.store.get(job_id)
+        if record is None or (user is not None and record.user != user):
             raise JobNotFound(job_id)  # another user's job is reported as missing, not as forbidden
-        return job
+        return record
 
     def position(self, job_id: str) -> int | None:
         """1 = next to run; None when not waiting."""
-        order = self._queue.order()
-        return order.index(job_id) + 1 if job_id in order else None
+        for position, job in enumerate(self._queue.order(), start=1):
+            if job.id == job_id:
+                return position
+        return None
 
     async def cancel(self, job_id: str, user: str | None = None) -> JobRecord:
-        job = self.get(job_id, user)
-        if job.status == JobStatus.queued and self._queue.remove(job_id) is not None:
-            self._users.pop(job_id, None)
-            self._batch_keys.pop(job_id, None)
-            self._finish(job, JobStatus.cancelled, error="cancelled before it started")
-        elif job.id in self._running:
-            self._running[job.id].set()  # the engine stops within one step; the worker records it
-        return self.store.get(job_id)
+        record = self.get(job_id, user)
+        job = self._jobs.get(job_id)
+        if job is not None and self._queue.remove(job_id) is not None:
+            self._finish(job, JobStatus.cancelled, JobError(ErrorKind.cancelled, "cancelled before it started"))
+        elif job is not None:
+            job.cancel.set()  # the engine stops within one step; the worker records it
+        return record
 
     async def pause(self) -> None:
         self._paused = True
 
     async def resume(self) -> None:
-        async with self._wakeup:
-            self._paused = False
-            self._wakeup.notify_all()
+        await self._wake_all(lambda: setattr(self, "_paused", False))
 
     @property
     def paused(self) -> bool:
@@ -286,164 +328,300 @@ class JobService:
 
     def active_jobs(self, user: str) -> int:
         """The user's queued and running jobs."""
-        return sum(1 for owner in self._users.values() if owner == user)
+        return sum(1 for job in self._jobs.values() if job.user == user)
 
     def queue_length(self) -> int:
         return len(self._queue)
 
+    def running_count(self) -> int:
+        return sum(len(jobs) for jobs in self._held.values())
+
     def status(self) -> dict:
-        return {"queued": len(self._queue), "running": len(self._running), "paused": self._paused,
+        return {"queued": len(self._queue), "running": self.running_count(), "paused": self._paused,
                 "max_queue": self.max_queue, "workers": self.workers, "batch_images": self.batch_images}
 
     def subscribe(self, job_id: str) -> asyncio.Queue:
-        """A queue of JobEvents for one job; unsubscribe when done."""
+        """A queue of JobEvents for one job (empty forever if the job has already ended); unsubscribe when done."""
         events: asyncio.Queue = asyncio.Queue()
-        self._subscribers.setdefault(job_id, []).append(events)
+        if job_id in self._jobs:
+            self._jobs[job_id].listeners.append(events)
         return events
 
     def unsubscribe(self, job_id: str, events: asyncio.Queue) -> None:
-        listeners = self._subscribers.get(job_id, [])
-        if events in listeners:
-            listeners.remove(events)
-        if not listeners:
-            self._subscribers.pop(job_id, None)
+        if job_id in self._jobs:
+            self._unlisten(self._jobs[job_id], events)
+
+    @staticmethod
+    def _unlisten(job: Job, events: asyncio.Queue) -> None:
+        if events in job.listeners:
+            job.listeners.remove(events)
+
+    # -- health ---------------------------------------------------------------------------------------------
+    async def health(self) -> dict[str, Any]:
+        """ok, or degraded with the reasons: the data dir can't be written, or a worker is down."""
+        if time.monotonic() - self._storage_checked > STORAGE_RECHECK_S:
+            await self._recheck_storage()
+        reasons = []
+        if self.storage_fault:
+            reasons.append(f"storage: the data dir can't be written ({self.storage_fault}); queued jobs wait")
+        alive = sum(1 for task in self._workers.values() if not task.done())
+        if alive < self.workers:
+            reasons.append(f"workers: {self.workers - alive} of {self.workers} down")
+        return {"status": "degraded" if reasons else "ok", "reasons": reasons}
+
+    def _storage_failed(self, exc: BaseException) -> None:
+        if self.storage_fault is None:
+            log.error("the data dir can't be written: %s", exc)
+        self.storage_fault = storage_reason(exc)
+        self.metrics.storage_faults.inc()
+
+    def _storage_error(self) -> JobError:
+        return JobError(ErrorKind.storage, f"the studio can't write its data now ({self.storage_fault}); try again "
+                                           "later")
+
+    def _store_write(self, write: Callable[[JobRecord], Any], record: JobRecord) -> None:
+        """A write a client waits on (a new job): a storage fault refuses it as a 503, never a bare 500."""
+        try:
+            write(record)
+        except Exception as exc:
+            if not is_storage_fault(exc):
+                raise
+            self._storage_failed(exc)
+            raise StudioError(self._storage_error()) from None
+
+    def _persist(self, record: JobRecord) -> None:
+        """Write a job's state; if the store can't take it now, keep it for when it can."""
+        try:
+            self.store.update(record)
+            self._unsaved.pop(record.id, None)
+        except Exception as exc:
+            self._unsaved[record.id] = record
+            self._storage_failed(exc)
+
+    async def _recheck_storage(self) -> None:
+        self._storage_checked = time.monotonic()
+        try:
+            await asyncio.to_thread(self._check_storage)
+            for record in list(self._unsaved.values()):
+                self.store.update(record)
+                self._unsaved.pop(record.id, None)
+        except Exception as exc:
+            self._storage_failed(exc)
+            return
+        if self.storage_fault is not None:
+            log.warning("the data dir can be written again; the queue goes on")
+            await self._wake_all(lambda: setattr(self, "storage_fault", None))
+
+    async def _keep_storage(self) -> None:
+        while True:
+            await asyncio.sleep(STORAGE_RECHECK_S)
+            if self.storage_fault or self._unsaved:
+                await self._recheck_storage()
+
+    async def _wake_all(self, change: Callable[[], None]) -> None:
+        async with self._wakeup:
+            change()
+            self._wakeup.notify_all()
 
     # -- work -----------------------------------------------------------------------------------------------
-    async def _worker(self) -> None:
+    def _spawn_worker(self, index: int) -> None:
+        task = asyncio.create_task(self._worker(index), name=f"job-worker-{index}")
+        task.add_done_callback(lambda done: self._worker_ended(index, done))
+        self._workers[index] = task
+
+    def _worker_ended(self, index: int, task: asyncio.Task) -> None:
+        """A worker task only ends on stop; if one dies anyway, its jobs fail and a new worker takes its place."""
+        if self._stopping:
+            return
+        exc = None if task.cancelled() else task.exception()
+        log.error("job worker %d died (%r); starting a new one", index, exc)
+        self.metrics.worker_restarts.inc()
+        for job in self._held.pop(index, []):
+            if job.outcome is None:
+                self._finish(job, JobStatus.failed, JobError(ErrorKind.worker_lost, "the worker running this job "
+                                                                                     "failed; submit it again"))
+        self._spawn_worker(index)
+
+    def _can_start(self) -> bool:
+        return not self._paused and not self.storage_fault and len(self._queue) > 0
+
+    async def _worker(self, index: int) -> None:
         while True:
             async with self._wakeup:
-                await self._wakeup.wait_for(lambda: not self._paused and len(self._queue) > 0)
+                await self._wakeup.wait_for(self._can_start)
                 jobs = self._take_batch()
-            for position, waiting_id in enumerate(self._queue.order(), start=1):  # one pass, not one per job
-                self._publish(waiting_id, "position", {"position": position})
+                self._held[index] = jobs
+            for position, waiting in enumerate(self._queue.order(), start=1):  # one pass, not one per job
+                self._publish(waiting, "position", {"position": position})
             await self._execute(jobs)
+            self._held.pop(index, None)  # not on an exception: _worker_ended gives those jobs their outcome
 
-    def _take_batch(self) -> list[JobRecord]:
+    def _take_batch(self) -> list[Job]:
         """The next job, plus queued jobs that can share its pipeline call (same batch key), within the budget."""
         first = self._queue.pop()
-        key, images = self._batch_keys.pop(first.id, (None, 0))
-        if key is None or images >= self.batch_images:
+        if first.batch_key is None or first.request.batch_size >= self.batch_images:
             return [first]
-        budget = self.batch_images - images
+        budget = self.batch_images - first.request.batch_size
 
-        def fits(job: JobRecord) -> bool:
+        def fits(job: Job) -> bool:
             nonlocal budget
-            other_key, other_images = self._batch_keys.get(job.id, (None, 0))
-            if other_key != key or other_images > budget:
+            if job.batch_key != first.batch_key or job.request.batch_size > budget:
                 return False
-            budget -= other_images
+            budget -= job.request.batch_size
             return True
 
-        others = self._queue.take(fits, limit=self.batch_images)
-        for job in others:
-            self._batch_keys.pop(job.id, None)
-        return [first, *others]
+        return [first, *self._queue.take(fits, limit=self.batch_images)]
 
-    async def _execute(self, jobs: list[JobRecord]) -> None:
-        runs = [self._begin(job) for job in jobs]
+    async def _execute(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self._begin(job)
         try:
-            if len(runs) > 1:
+            if len(jobs) > 1:
                 try:
-                    results = await self._engine_call(runs)
+                    results = await self._engine_call(jobs)
                 except Exception as exc:  # one bad request must not fail the others: each runs again alone
-                    log.warning("a batch of %d jobs failed (%s); running them one by one", len(runs), exc)
+                    log.warning("a batch of %d jobs failed (%s); running them one by one", len(jobs), exc)
                 else:
-                    for run, result in zip(runs, results):
-                        await self._settle(run, self._record(run, result))
+                    for job, result in zip(jobs, results):
+                        await self._settle(job, self._record(job, result))
                     return
-            for run in runs:
-                await self._settle(run, self._run_alone(run))
+            for job in jobs:
+                await self._settle(job, self._run_alone(job))
+        except asyncio.CancelledError:
+            if self._stopping:  # the server stops: running jobs end interrupted (and run again if re-sent)
+                for job in jobs:
+                    if job.outcome is None:
+                        self._finish(job, JobStatus.interrupted, JobError(ErrorKind.interrupted,
+                                                                          "the studio stopped while this job ran"))
+            raise
         finally:
-            for run in runs:
-                run.close()
-                self._running.pop(run.job.id, None)
-                self._users.pop(run.job.id, None)
-                self._cache_keys.pop(run.job.id, None)
+            for job in jobs:
+                if job._timer is not None:
+                    job._timer.cancel()
 
-    def _begin(self, job: JobRecord) -> "_Run":
-        run = _Run(job, asyncio.get_running_loop(), self._publish, self.time_limit_s)
-        self._running[job.id] = run.cancel
-        job.status, job.started_at = JobStatus.running, time.time()
-        self.store.update(job)
-        self._publish(job.id, "running", {"queue_wait_s": job.started_at - job.created_at})
-        return run
+    def _begin(self, job: Job) -> None:
+        record = job.record
+        record.status, record.started_at = JobStatus.running, time.time()
+        if self.time_limit_s:
+            job._timer = self._loop.call_later(self.time_limit_s, self._stop_for_time, job)
+        self._persist(record)
+        self._publish(job, "running", {"queue_wait_s": record.started_at - record.created_at})
 
-    async def _engine_call(self, runs: list["_Run"]) -> list[GenerationResult]:
-        requests = [self._validate(run.job.request) for run in runs]
-        return await asyncio.to_thread(self._run_batch, requests, [run.on_step for run in runs],
-                                       [run.cancel for run in runs])
+    @staticmethod
+    def _stop_for_time(job: Job) -> None:
+        job.timed_out.set()
+        job.cancel.set()  # the engine stops at its next step
 
-    async def _run_alone(self, run: "_Run") -> None:
-        [result] = await self._engine_call([run])
-        await self._record(run, result)
+    async def _engine_call(self, jobs: list[Job]) -> list[GenerationResult]:
+        items = [WorkItem(job.request, self._step_publisher(job), job.cancel) for job in jobs]
+        return await asyncio.to_thread(self._run_batch, items)
 
-    async def _record(self, run: "_Run", result: GenerationResult) -> None:
-        job = run.job
+    def _step_publisher(self, job: Job) -> Callable[[StepEvent], None]:
+        def on_step(event: StepEvent) -> None:  # called from the engine's thread
+            data = {"step": event.step, "total": event.total, "eta_s": event.eta_s, "preview": event.preview}
+            self._loop.call_soon_threadsafe(self._publish, job, "step", data)
+        return on_step
+
+    async def _run_alone(self, job: Job) -> None:
+        [result] = await self._engine_call([job])
+        await self._record(job, result)
+
+    async def _record(self, job: Job, result: GenerationResult) -> None:
+        record = job.record
         paths = await asyncio.to_thread(self._save, result)
-        image_ids = self.store.add_images(job, paths, result.seeds)
-        job.result = {"seeds": result.seeds, "image_ids": image_ids, "model_id": result.model_id,
-                      "device": result.device, "blocked": result.blocked, "batched_with": result.batched_with,
-                      "timings": {"load_s": result.timings.load_s, "total_s": result.timings.total_s,
-                                  "it_per_s": result.timings.it_per_s},
-                      "peak_memory_bytes": result.peak_memory_bytes}
-        if run.timed_out.is_set():
-            self._finish(job, JobStatus.failed, error=f"time_limit: stopped after the {self.time_limit_s:g} s "
-                                                      "limit for one job; ask for fewer steps or a smaller size")
+        try:
+            image_ids = self.store.add_images(record, paths, result.seeds)
+        except Exception:
+            for path in paths:  # files the history can't list would be orphans
+                Path(path).unlink(missing_ok=True)
+            raise
+        record.result = {"seeds": result.seeds, "image_ids": image_ids, "model_id": result.model_id,
+                         "device": result.device, "blocked": result.blocked, "batched_with": result.batched_with,
+                         "timings": {"load_s": result.timings.load_s, "total_s": result.timings.total_s,
+                                     "it_per_s": result.timings.it_per_s},
+                         "peak_memory_bytes": result.peak_memory_bytes}
+        if job.timed_out.is_set():
+            self._finish(job, JobStatus.failed, JobError(
+                ErrorKind.time_limit, f"stopped after the {self.time_limit_s:g} s limit for one job; ask for fewer "
+                                      "steps or a smaller size"))
         elif result.cancelled:
-            self._finish(job, JobStatus.cancelled, error="cancelled while running")
+            self._finish(job, JobStatus.cancelled, JobError(ErrorKind.cancelled, "cancelled while running"))
         else:
             self._finish(job, JobStatus.done)
-            if job.id in self._cache_keys:
-                self.cache.put(self._cache_keys[job.id], job.id)
+            if job.cache_key:
+                self.cache.put(job.cache_key, job.id)
 
-    async def _settle(self, run: "_Run", work) -> None:
-        """Await one job's work; whatever goes wrong becomes that job's failure, as data."""
-        job = run.job
+    async def _settle(self, job: Job, work) -> None:
+        """Await one job's work; whatever goes wrong becomes that job's outcome, as data."""
         try:
             await work
-        except RequestError as exc:
-            self._finish(job, JobStatus.failed, error=str(exc))
-        except torch.OutOfMemoryError:
-            # Free what this job held before the next one starts; the tip says what helps.
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            self._finish(job, JobStatus.failed, error="out_of_memory: the device ran out of memory; try a smaller "
-                                                      "size or batch, or enable memory.vae_tiling / attention_slicing")
         except Exception as exc:  # reported as data on the job; the worker lives on for the next job
-            log.exception("job %s failed", job.id)
-            self._finish(job, JobStatus.failed, error=f"{type(exc).__name__}: {exc}")
+            error = classify(exc)
+            if error.kind == ErrorKind.out_of_memory:  # free what this job held before the next one starts
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            elif error.kind == ErrorKind.storage:
+                self._storage_failed(exc)
+            elif error.kind in (ErrorKind.internal, ErrorKind.model_load):
+                log.exception("job %s failed", job.id)
+            self._finish(job, JobStatus.failed, error)
 
-    def _finish(self, job: JobRecord, status: JobStatus, error: str | None = None) -> None:
-        job.status, job.finished_at, job.error = status, time.time(), error
-        self.store.update(job)
-        wait = job.started_at - job.created_at if job.started_at else None
-        self.metrics.observe(status.value, wait, job.result, error)
-        self._publish(job.id, status.value, {"error": error, "result": job.result})
+    def _finish(self, job: Job, status: JobStatus, error: JobError | None = None) -> None:
+        """The job's outcome: to its listeners at once, then to the store (or kept until the store can write)."""
+        record = job.record
+        record.status, record.finished_at, record.error = status, time.time(), error
+        job.outcome = Outcome(status.value, record.result, error)
+        self._jobs.pop(job.id, None)
+        wait = record.started_at - record.created_at if record.started_at else None
+        self.metrics.observe(status.value, wait, record.result, error.kind.value if error else None)
+        self._publish(job, status.value, {"error": error.as_dict() if error else None, "result": record.result},
+                      job.outcome)
+        self._persist(record)
 
-    def _publish(self, job_id: str, kind: str, data: dict[str, Any]) -> None:
-        for events in self._subscribers.get(job_id, []):
-            events.put_nowait(JobEvent(kind, job_id, data))
+    def _publish(self, job: Job, kind: str, data: dict[str, Any], outcome: Outcome | None = None) -> None:
+        for events in list(job.listeners):
+            events.put_nowait(JobEvent(kind, job.id, data, outcome))
 
+    # -- the cache ------------------------------------------------------------------------------------------
+    async def _cache_key(self, request: GenerationRequest) -> str | None:
+        if self._identify is None or request.seed is None or self.cache.max_entries == 0:
+            return None
+        identity = await asyncio.to_thread(self._identify, request)  # it may read the model's files
+        return self.cache.key(request, identity)
 
-class _Run:
-    """One running job's controls: its cancel flag, its time limit, and its step-event publisher."""
-
-    def __init__(self, job: JobRecord, loop: asyncio.AbstractEventLoop, publish, time_limit_s: float | None):
-        self.job = job
-        self.cancel = threading.Event()
-        self.timed_out = threading.Event()
-        self._loop, self._publish = loop, publish
-        self._timer = loop.call_later(time_limit_s, self._stop_for_time) if time_limit_s else None
-
-    def _stop_for_time(self) -> None:
-        self.timed_out.set()
-        self.cancel.set()  # the engine stops at its next step
-
-    def on_step(self, event: StepEvent) -> None:  # called from the engine's thread
-        data = {"step": event.step, "total": event.total, "eta_s": event.eta_s, "preview": event.preview}
-        self._loop.call_soon_threadsafe(self._publish, self.job.id, "step", data)
-
-    def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+    def _from_cache(self, key: str, request: GenerationRequest, user: str, priority: int,
+                    listener: asyncio.Queue | None) -> Job | None:
+        """A finished job answering from an earlier identical one: its images copied, `cached: True`."""
+        source = self.store.get(self.cache.get(key) or "")
+        if source is None or source.status != JobStatus.done:
+            return None
+        now = time.time()
+        record = JobRecord(id=secrets.token_hex(8), user=user, request=request.model_dump(mode="json"),
+                           priority=priority, status=JobStatus.running, created_at=now, started_at=now)
+        copies = []
+        try:
+            for image_id in source.result["image_ids"]:
+                original = Path(self.store.image(image_id)["path"])
+                copy = original.with_name(f"{original.stem}-{record.id}{original.suffix}")
+                try:  # each job owns a name for its files: deleting one never breaks another
+                    os.link(original, copy)
+                except OSError as exc:  # a file system without hard links
+                    if is_storage_fault(exc):
+                        raise
+                    shutil.copyfile(original, copy)
+                copies.append(copy)
+            self._store_write(self.store.add, record)
+            record.result = {**source.result, "cached": True,
+                             "image_ids": self.store.add_images(record, copies, source.result["seeds"])}
+        except Exception as exc:
+            for copy in copies:
+                copy.unlink(missing_ok=True)
+            if isinstance(exc, StudioError) or not is_storage_fault(exc):
+                raise
+            self._storage_failed(exc)
+            raise StudioError(self._storage_error()) from None
+        job = Job(record, request, None, key, listeners=[listener] if listener else [])
+        self.metrics.cache_hits.inc()
+        self._finish(job, JobStatus.done)
+        return job

@@ -25,6 +25,10 @@ class StudioMetrics:
         self.it_per_s = Gauge("studio_last_it_per_second", "Denoising steps per second, last job", registry=r)
         self.peak_memory = Gauge("studio_last_peak_memory_bytes", "Peak memory of the last job", registry=r)
         self.cache_hits = Counter("studio_cache_hits_total", "Jobs answered from the result cache", registry=r)
+        self.worker_restarts = Counter("studio_worker_restarts_total", "Job worker tasks that died and were "
+                                       "restarted", registry=r)
+        self.storage_faults = Counter("studio_storage_faults_total", "Writes to the data dir or the history "
+                                      "database that failed", registry=r)
         Gauge("studio_queue_length", "Jobs waiting", registry=r).set_function(queue_length)
         Gauge("studio_jobs_running", "Jobs running now", registry=r).set_function(running)
         if torch.cuda.is_available():  # what the caching allocator holds, beside each job's allocated peak
@@ -35,10 +39,10 @@ class StudioMetrics:
             Gauge("studio_gpu_utilisation_percent", "GPU utilisation (nvidia-ml-py)", registry=r).set_function(
                 self._gpu)
 
-    def observe(self, status: str, queue_wait_s: float | None, result: dict, error: str | None) -> None:
+    def observe(self, status: str, queue_wait_s: float | None, result: dict, error_kind: str | None) -> None:
         self.jobs.labels(status).inc()
         if status == "failed":
-            self.errors.labels((error or "unknown").split(":", 1)[0][:40]).inc()
+            self.errors.labels(error_kind or "internal").inc()
         if queue_wait_s is not None:
             self.queue_wait.observe(queue_wait_s)
         timings = result.get("timings")

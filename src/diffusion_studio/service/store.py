@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .outcomes import ErrorKind, JobError, Outcome
+
 
 class JobStatus(str, enum.Enum):
     queued = "queued"
@@ -40,8 +42,12 @@ class JobRecord:
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
-    error: str | None = None
+    error: JobError | None = None
     result: dict[str, Any] = field(default_factory=dict)  # seeds, timings, image ids, cached flag
+
+    def outcome(self) -> Outcome | None:
+        """How the job ended, as every front end renders it; None while it is queued or running."""
+        return Outcome(self.status.value, self.result, self.error) if self.status.finished else None
 
 
 SCHEMA = """
@@ -56,6 +62,7 @@ CREATE TABLE IF NOT EXISTS images (
     path TEXT NOT NULL, seed INTEGER NOT NULL, position INTEGER NOT NULL, share_token TEXT
 );
 CREATE INDEX IF NOT EXISTS images_job ON images (job_id);
+CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at REAL NOT NULL);
 """
 
 
@@ -80,15 +87,21 @@ class JobStore:
                 "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job.id, job.user, job.status.value, job.priority, json.dumps(job.request),
                  job.request.get("prompt", ""), job.request.get("mode", ""), job.request.get("model", ""),
-                 job.created_at, job.started_at, job.finished_at, job.error, json.dumps(job.result)),
+                 job.created_at, job.started_at, job.finished_at, _error_text(job.error), json.dumps(job.result)),
             )
 
     def update(self, job: JobRecord) -> None:
         with self._lock:
             self._db.execute(
                 "UPDATE jobs SET status=?, started_at=?, finished_at=?, error=?, result=? WHERE id=?",
-                (job.status.value, job.started_at, job.finished_at, job.error, json.dumps(job.result), job.id),
+                (job.status.value, job.started_at, job.finished_at, _error_text(job.error), json.dumps(job.result),
+                 job.id),
             )
+
+    def probe(self) -> None:
+        """One small real write: raises while the database can't be written (disk full, read-only)."""
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO probe VALUES (1, ?)", (time.time(),))
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._lock:
@@ -133,8 +146,7 @@ class JobStore:
         now = time.time()
         with self._lock:
             self._db.execute("UPDATE jobs SET status=?, finished_at=?, error=? WHERE status=?",
-                             (JobStatus.interrupted.value, now, "the studio stopped while this job ran",
-                              JobStatus.running.value))
+                             (JobStatus.interrupted.value, now, _error_text(INTERRUPTED), JobStatus.running.value))
             rows = self._db.execute("SELECT * FROM jobs WHERE status=? ORDER BY created_at",
                                     (JobStatus.queued.value,)).fetchall()
         return [_record(row) for row in rows]
@@ -180,5 +192,30 @@ def _record(row: sqlite3.Row) -> JobRecord:
     return JobRecord(
         id=row["id"], user=row["user"], request=json.loads(row["request"]), status=JobStatus(row["status"]),
         priority=row["priority"], created_at=row["created_at"], started_at=row["started_at"],
-        finished_at=row["finished_at"], error=row["error"], result=json.loads(row["result"]),
+        finished_at=row["finished_at"], error=_error_from(row["error"]), result=json.loads(row["result"]),
     )
+
+
+INTERRUPTED = JobError(ErrorKind.interrupted, "the studio stopped while this job ran")
+_LEGACY_KINDS = {"time_limit": ErrorKind.time_limit, "out_of_memory": ErrorKind.out_of_memory}
+
+
+def _error_text(error: JobError | None) -> str | None:
+    return json.dumps(error.as_dict()) if error else None
+
+
+def _error_from(text: str | None) -> JobError | None:
+    """The stored error; rows written before errors had kinds hold plain text (`kind: message` or a message)."""
+    if not text:
+        return None
+    try:
+        return JobError.from_dict(json.loads(text))
+    except (ValueError, KeyError, TypeError):
+        prefix, _, rest = text.partition(": ")
+        if prefix in _LEGACY_KINDS:
+            return JobError(_LEGACY_KINDS[prefix], rest)
+        if "stopped while this job ran" in text:
+            return INTERRUPTED
+        if "cancelled" in text:
+            return JobError(ErrorKind.cancelled, text)
+        return JobError(ErrorKind.internal, text)

@@ -112,10 +112,10 @@ def results_panel(label: str = "Result") -> Results:
     return Results(preview, gallery, status, gr.State(None))
 
 
-def status_line(job) -> str:
-    result = job.result
+def status_line(outcome) -> str:
+    result = outcome.result
     timings = result.get("timings", {})
-    state = "Cancelled" if job.status.value == "cancelled" else "Done"
+    state = "Cancelled" if outcome.status == "cancelled" else "Done"
     cached = " · from the cache" if result.get("cached") else ""
     batched = f" · batched with {result['batched_with'] - 1} other job(s)" if result.get("batched_with", 1) > 1 else ""
     return (f"{state} in {timings.get('total_s', 0):.2f}s (load {timings.get('load_s', 0):.2f}s, "

@@ -89,12 +89,13 @@ def build(studio: Studio) -> None:
                         states[index] = f"step {event.data['step']}/{event.data['total']}"
                     elif event.kind == "position":
                         states[index] = f"queued #{event.data['position']}"
-                    elif event.kind in ("done", "failed", "cancelled", "interrupted"):
+                    elif event.final:
                         done += 1
-                        record = studio.jobs.get(event.job_id)
-                        states[index] = event.kind if event.kind != "failed" else f"failed: {record.error}"
-                        if event.kind == "done":
-                            images[index] = studio.image_paths(record.result["image_ids"])
+                        outcome = event.outcome
+                        states[index] = outcome.status if outcome.error is None else \
+                            f"{outcome.status}: {outcome.error.text()}"
+                        if outcome.ok:
+                            images[index] = studio.image_paths(outcome.result["image_ids"])
                     progress((done, len(lines)), desc="Batch")
                     paths = [str(p) for i in sorted(images) for p in images[i]]
                     yield f"**{done}/{len(lines)}** prompts finished", table_rows(), paths, gr.skip()

@@ -62,23 +62,22 @@ def build(studio: Studio) -> None:
             async for event in studio.jobs.follow_many(requests, request.username or "local"):
                 if event.job_id not in order:
                     order.append(event.job_id)
-                if event.kind in ("done", "failed", "cancelled", "interrupted"):
-                    outcomes[event.job_id] = studio.jobs.get(event.job_id)
+                if event.final:
+                    outcomes[event.job_id] = event.outcome
                     progress((len(outcomes), len(requests)), desc="Grid cells")
                     yield f"{len(outcomes)}/{len(requests)} cells", gr.skip()
-            records = [outcomes[job_id] for job_id in order]  # each job's first event comes in submission order
-            failed = [record for record in records if record.status.value != "done"]
+            cells = [outcomes[job_id] for job_id in order]  # each job's first event comes in submission order
+            failed = [cell for cell in cells if not cell.ok]
             if failed:
-                raise gr.Error(f"{len(failed)} cell(s) failed: {failed[0].error or failed[0].status.value}",
-                               title="Grid incomplete")
-            images = [Image.open(studio.image_paths(record.result["image_ids"])[0]).convert("RGB")
-                      for record in records]
-            notes = [f"{record.result['timings']['total_s']:.2f}s" for record in records]
+                reason = failed[0].error.text() if failed[0].error else failed[0].status
+                raise gr.Error(f"{len(failed)} cell(s) failed: {reason}", title="Grid incomplete")
+            images = [Image.open(studio.image_paths(cell.result["image_ids"])[0]).convert("RGB") for cell in cells]
+            notes = [f"{cell.result['timings']['total_s']:.2f}s" for cell in cells]
             width = len(x_list)
             grid = draw_grid([images[i:i + width] for i in range(0, len(images), width)],
                              [f"{x_axis}: {x}" for x in x_list], [f"{y_axis}: {y}" if y_axis else "" for y in y_list],
                              [notes[i:i + width] for i in range(0, len(notes), width)])
-            yield f"{len(records)} cells · seed {fields['seed']}", grid
+            yield f"{len(cells)} cells · seed {fields['seed']}", grid
 
         event = run.click(make_grid, [prompt, negative, x_axis, x_values, y_axis, y_values, init_image,
                                       *params.inputs()],

@@ -49,8 +49,7 @@ def build(studio: Studio) -> dict:
             if source is None:
                 return None
             try:
-                return studio.engine.control_preview(studio.validate(
-                    control_fields(source, control_type, preprocess, low, high)))
+                return studio.control_preview(control_fields(source, control_type, preprocess, low, high))
             except Exception as exc:
                 raise user_error(exc) from None
 

@@ -70,7 +70,7 @@ def build(studio: Studio, tabs: gr.Tabs, generate: dict, image_targets: dict[str
 
         def search_history(request: gr.Request, text, mode, model, period):
             days = PERIODS[period]
-            jobs = studio.store.find(user=request.username or "local", prompt=text or None,
+            jobs = studio.history(request.username or "local", prompt=text or None,
                                      mode=None if mode == "any" else mode, model=None if model == "any" else model,
                                      since=time.time() - days * 86400 if days else None, limit=200)
             rows, items = [], []

@@ -15,7 +15,7 @@ from ...studio import Studio
 
 
 def device_text(studio: Studio) -> str:
-    device = studio.engine.device
+    device = torch.device(studio.device)
     memory = psutil.virtual_memory()
     lines = [f"**Device:** {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
              f"**RAM:** {memory.used / 2**30:.1f} / {memory.total / 2**30:.1f} GiB used · "
@@ -30,7 +30,7 @@ def device_text(studio: Studio) -> str:
 
 def service_text(studio: Studio, window_s: float = 3600) -> str:
     status = studio.jobs.status()
-    counts = studio.store.status_counts(time.time() - window_s)
+    counts = studio.recent_counts(window_s)
     done, failed = counts.get(JobStatus.done.value, 0), counts.get(JobStatus.failed.value, 0)
     finished = sum(count for state, count in counts.items() if JobStatus(state).finished)
     rate = failed / finished if finished else 0.0
@@ -54,12 +54,12 @@ def build(studio: Studio, is_admin: Callable[[str], bool]) -> None:
         errors = gr.Dataframe(headers=["when", "prompt", "error"], interactive=False, label="Recent errors")
 
         def snapshot(request: gr.Request):
-            models = studio.engine.manager.loaded()
+            models = studio.loaded_models()
             rows = [[m["name"], m["role"], round(m["weight_bytes"] / 1e6, 1), m["in_use"]] for m in models]
             user = request.username or "local"
-            failed = studio.store.find(user=None if is_admin(user) else user, status=JobStatus.failed, limit=10)
+            failed = studio.history(None if is_admin(user) else user, status=JobStatus.failed, limit=10)
             error_rows = [[time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.finished_at or job.created_at)),
-                           job.request.get("prompt", "")[:50], (job.error or "")[:120]] for job in failed]
+                           job.request.get("prompt", "")[:50], (job.error.text() if job.error else "")[:120]] for job in failed]
             return (device_text(studio), service_text(studio), rows,
                     gr.Dropdown(choices=[m["name"] for m in models]), error_rows)
 
@@ -68,7 +68,7 @@ def build(studio: Studio, is_admin: Callable[[str], bool]) -> None:
                 raise gr.Error("only an admin may unload models for everyone", title="Not allowed")
             if not name:
                 raise gr.Error("name: choose a loaded model", title="Invalid input")
-            if not studio.engine.manager.unload(name):
+            if not studio.unload_model(name):
                 gr.Warning(f"'{name}' is not loaded, or a job is using it")
             return snapshot(request)
 

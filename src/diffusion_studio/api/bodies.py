@@ -1,0 +1,117 @@
+"""Request bodies and errors at the HTTP edge, the same for every route: a size limit before anything is read,
+one JSON-object parser whose refusals name the body, one renderer from outcome kinds to HTTP responses, and the
+OpenAPI declarations (request bodies by their models, error responses) that let clients and fuzzers know them."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from ..requests import RequestError
+from ..service.outcomes import ErrorKind, JobError, StudioError, classify
+
+
+class ErrorBody(BaseModel):
+    """Every error response: `detail` for a person, `kind` from the outcome table, `field` when input is at fault."""
+
+    detail: str
+    kind: str
+    field: str | None = None
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    error = classify(exc)
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
+    body = {"detail": error.text(), "kind": error.kind.value, "field": error.field}
+    return JSONResponse(body, status_code=error.http_status, headers=headers)
+
+
+def _error(status: int, what: str) -> dict:
+    return {"model": ErrorBody, "description": what}
+
+
+# Documented on every API route; the kinds behind each status are in service/outcomes.KINDS.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    404: _error(404, "No such job or image (another user's reads as missing)"),
+    413: _error(413, "The body is larger than limits.max_body_bytes"),
+    422: _error(422, "Invalid input; `field` names it"),
+    429: _error(429, "Rate limit, active-job limit or a full queue; see Retry-After"),
+    500: _error(500, "A fault of the studio's (internal, model_load)"),
+    503: _error(503, "Storage unavailable, out of memory, interrupted; see Retry-After"),
+    504: _error(504, "The job ran past the time limit"),
+}
+
+
+async def json_object(request: Request) -> dict[str, Any]:
+    """The body as a JSON object, or a RequestError naming `body` and what is wrong with it."""
+    raw = await request.body()
+    if not raw.strip():
+        raise RequestError("body", "is empty; send a JSON object")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise RequestError("body", "is not UTF-8 text; send a JSON object") from None
+    except json.JSONDecodeError as exc:
+        raise RequestError("body", f"is not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    if not isinstance(data, dict):
+        raise RequestError("body", f"must be a JSON object, not {type(data).__name__.replace('dict', 'object')}")
+    return data
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `max_bytes` is refused with 413 before it is parsed; by its Content-Length
+    when it has one, else as soon as the bytes read pass the limit."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            response = error_response(self._too_large())
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise self._too_large()
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _too_large(self) -> StudioError:
+        return StudioError(JobError(ErrorKind.too_large, f"the request body is larger than the studio's limit of "
+                                                         f"{self.max_bytes} bytes (limits.max_body_bytes)", "body"))
+
+
+# -- OpenAPI --------------------------------------------------------------------------------------------------
+_BODY_MODELS: dict[str, type[BaseModel]] = {}
+
+
+def json_body(model: type[BaseModel], *more: tuple[str, dict]) -> dict[str, Any]:
+    """`openapi_extra` declaring a JSON body of `model` (routes parse it themselves, with `json_object`, so bad
+    bodies get the studio's own errors); `more`: other (content type, schema) pairs the route accepts."""
+    _BODY_MODELS[model.__name__] = model
+    content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+    content.update(dict(more))
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def add_body_schemas(schema: dict[str, Any]) -> dict[str, Any]:
+    """Put the models named by `json_body` (and the models they use) into the document's components."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name, model in _BODY_MODELS.items():
+        model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(model_schema.pop("$defs", {}))
+        components[name] = model_schema
+    return schema
