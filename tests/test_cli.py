@@ -26,7 +26,7 @@ def test_generate_each_mode_writes_pngs_with_metadata(data_dir, tmp_path, capsys
         written = sorted(out.glob("*.png"))
         assert written, arguments
         request = request_from_png(Image.open(written[0]))
-        assert request.mode.value == arguments[1] and request.steps == 2
+        assert request.mode.value == {"sdxl": "txt2img"}.get(arguments[1], arguments[1]) and request.steps == 2
     first_batch = [request_from_png(Image.open(p)).seed for p in sorted((tmp_path / "txt2img").glob("*.png"))]
     assert sorted(first_batch) == [5, 6]
     assert "seed 5" in capsys.readouterr().err

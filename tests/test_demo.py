@@ -33,7 +33,7 @@ def test_python_api_every_call(data_dir, shape_image, center_mask):
     assert r["changed"].size == r["painted"].size == r["controlled"].size == (64, 64)
     assert "builtin:shapes-xl" in r["xl_status"] and r["xl"].size == (64, 64)
     history = demo.generation_history
-    assert len(history) == 9 and history[0]["mode"] == "sdxl" and history[-1]["seeds"] == [5]
+    assert len(history) == 9 and history[0]["mode"] == "txt2img" and history[-1]["seeds"] == [5]
     edges = demo.create_control_image(_square())
     assert np.asarray(edges).max() == 255
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from diffusion_studio.engine import runner
 from diffusion_studio.engine.runner import Engine, prepare_mask
-from diffusion_studio.requests import GenerationRequest, RequestError
+from diffusion_studio.requests import GenerationRequest, Mode, RequestError
 from diffusion_studio.samplers import SAMPLERS
 
 PROMPT = "a red circle on a white background"
@@ -115,17 +115,35 @@ def test_controlnet_follows_control_image(engine, shape_image):
     assert np.array_equal(np.asarray(preview), edges)
 
 
-def test_sdxl_modes(engine, shape_image, center_mask):
-    for mode, extra in [("sdxl", {}), ("txt2img", {}), ("img2img", {"init_image": shape_image}),
+def test_sdxl_modes(engine, shape_image, center_mask, monkeypatch):
+    """Every mode on an SDXL base runs the family's pipeline: the family is the model's, not a mode."""
+    classes = {}
+    original_view = engine.manager.view
+
+    def spy(base, mode, scheduler, controlnet=None):
+        view = original_view(base, mode, scheduler, controlnet)
+        classes[mode.value] = type(view).__name__
+        return view
+
+    monkeypatch.setattr(engine.manager, "view", spy)
+    for mode, extra in [("txt2img", {}), ("img2img", {"init_image": shape_image}),
                         ("inpaint", {"init_image": shape_image, "mask_image": center_mask}),
                         ("controlnet", {"control_image": shape_image})]:
         result = run(engine, model="builtin:shapes-xl", mode=mode, **extra)
         assert result.images[0].size == (64, 64), mode
+    assert classes["txt2img"] == "StableDiffusionXLPipeline"
+    assert all("XL" in name for name in classes.values()), classes
 
 
-def test_sdxl_mode_needs_an_sdxl_base(engine):
-    with pytest.raises(RequestError, match="'sdxl' needs an SDXL base"):
-        run(engine, mode="sdxl")
+def test_sdxl_is_an_alias_of_txt2img(engine):
+    request = GenerationRequest(mode="sdxl", model="builtin:shapes-xl", prompt=PROMPT, steps=2, seed=3)
+    assert request.mode == Mode.txt2img and "sdxl" not in [m.value for m in Mode]
+    assert request.batch_key() == request.model_copy(update={"mode": Mode.txt2img}).batch_key()
+    assert GenerationRequest.model_validate_json('{"mode": "sdxl"}').mode == Mode.txt2img  # stored requests
+    alias = engine.run(request)
+    plain = run(engine, model="builtin:shapes-xl", steps=2, seed=3)
+    assert np.array_equal(pixels(alias.images[0]), pixels(plain.images[0]))
+    assert run(engine, mode="sdxl", steps=1).images[0].size == (64, 64)  # an SD base: its own txt2img
 
 
 def test_all_modes_share_one_base(make_config, shape_image, center_mask):
@@ -248,12 +266,28 @@ def test_lora_applies_at_its_weight_and_switches_off(engine, data_dir, tmp_path)
 
 
 def test_memory_options_apply_and_keep_results(make_config):
+    from diffusers.models.attention_processor import SlicedAttnProcessor
+
+    def applied(engine) -> tuple[bool, bool]:
+        with engine.manager.use("builtin:shapes") as (base, _):
+            processors = base.pipeline.unet.attn_processors.values()
+            return (bool(processors) and all(isinstance(p, SlicedAttnProcessor) for p in processors),
+                    base.pipeline.vae.use_tiling)
+
     plain = Engine(make_config())
-    saving = Engine(make_config(memory={"attention_slicing": True, "vae_slicing": True, "vae_tiling": True}))
+    saving = Engine(make_config(memory={"attention_slicing": True, "vae_tiling": True}))
     a, b = run(plain, batch_size=2), run(saving, batch_size=2)
-    with saving.manager.use("builtin:shapes") as (base, _):
-        assert base.pipeline.vae.use_slicing and base.pipeline.vae.use_tiling
+    assert applied(plain) == (False, False)
+    assert applied(saving) == (True, True)
     assert np.abs(pixels(a.images[1]) - pixels(b.images[1])).max() <= 2
+
+
+def test_vae_slicing_is_refused_with_a_reason(make_config):
+    from pydantic import ValidationError
+
+    assert make_config(memory={"vae_slicing": False}).memory.vae_slicing is False  # old files saying false load
+    with pytest.raises(ValidationError, match="VAE always decodes one image at a time.*remove the vae_slicing"):
+        make_config(memory={"vae_slicing": True})
 
 
 def test_cpu_offload_needs_an_accelerator(make_config):
@@ -284,3 +318,50 @@ def test_memory_guard_refuses_what_would_not_fit(engine, monkeypatch):
         engine.run(GenerationRequest(prompt="x", steps=2, batch_size=2, seed=1))
     monkeypatch.setattr(memory, "available_bytes", lambda device: small * 2)
     assert len(engine.run(GenerationRequest(prompt="x", steps=2, seed=1)).images) == 1
+
+
+def test_weights_identity_is_computed_once_per_load(make_config, sd_folder, monkeypatch):
+    from diffusion_studio.engine import sources
+
+    engine = Engine(make_config())
+    request = GenerationRequest(model=str(sd_folder), prompt=PROMPT, steps=1, seed=1)
+    before = engine.weights_identity(request)  # not loaded: computed from the files
+    assert before.startswith(f"{sd_folder}@")
+    walks = []
+    original = sources.ModelSource.compute_identity
+    monkeypatch.setattr(sources.ModelSource, "compute_identity",
+                        lambda self: walks.append(self.name) or original(self))
+    assert engine.run(request).model_id == before
+    assert walks == [str(sd_folder)]  # once, by the load
+    assert engine.weights_identity(request) == before and engine.run(request).model_id == before
+    assert walks == [str(sd_folder)]  # loaded: the recorded identity, no walk of the folder
+
+
+def test_weights_identity_names_the_controlnet_it_runs_with(engine, shape_image):
+    controlled = engine.weights_identity(GenerationRequest(mode="controlnet", control_image=shape_image))
+    base, controlnet = controlled.split("+")
+    assert base.startswith("builtin:shapes@") and controlnet.startswith("builtin:shapes-canny@")
+    assert engine.weights_identity(GenerationRequest()) == base
+
+
+def test_peak_memory_is_each_runs_own_without_resetting_the_process_counter(monkeypatch):
+    from types import SimpleNamespace
+
+    from diffusion_studio.engine import memory
+
+    counters = {"allocated": 100, "high_water": 900}  # 900: an earlier (or a concurrent) run's peak
+
+    def reset(device):
+        raise AssertionError("reset CUDA's process-wide peak counter: other workers' runs lose their peaks")
+
+    monkeypatch.setattr(memory.torch, "cuda", SimpleNamespace(
+        memory_allocated=lambda device: counters["allocated"],
+        max_memory_allocated=lambda device: counters["high_water"], reset_peak_memory_stats=reset))
+    sampler = memory.MemorySampler(torch.device("cuda"))
+    counters["allocated"] = 300
+    sampler.sample()  # a step
+    counters["allocated"] = 200
+    assert sampler.result() == 300  # its own samples, not the 900 left from before it started
+    sampler = memory.MemorySampler(torch.device("cuda"))
+    counters["high_water"] = 1500  # a new process-wide maximum, reached within one of this run's steps
+    assert sampler.result() == 1500

@@ -43,7 +43,7 @@ def png_bytes(image: Image.Image) -> bytes:
         ({"mode": "img2img"}, "init_image: is required for mode 'img2img'"),
         ({"mode": "inpaint", "init_image": Image.new("RGB", (8, 8))}, "mask_image: is required for mode 'inpaint'"),
         ({"mode": "controlnet"}, "control_image: is required for mode 'controlnet'"),
-        ({"mode": "upscale"}, "mode: Input should be 'txt2img', 'sdxl', 'img2img', 'inpaint' or 'controlnet'"),
+        ({"mode": "upscale"}, "mode: Input should be 'txt2img', 'img2img', 'inpaint' or 'controlnet'"),
         ({"control_start": 0.6, "control_end": 0.5}, "control_end: must be greater than control_start (0.6)"),
         ({"canny_low": 200, "canny_high": 100}, "canny_low: must not exceed canny_high (100)"),
         ({"control_type": "scribble"}, "control_type: Input should be 'canny', 'depth' or 'pose'"),

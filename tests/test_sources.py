@@ -58,3 +58,33 @@ def test_models_list(make_config, sd_folder):
     assert rows["found-sd"]["role"] == "base" and rows["found-sd"]["family"] == "sd"
     assert "notes.txt" not in rows
     assert generate(Engine(config), "found-sd").shape == (32, 32, 3)  # names in the models folder resolve
+
+
+def test_resolving_a_builtin_writes_nothing(tmp_path, monkeypatch):
+    """Resolution is pure: a stand-in is only built by the explicit ensure_standins (the Engine's start-up)."""
+    from diffusion_studio.builtin import catalog
+    from diffusion_studio.config import StudioConfig
+    from diffusion_studio.engine import sources
+
+    monkeypatch.setattr(catalog, "is_trained", lambda name: False)  # every built-in a stand-in, even when trained
+    monkeypatch.setattr(sources, "is_trained", lambda name: False)
+    monkeypatch.setattr(catalog, "_build_standin", lambda *args: pytest.fail("resolving built a stand-in"))
+    config = StudioConfig(data_dir=tmp_path / "fresh", models_dir=tmp_path / "models")
+    source = resolve("builtin:shapes-xl-canny", config)
+    assert source.standin and source.location == str(tmp_path / "fresh" / "builtin-standins" / "shapes-xl-canny")
+    assert list_models(config) and not (tmp_path / "fresh").exists()
+
+
+def test_engine_builds_the_missing_standins_at_start(engine, data_dir):
+    from diffusion_studio.builtin.catalog import (
+        BUILTINS,
+        builtin_folder,
+        ensure_standins,
+        is_standin,
+        is_trained,
+    )
+
+    for name in BUILTINS:
+        folder = builtin_folder(name, data_dir)
+        assert folder.is_dir() and is_standin(folder) != is_trained(name), name
+    assert ensure_standins(data_dir) == []  # built once per data dir; later calls only look

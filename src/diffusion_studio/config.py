@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 
@@ -34,10 +34,19 @@ class MemoryOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     attention_slicing: bool = False
-    # Kept so old config files still load: the VAE now always decodes one image at a time (engine/invariance.py).
-    vae_slicing: bool = False
+    # Kept so old config files saying false still load; true is refused, as the engine has nothing to switch on.
+    vae_slicing: bool = Field(False, description="not a setting any more: the VAE always decodes one image at a time")
     vae_tiling: bool = False
     model_cpu_offload: bool = False
+
+    @field_validator("vae_slicing")
+    @classmethod
+    def _vae_slicing_is_always_on(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("the VAE always decodes one image at a time (batches give each image its lone-run "
+                             "bits, engine/invariance.py), so there is nothing to switch on: remove the "
+                             "vae_slicing setting")
+        return value
 
 
 class ModelEntry(BaseModel):

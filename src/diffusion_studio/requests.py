@@ -41,8 +41,11 @@ MAX_SEED = 2**32 - 1
 
 
 class Mode(str, enum.Enum):
+    """What a request does. The model family (SD or SDXL) is the base model's, not a mode: the engine picks the
+    family's pipeline for the mode. "sdxl" is still accepted on input, as an alias of txt2img (older clients and
+    stored requests)."""
+
     txt2img = "txt2img"
-    sdxl = "sdxl"
     img2img = "img2img"
     inpaint = "inpaint"
     controlnet = "controlnet"
@@ -204,6 +207,11 @@ class GenerationRequest(BaseModel):
     control_start: float = Field(0.0, ge=0.0, le=1.0)
     control_end: float = Field(1.0, ge=0.0, le=1.0)
 
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _sdxl_is_txt2img(cls, mode: Any) -> Any:
+        return Mode.txt2img if mode == "sdxl" else mode
+
     @field_validator("seed")
     @classmethod
     def _random_seed_marker(cls, seed: int | None) -> int | None:
@@ -282,7 +290,7 @@ class GenerationRequest(BaseModel):
     def batch_key(self) -> str | None:
         """Requests with equal keys can share one pipeline call, each with its own prompts and seeds (the job
         service's cross-user batching). None: this request runs alone (modes with per-request input images)."""
-        if self.mode not in (Mode.txt2img, Mode.sdxl):
+        if self.mode != Mode.txt2img:
             return None
         shared = {k: v for k, v in self.parameters().items() if k not in ("prompt", "negative_prompt", "seed",
                                                                           "batch_size")}

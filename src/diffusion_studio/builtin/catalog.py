@@ -3,6 +3,9 @@
 A trained built-in lives in `builtin/models/<name>/` (committed safetensors). Until it exists, a stand-in with the
 same architecture and random weights is built once into `<data_dir>/builtin-standins/<name>/` and labelled as such
 everywhere it is listed, so nobody mistakes noise for a model.
+
+Finding a built-in's folder (`builtin_folder`) never writes anything; the stand-ins are built by an explicit
+`ensure_standins(data_dir)` at start-up (the Engine's constructor), or `ensure_builtin(name, data_dir)` for one.
 """
 
 from __future__ import annotations
@@ -66,16 +69,33 @@ def is_standin(folder: Path) -> bool:
 
 
 def builtin_folder(name: str, data_dir: Path) -> Path:
-    """The folder holding built-in `name`: committed weights if present, else a (cached) stand-in."""
+    """Where built-in `name` lives: its committed weights if present, else its stand-in's place under `data_dir`
+    (which exists once `ensure_builtin` / `ensure_standins` has run). Reads nothing, writes nothing."""
     if name not in BUILTINS:
         raise KeyError(f"unknown built-in model '{name}'; built-ins are: {', '.join(BUILTINS)}")
     if is_trained(name):
         return COMMITTED_DIR / name
-    target = Path(data_dir) / "builtin-standins" / name
-    with _build_lock:
-        if not target.is_dir():
-            _build_standin(BUILTINS[name], target, data_dir)
+    return Path(data_dir) / "builtin-standins" / name
+
+
+def ensure_builtin(name: str, data_dir: Path) -> Path:
+    """Built-in `name`'s folder, building its stand-in first if it has no trained weights and none is built yet."""
+    target = builtin_folder(name, data_dir)
+    if not is_trained(name):
+        with _build_lock:
+            if not target.is_dir():
+                _build_standin(BUILTINS[name], target, data_dir)
     return target
+
+
+def ensure_standins(data_dir: Path) -> list[str]:
+    """Build every missing stand-in (once per data dir; later calls only check folders). Returns what it built."""
+    built = []
+    for name in BUILTINS:
+        if not is_trained(name) and not builtin_folder(name, data_dir).is_dir():
+            ensure_builtin(name, data_dir)
+            built.append(name)
+    return built
 
 
 def _build_standin(spec: BuiltinSpec, target: Path, data_dir: Path) -> None:
@@ -87,7 +107,7 @@ def _build_standin(spec: BuiltinSpec, target: Path, data_dir: Path) -> None:
             builder = build_sd_pipeline if spec.family == "sd" else build_sdxl_pipeline
             builder(seed=0).save_pretrained(scratch, safe_serialization=True)
         else:
-            base_unet = UNet2DConditionModel.from_pretrained(builtin_folder(spec.base, data_dir), subfolder="unet")
+            base_unet = UNet2DConditionModel.from_pretrained(ensure_builtin(spec.base, data_dir), subfolder="unet")
             build_controlnet(base_unet, TinySize().vae_factor, seed=1).save_pretrained(scratch)
         (scratch / STANDIN_MARKER).write_text(
             f"Untrained stand-in for builtin:{spec.name} ({spec.description}): random weights, same architecture.\n"

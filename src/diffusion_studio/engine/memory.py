@@ -1,5 +1,8 @@
 """Memory: the peak a run reached, and a guard that refuses a run that would not fit before it starts.
 
+The peak is each run's own: sampled at the run's start, after every step and at its end. Nothing resets CUDA's
+process-wide peak counter, since several workers run at once and a reset by one would erase another's peak.
+
 The guard's estimate is deliberately simple (no model profiling): inference keeps the UNet's skip connections
 alive (about a dozen feature maps of the first level's width over the latent grid, per row of the batch, two rows
 per image with guidance), and the autoencoder decodes one image at a time at full resolution with its widest
@@ -52,21 +55,30 @@ def check_fits(pipeline, device: torch.device, width: int, height: int, images: 
 
 
 class MemorySampler:
-    """Peak memory over a run: CUDA's own counter on GPU, RSS sampled at every step on CPU."""
+    """Peak memory seen while one run was going: on CUDA the allocated bytes, elsewhere the process's RSS, sampled
+    at start, at every step (`sample()`, from the step callback) and at the end (`result()`).
+
+    Samples taken between steps miss the activations freed within a step, so on CUDA the process-wide high-water
+    mark is read too, without resetting it: if it rose while this run was going, that level was reached during the
+    run and counts as the run's peak. Concurrent runs share the device, so a peak is that of the memory in use
+    while the run was going, its own and its neighbours'; never a figure left over from an earlier run."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.process = psutil.Process()
         self.peak = 0
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        self._cuda = device.type == "cuda"
+        self._high_water_at_start = int(torch.cuda.max_memory_allocated(device)) if self._cuda else 0
         self.sample()
 
     def sample(self) -> None:
-        self.peak = max(self.peak, self.process.memory_info().rss)
+        now = torch.cuda.memory_allocated(self.device) if self._cuda else self.process.memory_info().rss
+        self.peak = max(self.peak, int(now))
 
     def result(self) -> int:
-        if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device))
         self.sample()
+        if self._cuda:
+            high_water = int(torch.cuda.max_memory_allocated(self.device))
+            if high_water > self._high_water_at_start:  # a new process-wide maximum, set during this run
+                self.peak = max(self.peak, high_water)
         return self.peak

@@ -1,5 +1,6 @@
-"""PipelineManager: loads bases and ControlNets on demand, keeps them within an LRU budget, and gives each request
-its own pipeline view of the mode it needs, built over the base's shared modules (never a second copy of weights).
+"""PipelineManager: loads bases, ControlNets and the depth/pose estimators on demand, keeps them within one LRU
+budget, and gives each request its own pipeline view of the mode it needs, built over the base's shared modules
+(never a second copy of weights). The pipeline class follows the base's family (SD or SDXL) and the mode.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from diffusers import ControlNetModel, DiffusionPipeline
 from ..config import StudioConfig
 from ..requests import Mode, RequestError
 from ..samplers import SAMPLERS
+from .control import Estimator, EstimatorKind, load_estimator
 from .sources import ModelSource, resolve
 from .invariance import make_batch_invariant, make_pipeline_batch_invariant
 
@@ -35,7 +37,6 @@ MODE_PIPELINES = {
     },
     "sdxl": {
         Mode.txt2img: diffusers.StableDiffusionXLPipeline,
-        Mode.sdxl: diffusers.StableDiffusionXLPipeline,
         Mode.img2img: diffusers.StableDiffusionXLImg2ImgPipeline,
         Mode.inpaint: diffusers.StableDiffusionXLInpaintPipeline,
         Mode.controlnet: diffusers.StableDiffusionXLControlNetPipeline,
@@ -66,6 +67,11 @@ def pick_dtype(preference: str, device: torch.device) -> torch.dtype:
     if preference != "auto":
         return getattr(torch, preference)
     return torch.float32 if device.type == "cpu" else torch.float16  # diffusers' safe default: CPU stays fp32
+
+
+def estimator_source(kind: EstimatorKind, folder: str) -> ModelSource:
+    """A depth / pose estimator as a model the manager loads, under a name no base or ControlNet can have."""
+    return ModelSource(f"{kind}-estimator:{folder}", "folder", folder, "estimator", None)
 
 
 def module_bytes(modules) -> int:
@@ -128,6 +134,8 @@ class LoadedModel:
     source: ModelSource
     pipeline: DiffusionPipeline | None = None  # bases
     controlnet: ControlNetModel | None = None  # ControlNets
+    estimator: Estimator | None = None  # depth / pose estimators
+    identity: str = ""  # the weights' identity when they were loaded (ModelSource.compute_identity)
     weight_bytes: int = 0
     load_s: float = 0.0
     users: int = 0
@@ -140,7 +148,8 @@ class LoadedModel:
 
 
 class PipelineManager:
-    """One loaded copy per model; an LRU budget (count and bytes) unloads the least recently used idle model."""
+    """One loaded copy per model; an LRU budget (count and bytes) unloads the least recently used idle model.
+    Bases, ControlNets and depth/pose estimators all count in that budget."""
 
     def __init__(self, config: StudioConfig):
         self.config = config
@@ -152,10 +161,27 @@ class PipelineManager:
 
     # -- loading --------------------------------------------------------------------------------------------
     @contextmanager
-    def use(self, name: str, role: str = "base") -> Iterator[tuple[LoadedModel, float]]:
-        """Load (or reuse) a model and keep it from being unloaded while in use. Yields (model, load seconds)."""
+    def use(self, model: str | ModelSource, role: str = "base") -> Iterator[tuple[LoadedModel, float]]:
+        """Load (or reuse) a model, by name or already resolved, and keep it from being unloaded while in use.
+        Yields (model, load seconds)."""
+        source = model if isinstance(model, ModelSource) else resolve(model, self.config)
+        if source.role != role:
+            field_name = "model" if role == "base" else "controlnet"
+            raise RequestError(field_name, f"'{source.name}' is a {source.role}, not a {role}")
+        with self._hold(source) as held:
+            yield held
+
+    @contextmanager
+    def use_estimator(self, kind: EstimatorKind, folder: str) -> Iterator[Estimator]:
+        """Load (or reuse) the depth or pose estimator in `folder` and hold it while a control map is made."""
+        source = estimator_source(kind, folder)
+        with self._hold(source, lambda source: self._load_estimator(kind, source)) as (entry, _):
+            yield entry.estimator
+
+    @contextmanager
+    def _hold(self, source: ModelSource, load=None) -> Iterator[tuple[LoadedModel, float]]:
         with self._lock:
-            entry, load_s = self._get(name, role)
+            entry, load_s = self._get(source, load or self._load)
             entry.users += 1
         try:
             yield entry, load_s
@@ -163,17 +189,24 @@ class PipelineManager:
             with self._lock:
                 entry.users -= 1
 
-    def _get(self, name: str, role: str) -> tuple[LoadedModel, float]:
-        source = resolve(name, self.config)
-        if source.role != role:
-            field_name = "model" if role == "base" else "controlnet"
-            raise RequestError(field_name, f"'{name}' is a {source.role}, not a {role}")
+    def identity(self, model: str | ModelSource) -> str:
+        """The identity of a model's weights: the one recorded when it was loaded if it is loaded (no disk walk),
+        else computed from its files now."""
+        source = model if isinstance(model, ModelSource) else resolve(model, self.config)
+        with self._lock:
+            entry = self._entries.get(source.name)
+            if entry is not None:
+                return entry.identity
+        return source.compute_identity()
+
+    def _get(self, source: ModelSource, load) -> tuple[LoadedModel, float]:
         key = source.name
         if key in self._entries:
             self._entries.move_to_end(key)
             return self._entries[key], 0.0
         started = time.perf_counter()
-        entry = self._load(source)
+        entry = load(source)
+        entry.identity = entry.source.compute_identity()  # once per load, here in the loading thread
         entry.load_s = time.perf_counter() - started
         self.load_count += 1
         self._entries[key] = entry
@@ -215,6 +248,11 @@ class PipelineManager:
         make_pipeline_batch_invariant(pipe.components)  # so cross-user batches give each job its lone-run bits
         return LoadedModel(source, pipeline=pipe, weight_bytes=module_bytes(pipe.components.values()),
                            adapters=AdapterGate(pipe))
+
+    @staticmethod
+    def _load_estimator(kind: EstimatorKind, source: ModelSource) -> LoadedModel:
+        estimator = load_estimator(kind, source.location)  # on the CPU, as transformers loads it
+        return LoadedModel(source, estimator=estimator, weight_bytes=module_bytes([estimator.model]))
 
     def _apply_memory_options(self, pipe: DiffusionPipeline) -> None:
         memory = self.config.memory
@@ -283,7 +321,7 @@ class PipelineManager:
         else:
             cls = MODE_PIPELINES[base.family].get(mode)
         if cls is None:
-            raise RequestError("mode", f"mode '{mode.value}' needs an SDXL base; '{base.source.name}' is SD")
+            raise RequestError("mode", f"mode '{mode.value}' has no {base.family.upper()} pipeline")
         shared = {**base.pipeline.components, "controlnet": controlnet,
                   "scheduler": make_scheduler(scheduler, base.pipeline.scheduler.config)}
         settings = base.pipeline.config  # e.g. requires_safety_checker, force_zeros_for_empty_prompt

@@ -17,14 +17,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..builtin.catalog import builtin_controlnet_for, is_trained
+from ..builtin.catalog import builtin_controlnet_for, ensure_standins, is_trained
 from ..config import StudioConfig
 from ..requests import GenerationRequest, GenerationResult, Mode, RequestError, StepEvent, Timings
-from .control import inpaint_condition, make_control_image
+from .control import estimator_folder, inpaint_condition, make_control_image
 from .memory import MemorySampler, check_fits
-from .pipelines import LoadedModel, PipelineManager
+from .pipelines import LoadedModel, PipelineManager, estimator_source
 from .preview import latents_to_preview, preview_map
-from .sources import resolve, resolve_lora
+from .sources import ModelSource, resolve, resolve_lora
 
 
 class CancelFlag(Protocol):
@@ -76,6 +76,8 @@ def apply_safety_notices(images: list[Image.Image], flags: list[bool] | None) ->
 class Engine:
     def __init__(self, config: StudioConfig):
         self.config = config
+        # The built-ins' untrained stand-ins are built here, once per data dir, so resolving a name never writes.
+        ensure_standins(config.data_dir)
         self.manager = PipelineManager(config)
 
     @property
@@ -88,8 +90,28 @@ class Engine:
             raise RequestError("control_image", "is required to preview a control map")
         if not request.control_preprocess:
             return request.control_image
+        kind = request.control_type
+        if kind in ("depth", "pose"):  # a loaded model like the others, held through the PipelineManager
+            folder = estimator_folder(kind, getattr(self.config, f"{kind}_estimator"))
+            with self.manager.use_estimator(kind, folder) as estimator:
+                return make_control_image(request.control_image, kind, estimator=estimator)
         return make_control_image(request.control_image, request.control_type, request.canny_low,
-                                  request.canny_high, self.config.depth_estimator, self.config.pose_estimator)
+                                  request.canny_high)
+
+    def weights_identity(self, request: GenerationRequest) -> str:
+        """Which weights a request runs on (the base, the ControlNet it runs with, and the depth/pose estimator
+        that makes its control map): a part of its cache key. A loaded model's identity is the one recorded when
+        it was loaded; others are computed from their files (a walk of the folder: call off the event loop)."""
+        base = resolve(request.model, self.config)
+        parts = [self.manager.identity(base)]
+        controlnet = self.controlnet_name(request, base)
+        if controlnet:
+            parts.append(self.manager.identity(controlnet))
+        kind = request.control_type
+        folder = getattr(self.config, f"{kind}_estimator", None)
+        if request.mode == Mode.controlnet and request.control_preprocess and kind in ("depth", "pose") and folder:
+            parts.append(self.manager.identity(estimator_source(kind, folder)))
+        return "+".join(parts)
 
     def run(self, request: GenerationRequest, on_step: StepCallback | None = None,
             cancel: CancelFlag | None = None) -> GenerationResult:
@@ -106,12 +128,11 @@ class Engine:
         request = requests[0]  # the shared parameters
         if len(requests) > 1 and (request.batch_key() is None or
                                   any(other.batch_key() != request.batch_key() for other in requests[1:])):
-            raise RequestError("mode", "only txt2img/sdxl requests with equal parameters can share a batch")
-        with self.manager.use(request.model, "base") as (base, load_s):
-            # 1. Check the mode against the base family, find the ControlNet.
-            if request.mode == Mode.sdxl and base.family != "sdxl":
-                raise RequestError("mode", f"'sdxl' needs an SDXL base; '{request.model}' is {base.family.upper()}")
-            controlnet_name = self.controlnet_name(request)
+            raise RequestError("mode", "only txt2img requests with equal parameters can share a batch")
+        source = resolve(request.model, self.config)  # once per run: the manager and the ControlNet choice share it
+        with self.manager.use(source, "base") as (base, load_s):
+            # 1. Find the ControlNet (the pipeline class follows the base's family and the mode: PipelineManager).
+            controlnet_name = self.controlnet_name(request, source)
             if controlnet_name:
                 with self.manager.use(controlnet_name, "controlnet") as (control_model, control_load_s):
                     if control_model.family != base.family:
@@ -121,17 +142,17 @@ class Engine:
                                         load_s + control_load_s)
             return self._run_on(base, None, requests, on_steps, cancels, started, load_s)
 
-    def controlnet_name(self, request: GenerationRequest) -> str | None:
+    def controlnet_name(self, request: GenerationRequest, base: ModelSource | None = None) -> str | None:
         """The ControlNet a request runs with. controlnet mode: its own, or the base's built-in for the control
         type (an error when there is none). inpaint mode: its own (an inpainting ControlNet), or the base's trained
         built-in inpainting ControlNet when it has one, else none (plain latent-blending inpainting). Other modes:
-        none."""
+        none. `base`: the request's model already resolved, if the caller has it."""
         if request.mode not in (Mode.controlnet, Mode.inpaint):
             return None
         if request.controlnet:
             return request.controlnet
         inpainting = request.mode == Mode.inpaint
-        base = resolve(request.model, self.config)
+        base = base or resolve(request.model, self.config)
         if base.kind == "builtin":
             name = builtin_controlnet_for(base.name.removeprefix("builtin:"), "inpaint" if inpainting
                                           else request.control_type)
@@ -214,7 +235,7 @@ class Engine:
         timings.total_s = time.perf_counter() - started
         peak = memory.result()
         return [GenerationResult(
-            request=each, images=images[own], seeds=own_seeds, model_id=base.source.identity,
+            request=each, images=images[own], seeds=own_seeds, model_id=base.identity,
             timings=Timings(timings.load_s, list(timings.step_s), timings.total_s), peak_memory_bytes=peak,
             device=str(self.device), cancelled=cancel.is_set(), control_image=control_image,
             blocked=[index - own.start for index in blocked if own.start <= index < own.stop],
@@ -233,7 +254,7 @@ class Engine:
     def _mode_inputs(self, request: GenerationRequest, width: int, height: int, controlled: bool):
         """Pipeline keyword arguments for the mode, plus the prepared mask and control image (for the result)."""
         size = (width, height)
-        if request.mode in (Mode.txt2img, Mode.sdxl):
+        if request.mode == Mode.txt2img:
             return {"width": width, "height": height}, None, None
         if request.mode == Mode.img2img:
             return {"image": request.init_image.resize(size, Image.LANCZOS), "strength": request.strength}, None, None

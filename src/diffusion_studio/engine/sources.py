@@ -1,7 +1,8 @@
 """Model names -> where the weights are: `builtin:<name>`, a configured name, a local diffusers folder, a single
 `.safetensors`/`.ckpt` file, a name found in the models folder, or a Hugging Face hub id.
 
-Resolution only reads small JSON files; loading the weights is the PipelineManager's job.
+Resolution only reads small JSON files and never writes (built-in stand-ins are built at start-up, see
+builtin/catalog.py's `ensure_standins`); loading the weights is the PipelineManager's job.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..builtin.catalog import BUILTINS, COMMITTED_DIR, builtin_folder, is_standin
+from ..builtin.catalog import BUILTINS, COMMITTED_DIR, builtin_folder, is_trained
 from ..config import StudioConfig
 from ..requests import RequestError
 
@@ -23,18 +24,19 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A resolved model. `identity` changes when the weights do (cache keys, history)."""
+    """A resolved model. `compute_identity()` changes when the weights do (cache keys, history)."""
 
     name: str  # what the user typed, canonical for built-ins
     kind: Literal["builtin", "folder", "single_file", "hub"]
     location: str  # folder, file path or hub id
-    role: Literal["base", "controlnet"]
+    role: Literal["base", "controlnet", "estimator"]  # estimator: a depth / pose model for control maps
     family: Literal["sd", "sdxl"] | None  # None: known only once loaded (hub ids)
     config_folder: Path | None = None  # single files: the local diffusers folder giving the configs
     standin: bool = False
 
-    @property
-    def identity(self) -> str:
+    def compute_identity(self) -> str:
+        """Name + a digest of the weight files' sizes and mtimes. Walks and stats the folder, so it is computed
+        once per load (the PipelineManager records it on the loaded model; `Engine.weights_identity` reads that)."""
         if self.kind == "hub":
             return f"hub:{self.location}"
         path = Path(self.location)
@@ -52,7 +54,7 @@ def resolve(name: str, config: StudioConfig) -> ModelSource:
             raise RequestError("model", f"unknown built-in '{short}'; built-ins: {', '.join(BUILTINS)}")
         spec = BUILTINS[short]
         folder = builtin_folder(short, config.data_dir)
-        return ModelSource(name, "builtin", str(folder), spec.kind, spec.family, standin=is_standin(folder))
+        return ModelSource(name, "builtin", str(folder), spec.kind, spec.family, standin=not is_trained(short))
     if name in config.models:
         entry = config.models[name]
         source = _resolve_location(entry.source, config, entry.config)

@@ -16,10 +16,8 @@ EXAMPLES = [[prompt, default_of("steps"), default_of("guidance"), seed] for prom
 
 
 def family_mode(studio: Studio, model: str) -> str:
-    """txt2img or sdxl, by the chosen model's family (unknown names: txt2img; the engine then says what's wrong)."""
-    for row in studio.models():
-        if row["name"] == model:
-            return "sdxl" if row["family"] == "sdxl" else "txt2img"
+    """Always txt2img: the engine runs the SDXL pipelines on an SDXL base by itself. Kept only while the Batch and
+    Compare tabs still import it; send "txt2img" directly."""
     return "txt2img"
 
 
@@ -40,7 +38,7 @@ def build(studio: Studio) -> dict:
 
         async def generate(request: gr.Request, progress=gr.Progress(), *values):
             prompt, negative, count, *rest = values
-            fields = {"mode": family_mode(studio, rest[0]), "prompt": prompt, "negative_prompt": negative,
+            fields = {"mode": "txt2img", "prompt": prompt, "negative_prompt": negative,
                       **Params.fields(rest)}
             gallery: list[str] = []
             for index in range(int(count)):
