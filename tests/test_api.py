@@ -73,7 +73,8 @@ def test_cancel_errors_history_and_models(server):
     bad = httpx.post(f"{base}/api/v1/jobs", json={"prompt": "x", "width": 61})
     assert bad.status_code == 422 and "width: must be a multiple of 8" in bad.json()["detail"]
     failed = wait_done(base, httpx.post(f"{base}/api/v1/jobs", json={"model": "nowhere"}).json()["id"])
-    assert failed["status"] == "failed" and failed["error"].startswith("model: 'nowhere'")
+    assert failed["status"] == "failed" and failed["error"]["kind"] == "invalid_request"
+    assert failed["error"]["field"] == "model" and failed["error"]["message"].startswith("'nowhere'")
     assert httpx.get(f"{base}/api/v1/jobs/nope").status_code == 404
     assert httpx.get(f"{base}/api/v1/images/nope").status_code == 404
     not_png = httpx.post(f"{base}/api/v1/png-info", json={"image": base64.b64encode(b"text").decode()})

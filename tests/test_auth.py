@@ -123,7 +123,8 @@ def test_websocket_needs_credentials(secured):
         connect(url)
     with connect(url, additional_headers={"Authorization": f"Bearer {tokens['alice']}"}) as socket:
         socket.send(json.dumps({"action": "subscribe", "job_id": "nope"}))
-        assert json.loads(socket.recv(timeout=10)) == {"kind": "error", "detail": "no such job: nope"}
+        assert json.loads(socket.recv(timeout=10)) == {"kind": "error", "error": "not_found", "field": None,
+                                                          "detail": "no such job or image: nope"}
 
 
 def test_only_admins_pause_the_queue_and_unload_models(secured):

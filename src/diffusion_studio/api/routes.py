@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from ..engine.metadata import read_png_text, request_from_png
@@ -72,8 +73,9 @@ async def png_info_of(request: Request, max_pixels: int) -> dict[str, Any]:
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         try:
             form = await request.form()
-        except MultiPartException as exc:
-            raise RequestError("body", f"is not a readable multipart form ({exc.message})") from None
+        except (MultiPartException, StarletteHTTPException) as exc:  # Starlette reports some as HTTP 400
+            reason = getattr(exc, "message", None) or getattr(exc, "detail", "")
+            raise RequestError("body", f"is not a readable multipart form ({reason})") from None
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise RequestError("file", "is missing: send the PNG as the multipart field 'file', or JSON "
