@@ -5,7 +5,7 @@
 
 Prints, at each LoRA weight (0: the base model): heart prompts that produce a heart (template match, goal >= 0.6)
 and base prompts still right with the LoRA loaded (checker, goal >= 0.8). The measurement
-is `diffusion_studio.builtin.quality.lora_proof` (its recipe: LORA_PROOF_SETTINGS); tests/test_lora_proof.py runs
+is `diffusion_studio.workshop.quality.lora_proof` (its recipe: LORA_PROOF_SETTINGS); tests/test_lora_proof.py runs
 a short version.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from diffusion_studio.builtin.quality import lora_proof  # noqa: E402
+from diffusion_studio.workshop.quality import lora_proof  # noqa: E402
 from diffusion_studio.cli import _quiet_libraries  # noqa: E402
 
 

@@ -2,7 +2,7 @@
 
     python bench/quality.py [--prompts 200] [--only position_words,txt2img,img2img,inpaint,controlnet,xl]
 
-Prints one line per figure (the measurements live in `diffusion_studio.builtin.quality`, shared with the tests):
+Prints one line per figure (the measurements live in `diffusion_studio.workshop.quality`, shared with the tests):
 - txt2img on builtin:shapes at default settings: colour+shape+background all right; position right where named.
 - img2img at strength 0.5: the prompt's colour, with the source's shape and position kept.
 - inpainting (through builtin:shapes-inpaint when trained): pixels outside the mask unchanged (max abs difference),
@@ -21,7 +21,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from diffusion_studio.builtin import quality  # noqa: E402
+from diffusion_studio.workshop import quality  # noqa: E402
 from diffusion_studio.cli import _quiet_libraries  # noqa: E402
 from diffusion_studio.config import StudioConfig  # noqa: E402
 from diffusion_studio.engine.runner import Engine  # noqa: E402

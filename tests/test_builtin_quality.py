@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from diffusion_studio.builtin import quality
+from diffusion_studio.workshop import quality
 from diffusion_studio.builtin.catalog import COMMITTED_DIR
 
 # Each floor sits well under what bench/quality.py measured for the committed weights (README, "Built-in model

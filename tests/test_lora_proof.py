@@ -2,7 +2,7 @@
 it has never drawn ("heart", beside ordinary images for prior preservation) makes heart prompts draw hearts,
 which the base model never does, and base prompts keep working."""
 
-from diffusion_studio.builtin.quality import lora_proof
+from diffusion_studio.workshop.quality import lora_proof
 
 
 def test_a_lora_teaches_the_built_in_model_a_new_shape(tmp_path, data_dir):

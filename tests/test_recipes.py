@@ -7,8 +7,8 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from diffusion_studio.builtin import recipes
-from diffusion_studio.builtin.recipes import train_builtin
+from diffusion_studio.workshop import recipes
+from diffusion_studio.workshop.recipes import train_builtin
 from diffusion_studio.training.trainer import TrainingError
 
 STEPS = 201  # the recipes warm up for 200 steps; a run must be longer

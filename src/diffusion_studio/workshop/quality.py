@@ -17,13 +17,13 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
+from ..builtin.catalog import builtin_folder
+from ..builtin.shapes import BACKGROUNDS, COLOURS, POSITIONS, ShapeSpec, blob_mask, check, nearest_template, random_spec, render
 from ..config import StudioConfig
 from ..engine.runner import Engine
 from ..requests import GenerationRequest
 from ..training.config import LORA_CROSS_ATTENTION_KV, TrainConfig
 from ..training.trainer import Trainer
-from .catalog import builtin_folder
-from .shapes import BACKGROUNDS, COLOURS, POSITIONS, ShapeSpec, blob_mask, check, nearest_template, random_spec, render
 
 EDGE_DILATION = np.ones((5, 5), np.uint8)
 CONTROL_CANNY = (30, 60)  # thresholds that find the outline of every shapes-world colour pair

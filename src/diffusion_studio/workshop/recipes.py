@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline
 
+from ..builtin.architectures import BUILTIN_SIZE, build_sd_pipeline, build_sdxl_pipeline, builtin_scheduler
+from ..builtin.catalog import COMMITTED_DIR
+from ..builtin.shapes import ShapesWorld
 from ..training.config import TrainConfig
 from ..training.data import encode, to_tensor
 from ..training.events import EventBus, JsonlLog, TrainingEvent
 from ..training.trainer import Trainer, TrainingError
-from .architectures import BUILTIN_SIZE, build_sd_pipeline, build_sdxl_pipeline, builtin_scheduler
-from .catalog import COMMITTED_DIR
-from .shapes import ShapesWorld
 
 log = logging.getLogger(__name__)
 
