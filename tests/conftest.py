@@ -9,18 +9,14 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("NO_PROXY", "localhost,127.0.0.1")
 
-import socket
-import threading
-import time
-
 import pytest
 import torch
-import uvicorn
 from PIL import Image, ImageDraw
 
 from diffusion_studio.builtin.architectures import TinySize, build_sd_pipeline
 from diffusion_studio.config import StudioConfig
 from diffusion_studio.engine.runner import Engine
+from servers import serving
 
 torch.set_num_threads(2)
 
@@ -71,28 +67,11 @@ def center_mask():
     return mask
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(data_dir, tmp_path_factory):
     from diffusion_studio.server import build_app
 
     config = StudioConfig(data_dir=data_dir, models_dir=tmp_path_factory.mktemp("no-models"), preview_interval=1)
-    port = free_port()
     app = build_app(config)
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not uv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}", app.state.studio
-    uv.should_exit = True
-    thread.join(timeout=10)
-
-
+    with serving(app) as url:
+        yield url, app.state.studio

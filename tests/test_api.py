@@ -239,40 +239,25 @@ def test_batched_jobs_over_http_match_lone_runs(server):
 
 def test_restart_keeps_history_interrupts_the_running_job_and_requeues_the_rest(tmp_path):
     """Two servers on one data dir, one after the other: what the first left behind is there in the second."""
-    import threading
-
-    import uvicorn
-
-    from conftest import free_port
     from diffusion_studio.config import StudioConfig
     from diffusion_studio.server import build_app
+    from servers import serving
 
-    def start():
-        config = StudioConfig(data_dir=tmp_path, models_dir=tmp_path / "none", preview_interval=0, workers=1)
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(build_app(config), host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
+    def app():
+        return build_app(StudioConfig(data_dir=tmp_path, models_dir=tmp_path / "none", preview_interval=0,
+                                      workers=1))
+
+    with serving(app()) as base:
+        finished = wait_done(base, httpx.post(f"{base}/api/v1/jobs", json={"prompt": "kept", "steps": 2}).json()["id"])
+        running = httpx.post(f"{base}/api/v1/jobs", json={"prompt": "long", "steps": 150, "width": 256,
+                                                          "height": 256}).json()["id"]
+        queued = httpx.post(f"{base}/api/v1/jobs", json={"prompt": "waiting", "steps": 2}).json()["id"]
+        while httpx.get(f"{base}/api/v1/jobs/{running}").json()["status"] != "running":
             time.sleep(0.05)
-        return f"http://127.0.0.1:{port}", server, thread
+    # the studio stopped while `long` ran and `waiting` waited
 
-    base, server, thread = start()
-    finished = wait_done(base, httpx.post(f"{base}/api/v1/jobs", json={"prompt": "kept", "steps": 2}).json()["id"])
-    running = httpx.post(f"{base}/api/v1/jobs", json={"prompt": "long", "steps": 150, "width": 256,
-                                                      "height": 256}).json()["id"]
-    queued = httpx.post(f"{base}/api/v1/jobs", json={"prompt": "waiting", "steps": 2}).json()["id"]
-    while httpx.get(f"{base}/api/v1/jobs/{running}").json()["status"] != "running":
-        time.sleep(0.05)
-    server.should_exit = True  # the studio stops while `long` runs and `waiting` waits
-    thread.join(30)
-
-    base, server, thread = start()
-    try:
+    with serving(app()) as base:
         kept = httpx.get(f"{base}/api/v1/jobs/{finished['id']}").json()
         assert kept["status"] == "done" and httpx.get(base + kept["images"][0]).status_code == 200
         assert httpx.get(f"{base}/api/v1/jobs/{running}").json()["status"] == "interrupted"
         assert wait_done(base, queued)["status"] == "done"  # queued again, and ran
-    finally:
-        server.should_exit = True
-        thread.join(30)

@@ -3,12 +3,10 @@ only their own work, a share link opens exactly one image."""
 
 import json
 import re
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 from gradio_client import Client
 from starlette.routing import Mount
 
@@ -17,7 +15,7 @@ from diffusion_studio.config import StudioConfig
 from diffusion_studio.service.auth import Users
 from diffusion_studio.server import build_app
 
-from conftest import free_port
+from servers import serving
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +29,8 @@ def secured(data_dir, tmp_path_factory):
     config = StudioConfig(data_dir=data_dir, models_dir=tmp_path_factory.mktemp("none"), auth="on",
                           users_file=users_file)
     app = build_app(config)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", app, tokens
-    server.should_exit = True
-    thread.join(10)
+    with serving(app) as url:
+        yield url, app, tokens
 
 
 def every_route(routes, prefix=""):

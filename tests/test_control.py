@@ -3,7 +3,6 @@
 import numpy as np
 import torch
 import pytest
-from PIL import Image
 from transformers import (
     DPTConfig,
     DPTForDepthEstimation,
