@@ -275,3 +275,22 @@ def test_cancelling_a_queued_job_leaves_nothing_behind(tmp_path):
 
     leftovers, record = asyncio.run(scenario())
     assert leftovers == (0, 0, 0, 0) and record.status == JobStatus.cancelled
+
+
+def test_a_corrupt_model_is_a_model_load_outcome_without_server_paths(sd_folder, make_config, tmp_path):
+    import shutil
+
+    from diffusion_studio.engine.runner import Engine
+    from diffusion_studio.requests import ModelLoadError
+    from diffusion_studio.service.outcomes import classify
+
+    broken = tmp_path / "broken-sd"
+    shutil.copytree(sd_folder, broken)
+    weights = next((broken / "unet").glob("*.safetensors"))
+    weights.write_bytes(b"not a safetensors file" * 10)
+    engine = Engine(make_config())
+    with pytest.raises(ModelLoadError) as caught:
+        engine.run(GenerationRequest(model=str(broken), prompt="x", steps=1))
+    error = classify(caught.value)
+    assert error.kind == ErrorKind.model_load and error.field == "model" and error.http_status == 500
+    assert str(tmp_path) not in error.message and "broken-sd" in error.message

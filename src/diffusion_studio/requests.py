@@ -60,6 +60,11 @@ class RequestError(ValueError):
         self.message = message
 
 
+class ModelLoadError(RuntimeError):
+    """The model's files were found but would not load (corrupt, truncated or incompatible weights): a fault on
+    the server's side, not in the request."""
+
+
 def describe_validation_error(error: ValidationError) -> str:
     """One line per problem, `field: what is wrong (got value)`, for people rather than stack traces."""
     lines = []

@@ -18,9 +18,10 @@ from typing import Iterator
 import diffusers
 import torch
 from diffusers import ControlNetModel, DiffusionPipeline
+from safetensors import SafetensorError
 
 from ..config import StudioConfig
-from ..requests import Mode, RequestError
+from ..requests import Mode, ModelLoadError, RequestError
 from ..samplers import SAMPLERS
 from .control import Estimator, EstimatorKind, load_estimator
 from .sources import ModelSource, resolve
@@ -240,7 +241,11 @@ class PipelineManager:
                     "(offline). Download it where there is network (`hf download "
                     f"{source.location}`) or point the studio at a local folder.",
                 ) from None
-            raise RequestError("model", f"can't load '{source.name}': {exc}") from None
+            raise ModelLoadError(f"can't load '{source.name}': {exc}") from None
+        except (torch.OutOfMemoryError, RequestError):
+            raise
+        except (ValueError, RuntimeError, KeyError, SafetensorError) as exc:  # corrupt or mismatched weights
+            raise ModelLoadError(f"can't load '{source.name}': {type(exc).__name__}: {exc}") from None
         family = "sdxl" if "XL" in type(pipe).__name__ else "sd"
         if source.family is None:  # hub ids: known only now
             source = ModelSource(source.name, source.kind, source.location, "base", family)

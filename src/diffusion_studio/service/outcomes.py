@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from ..requests import RequestError, describe_validation_error
+from ..requests import ModelLoadError, RequestError, describe_validation_error
 
 
 class ErrorKind(str, enum.Enum):
@@ -99,10 +99,6 @@ class StudioError(Exception):
     def __init__(self, error: JobError):
         super().__init__(error.text())
         self.error = error
-
-
-class ModelLoadError(RuntimeError):
-    """The model's files were found but would not load (corrupt or incompatible weights)."""
 
 
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EIO, errno.EFBIG}
