@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 
+from diffusion_studio.engine.runner import WorkItem
 from diffusion_studio.requests import GenerationRequest, Mode, RequestError
 
 
@@ -26,7 +27,7 @@ def test_batched_images_are_bit_identical_to_lone_runs(engine, model, mode, guid
         GenerationRequest(prompt="a blue star on a black background", seed=5, batch_size=2, **shared),
         GenerationRequest(prompt="a green square on a gray background", seed=11, **shared),
     ]
-    batched = engine.run_batch(requests, [None] * 3, [threading.Event() for _ in requests])
+    batched = engine.run_batch([WorkItem(request) for request in requests])
     for request, together in zip(requests, batched):
         alone = engine.run(request)
         assert together.seeds == alone.seeds
@@ -43,7 +44,8 @@ def test_each_request_gets_its_own_step_events_and_cancel(engine):
     events = [[], []]
     cancels = [threading.Event(), threading.Event()]
     cancels[1].set()  # cancelled before it starts: the other request still runs to the end
-    results = engine.run_batch(requests, [events[0].append, events[1].append], cancels)
+    results = engine.run_batch([WorkItem(request, on_step.append, cancel)
+                                for request, on_step, cancel in zip(requests, events, cancels)])
     assert [e.step for e in events[0]] == [1, 2, 3] == [e.step for e in events[1]]
     assert events[0][-1].preview is not None and events[0][-1].preview.size == events[1][-1].preview.size
     assert [r.cancelled for r in results] == [False, True]
@@ -53,7 +55,7 @@ def test_each_request_gets_its_own_step_events_and_cancel(engine):
 def test_incompatible_requests_are_refused_as_one_batch(engine):
     requests = [GenerationRequest(prompt="a", steps=2), GenerationRequest(prompt="b", steps=3)]
     with pytest.raises(RequestError, match="mode"):
-        engine.run_batch(requests, [None, None], [threading.Event(), threading.Event()])
+        engine.run_batch([WorkItem(request) for request in requests])
 
 
 def test_batch_key_ignores_only_per_request_fields():

@@ -1,0 +1,229 @@
+"""How the studio holds up against hostile input and its own faults, measured against the real `serve` command
+(a process of its own, default settings except small limits so fuzzed jobs finish quickly), one line per row of
+README's Reliability table:
+
+1. fuzz: schemathesis (its CLI, seed 42) against the served /openapi.json: cases sent, failures (5xx, responses
+   that contradict the schema);
+2. bad inputs: tests/test_bad_input.py's table of malformed bodies sent over HTTP: how many were 4xx / 5xx / other;
+3. faults injected / survived, each followed by a job that must run: a full disk mid-job and a read-only data dir
+   (a real tmpfs; needs root), kill -9 with a job running and one queued (restart: interrupted + ran);
+4. shutdown: SIGTERM with a Gradio heartbeat, an SSE stream and a WebSocket open, seconds to exit.
+The SQLite failure and worker death are injected inside the process by tests/test_faults.py (see the README).
+
+    python bench/reliability.py [--max-examples 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+from test_bad_input import BODIES  # noqa: E402  (the same table the tests send)
+
+SMALL = {"DS_LIMITS__MAX_WIDTH": "64", "DS_LIMITS__MAX_HEIGHT": "64", "DS_LIMITS__MAX_STEPS": "2",
+         "DS_LIMITS__MAX_BATCH_SIZE": "2", "DS_LIMITS__MAX_IMAGES_PER_REQUEST": "2", "DS_RATE_PER_MINUTE": "100000",
+         "DS_RATE_BURST": "100000", "DS_MAX_ACTIVE_JOBS": "1000", "DS_MAX_QUEUE": "1000", "DS_PREVIEW_INTERVAL": "0"}
+SLOW_JOB = {"prompt": "long", "steps": 150, "width": 256, "height": 256}  # runs for minutes: stopped mid-way
+MEDIUM_JOB = {"prompt": "medium", "steps": 30, "width": 128, "height": 128}  # a few seconds: the disk fills meanwhile
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Serve:
+    """`diffusion-studio serve` in its own process on a data dir."""
+
+    def __init__(self, data_dir: Path, **env: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "diffusion_studio.cli", "serve", "--port", str(self.port)],
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+                 "DS_DATA_DIR": str(data_dir), "DS_MODELS_DIR": str(data_dir / "models"), **env},
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 180
+        while not self.healthy_or_degraded():
+            if self.process.poll() is not None or time.time() > deadline:
+                raise RuntimeError("serve did not start")
+            time.sleep(0.2)
+
+    def healthy_or_degraded(self) -> bool:
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(f"{self.url}/health", timeout=2).status_code in (200, 503)
+        return False
+
+    def job(self, body: dict) -> str:
+        response = httpx.post(f"{self.url}/api/v1/jobs", json=body, timeout=30)
+        response.raise_for_status()
+        return response.json()["id"]
+
+    def wait(self, job_id: str, states=("done", "failed", "cancelled", "interrupted"), timeout=120) -> dict:
+        deadline = time.time() + timeout
+        while (job := httpx.get(f"{self.url}/api/v1/jobs/{job_id}", timeout=10).json())["status"] not in states:
+            if time.time() > deadline:
+                raise TimeoutError(job)
+            time.sleep(0.05)
+        return job
+
+    def stop(self, sig=signal.SIGTERM) -> float:
+        started = time.monotonic()
+        self.process.send_signal(sig)
+        self.process.wait(60)
+        return time.monotonic() - started
+
+
+def fuzz(url: str, max_examples: int) -> tuple[int, int]:
+    with tempfile.TemporaryDirectory() as workdir:
+        output = subprocess.run(
+            [str(Path(sys.executable).with_name("st")), "run", f"{url}/openapi.json", "--seed", "42",
+             "--max-examples", str(max_examples), "--workers", "1", "--no-color", "--phases",
+             "examples,coverage,fuzzing", "--checks", "not_a_server_error,status_code_conformance,"
+             "content_type_conformance,response_schema_conformance"],
+            capture_output=True, text=True, cwd=workdir, stdin=subprocess.DEVNULL).stdout
+    summary = output.split("Test cases:")[-1]
+    numbers = {word: int(count) for count, word in
+               (part.split()[:2] for part in summary.split("\n")[1].strip().split(", ") if part.split())}
+    return numbers.get("generated", 0), numbers.get("generated", 0) - numbers.get("passed", 0)
+
+
+def bad_inputs(url: str) -> dict[str, int]:
+    counts = {"4xx": 0, "5xx": 0, "other": 0}
+    for route, body, _, _ in BODIES:
+        if isinstance(body, bytes):
+            response = httpx.post(url + route, content=body, headers={"Content-Type": "application/json"},
+                                  timeout=60)
+        else:
+            response = httpx.post(url + route, json=body, timeout=60)
+        counts["4xx" if 400 <= response.status_code < 500 else "5xx" if response.status_code >= 500 else
+               "other"] += 1
+    return counts
+
+
+def fill(folder: Path) -> Path:
+    filler = folder / "filler"
+    with open(filler, "wb") as handle:
+        with contextlib.suppress(OSError):
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+    return filler
+
+
+def disk_faults(root: Path) -> list[tuple[str, bool, str]]:
+    """A full disk mid-job, then a read-only data dir, on a real tmpfs; each followed by a job that must run."""
+    mount = root / "tmpfs"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode:
+        return [("disk full mid-job", False, "skipped: mounting a tmpfs needs root"),
+                ("read-only data dir", False, "skipped: mounting a tmpfs needs root")]
+    rows = []
+    server = Serve(mount / "data", **{**SMALL, "DS_LIMITS__MAX_STEPS": "150", "DS_LIMITS__MAX_WIDTH": "256",
+                                      "DS_LIMITS__MAX_HEIGHT": "256"})
+    try:
+        slow = server.job(MEDIUM_JOB)
+        server.wait(slow, states=("running",))
+        filler = fill(mount)
+        failed = server.wait(slow)
+        degraded = httpx.get(f"{server.url}/health").status_code
+        refused = httpx.post(f"{server.url}/api/v1/jobs", json={"prompt": "x", "steps": 2}).status_code
+        filler.unlink()
+        time.sleep(2.5)
+        after = server.wait(server.job({"prompt": "after", "steps": 2}))
+        ok = failed["error"]["kind"] == "storage" and degraded == 503 and refused == 503 and after["status"] == "done"
+        rows.append(("disk full mid-job", ok, f"job failed '{failed['error']['kind']}', /health {degraded}, new job "
+                                              f"{refused}, after freeing: {after['status']}"))
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        refused = httpx.post(f"{server.url}/api/v1/jobs", json={"prompt": "x", "steps": 2}).status_code
+        degraded = httpx.get(f"{server.url}/health").status_code
+        subprocess.run(["mount", "-o", "remount,rw", str(mount)], check=True)
+        time.sleep(2.5)
+        after = server.wait(server.job({"prompt": "after", "steps": 2}))
+        ok = refused == 503 and degraded == 503 and after["status"] == "done"
+        rows.append(("read-only data dir", ok, f"new job {refused}, /health {degraded}, after rw: {after['status']}"))
+    finally:
+        server.stop(signal.SIGKILL)
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+    return rows
+
+
+def kill_and_restart(data_dir: Path) -> tuple[str, bool, str]:
+    server = Serve(data_dir, **{**SMALL, "DS_LIMITS__MAX_STEPS": "150", "DS_LIMITS__MAX_WIDTH": "256",
+                                "DS_LIMITS__MAX_HEIGHT": "256"})
+    running, queued = server.job(SLOW_JOB), server.job({"prompt": "queued", "steps": 2})
+    server.wait(running, states=("running",))
+    server.stop(signal.SIGKILL)
+    again = Serve(data_dir, **SMALL)
+    try:
+        was_running = again.wait(running)["status"]
+        was_queued = again.wait(queued)["status"]
+    finally:
+        again.stop(signal.SIGKILL)
+    ok = was_running == "interrupted" and was_queued == "done"
+    return "kill -9 mid-job", ok, f"running job: {was_running}, queued job after restart: {was_queued}"
+
+
+def shutdown_with_streams(data_dir: Path) -> float:
+    from websockets.sync.client import connect
+
+    server = Serve(data_dir, **{**SMALL, "DS_LIMITS__MAX_STEPS": "150", "DS_LIMITS__MAX_WIDTH": "256",
+                                "DS_LIMITS__MAX_HEIGHT": "256"})
+    running = server.job(SLOW_JOB)
+
+    def hold(url):
+        with contextlib.suppress(httpx.HTTPError), httpx.stream("GET", url, timeout=httpx.Timeout(5, read=None)) as r:
+            for _ in r.iter_bytes():
+                pass
+
+    for url in (f"{server.url}/gradio_api/heartbeat/bench", f"{server.url}/api/v1/jobs/{running}/events"):
+        threading.Thread(target=hold, args=(url,), daemon=True).start()
+    with connect(server.url.replace("http", "ws") + "/api/v1/ws") as ws:
+        ws.send(json.dumps({"action": "subscribe", "job_id": running}))
+        server.wait(running, states=("running",))
+        time.sleep(0.5)
+        return server.stop(signal.SIGTERM)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-examples", type=int, default=10)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        server = Serve(root / "fuzz", **SMALL)
+        try:
+            sent, failures = fuzz(server.url, args.max_examples)
+            print(f"fuzz_cases {sent}  failures {failures}  (schemathesis seed 42, {args.max_examples} examples per "
+                  "operation; failures = 5xx or schema/status/content-type violations)")
+            counts = bad_inputs(server.url)
+            print(f"bad_inputs {len(BODIES)}  4xx {counts['4xx']}  5xx {counts['5xx']}  other {counts['other']}")
+        finally:
+            server.stop(signal.SIGKILL)
+        faults = [*disk_faults(root), kill_and_restart(root / "kill")]
+        for name, ok, detail in faults:
+            print(f"fault '{name}': {'survived' if ok else 'NOT survived'} ({detail})")
+        survived = sum(ok for _, ok, _ in faults)
+        print(f"faults_injected {len(faults)}  survived {survived}")
+        print(f"shutdown_with_open_streams_s {shutdown_with_streams(root / 'shutdown'):.2f}  (goal < 5)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
