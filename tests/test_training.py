@@ -147,10 +147,31 @@ def test_resume_continues_the_same_run(sd_folder, tmp_path):
     again = Trainer(config(tmp_path / "b", method="full", steps=6, ema_decay=0.9),
                     StableDiffusionPipeline.from_pretrained(sd_folder))
     events = collect(again.bus)
+    global_rng = torch.get_rng_state()
     again.run()
+    assert torch.equal(torch.get_rng_state(), global_rng)  # resuming restores the run's generator, not the global
     assert [e.step for e in events if e.kind == "step"] == [5, 6]
     a, b = _weights(straight), _weights(again)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", ["lora", "controlnet"])
+def test_training_leaves_torchs_global_rng_alone(sd_folder, tmp_path, method):
+    """Generation runs beside training in the server: a run (set-up, steps, samples, checkpoints) draws only from
+    its own generator, so it neither moves the global RNG nor depends on it."""
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        before = torch.get_rng_state()
+        trainer = Trainer(config(tmp_path / str(global_seed), method=method, steps=2, sample_every=2, sample_steps=2),
+                          StableDiffusionPipeline.from_pretrained(sd_folder))
+        trainer.run()
+        assert torch.equal(torch.get_rng_state(), before)
+        runs.append(trainer._trainable_state())
+        saved = torch.load(tmp_path / str(global_seed) / "run" / "checkpoint.pt", weights_only=False)
+        assert set(saved["rng"]) == {"generator"}
+    first, second = runs  # the same start (LoRA init, a new ControlNet) and the same steps whatever the global seed
+    assert all(torch.equal(first[name][key], second[name][key]) for name in first for key in first[name])
 
 
 def test_resume_with_other_settings_is_refused(pipe, sd_folder, tmp_path):
@@ -166,8 +187,11 @@ def test_a_checkpoint_older_than_a_new_setting_still_resumes(pipe, sd_folder, tm
     path = tmp_path / "run" / "checkpoint.pt"
     state = torch.load(path, weights_only=False)
     del state["config"]["caption_dropout"]  # as if the field were added after this checkpoint
+    state["rng"]["torch"] = torch.Generator().manual_seed(123).get_state()  # older ones kept the global RNG too
     torch.save(state, path)
+    global_rng = torch.get_rng_state()
     assert Trainer(config(tmp_path, steps=3), StableDiffusionPipeline.from_pretrained(sd_folder)).load_checkpoint()
+    assert torch.equal(torch.get_rng_state(), global_rng)  # which resuming ignores (the loop never draws from it)
     state["config"]["caption_dropout"] = 0.5  # but a value other than the default is a different run
     torch.save(state, path)
     with pytest.raises(TrainingError, match=r"different settings \(caption_dropout\)"):

@@ -1,47 +1,34 @@
-"""One training loop for full (from-scratch or fine-tune) and LoRA training of an SD-architecture model.
+"""One training loop for full (from-scratch or fine-tune), LoRA and ControlNet training of an SD-architecture model;
+where the methods differ is each one's `TrainingTarget` (training/targets.py).
 
 Controls (pause / resume / stop) come from other threads and take effect within one step. A checkpoint is a plain
-dict; resuming reads the same keys and continues the same run (step, optimiser, EMA, RNG, data stream).
+dict; resuming reads the same keys and continues the same run (step, optimiser, EMA, RNG, data stream). Everything
+random in the run is drawn from the trainer's own generator; torch's global RNG (which a server shares with
+generation) is left as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-import random
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from diffusers import (
-    ControlNetModel,
-    DDPMScheduler,
-    StableDiffusionControlNetInpaintPipeline,
-    StableDiffusionControlNetPipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLControlNetInpaintPipeline,
-    StableDiffusionXLControlNetPipeline,
-)
+from diffusers import ControlNetModel, DDPMScheduler, StableDiffusionPipeline
 from diffusers.training_utils import EMAModel
-from diffusers.utils import convert_state_dict_to_diffusers
-from diffusers.utils.peft_utils import delete_adapter_layers
-from PIL import Image
 
 from ..builtin.shapes import check, parse_caption
 from .config import TrainConfig
-from ..engine.control import canny, inpaint_condition
-from ..requests import RequestError
-from .data import LatentPool, control_maps, folder_pool, inpainting_mask, shapes_pool
+from .data import LatentPool, folder_pool, shapes_pool
 from .events import EventBus, StabilityMeter, TrainingEvent
+from .targets import TARGETS
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
-ADAPTER = "studio_training"
-# With train_text_encoder, LoRA adapts the text encoders' attention projections too (the UNet's: config.lora_layers).
-TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 class TrainingError(RuntimeError):
@@ -55,7 +42,6 @@ class Trainer:
         self.config = config
         self.device = torch.device(device)
         self.pipe = pipeline
-        self.controlnet = controlnet
         self.is_xl = getattr(pipeline, "text_encoder_2", None) is not None  # SDXL: two encoders, micro-conditions
         self.bus = bus or EventBus()
         self.pool = pool
@@ -66,102 +52,35 @@ class Trainer:
         self._resume_flag.set()
         self._stop_flag = threading.Event()
         self.output_dir = Path(config.output_dir)
-        torch.manual_seed(config.seed)
-        self.generator = torch.Generator().manual_seed(config.seed)  # batches, noise, timesteps, dropout
+        # The run's own RNG: batches, noise, timesteps, caption dropout (checkpointed, so a resumed run draws on).
+        self.generator = torch.Generator().manual_seed(config.seed)
         self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
-        self.modules = self._choose_trainable()
-        # Everything lives on `device`; data and random draws stay on the CPU (the same run on any device).
+        self.target = TARGETS[config.method](config, pipeline, controlnet)
+        # peft's gaussian LoRA init and a new ControlNet's layers draw from torch's global (CPU) RNG: seed it for
+        # them inside a fork, so the run starts the same every time and the global state is put back afterwards.
+        # (Both initialise on the CPU; other threads' generation draws from its own generators.)
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(config.seed)
+            self.modules = self.target.setup()
+        # Everything lives on `device` (a ControlNet outside the pipeline too); data and random draws stay on the
+        # CPU (the same run on any device).
         pipeline.to(self.device)
-        if self.controlnet is not None:  # the one trainable module outside the pipeline
-            self.controlnet.to(self.device)
+        for module in self.modules.values():
+            module.to(self.device)
         self.params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate,
-                                           weight_decay=0.0 if config.method == "lora" else 1e-2)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=self.target.weight_decay)
         self.ema = EMAModel(self.params, decay=config.ema_decay) if config.ema_decay else None
         self.stability = StabilityMeter()
 
     # -- set-up ---------------------------------------------------------------------------------------------
-    def _choose_trainable(self) -> dict[str, torch.nn.Module]:
-        unet, text_encoder, vae = self.pipe.unet, self.pipe.text_encoder, self.pipe.vae
-        encoders = {"text_encoder": text_encoder}
-        if self.is_xl:
-            encoders["text_encoder_2"] = self.pipe.text_encoder_2
-        vae.requires_grad_(False)
-        for encoder in encoders.values():
-            encoder.requires_grad_(False)
-        if self.config.method == "lora":
-            unet.requires_grad_(False)
-            adapted = {"unet": unet, **(encoders if self.config.train_text_encoder else {})}
-            for name, module in adapted.items():
-                self._add_lora(name, module)
-            return adapted
-        if self.config.method == "controlnet":
-            unet.requires_grad_(False)
-            if self.controlnet is None:  # starts as a copy of the UNet's encoder, outputs zeroed (standard)
-                levels = len(vae.config.block_out_channels)
-                self.controlnet = ControlNetModel.from_unet(
-                    unet, conditioning_embedding_out_channels=tuple(16 * 2**i for i in range(levels)))
-            self.controlnet.requires_grad_(True)
-            return {"controlnet": self.controlnet}
-        unet.requires_grad_(True)
-        if self.config.train_text_encoder:
-            for encoder in encoders.values():
-                encoder.requires_grad_(True)
-            return {"unet": unet, **encoders}
-        return {"unet": unet}
-
-    def _add_lora(self, name: str, module: torch.nn.Module) -> None:
-        """A fresh LoRA adapter on the UNet's `lora_layers` or a text encoder's attention projections (replacing one
-        that a reused pipeline still has)."""
-        from peft import LoraConfig, inject_adapter_in_model
-
-        config = LoraConfig(r=self.config.lora_rank, lora_alpha=self.config.lora_alpha, init_lora_weights="gaussian",
-                            target_modules=self.config.lora_layers if name == "unet" else TEXT_LORA_TARGETS)
-        if name == "unet":
-            if ADAPTER in getattr(module, "peft_config", {}):
-                module.delete_adapters(ADAPTER)
-            try:
-                module.add_adapter(adapter_name=ADAPTER, adapter_config=config)
-            except ValueError as exc:  # no module matched
-                raise RequestError("lora_layers", f"{exc} (this UNet's attention layers end in to_q, to_k, to_v, "
-                                                  "to_out.0, under attn1 (self) and attn2 (cross))") from None
-            module.set_adapters(ADAPTER)
-            return
-        # transformers' own add_adapter wants peft >= 0.22 (0.21 is the newest); peft's injection is what it calls.
-        if ADAPTER in getattr(module, "peft_config", {}):
-            delete_adapter_layers(module, ADAPTER)  # may drop the whole peft_config itself
-            getattr(module, "peft_config", {}).pop(ADAPTER, None)
-        inject_adapter_in_model(config, module, adapter_name=ADAPTER)  # only the new adapter is trainable
-
     def _build_pool(self) -> LatentPool:
         cfg = self.config
         if cfg.dataset == "shapes":
             pool = shapes_pool(self.pipe.vae, cfg.pool_size, cfg.resolution, cfg.seed)
         else:
             pool = folder_pool(self.pipe.vae, Path(cfg.dataset), cfg.resolution, cfg.instance_prompt, self._warn)
-        if cfg.method == "controlnet" and cfg.control_type == "inpaint":
-            rng = random.Random(cfg.seed)  # the same holes when a resumed run rebuilds the pool
-            pool.conditions = torch.cat([inpaint_condition(image, inpainting_mask(image, rng))
-                                         for image in pool.images])
-        elif cfg.method == "controlnet":
-            pool.conditions = control_maps(pool.images, self._control_map)
+        self.target.prepare_pool(pool)
         return pool
-
-    def _control_map(self, image):
-        return canny(image, *self.config.canny_thresholds)
-
-    def _control_sample_inputs(self, prompts: list[str]) -> tuple[type, list[str], dict]:
-        """The pipeline, prompts and inputs that show a ControlNet at work: the sample prompts on canny maps of pool
-        images, or pool images with their holes and their own captions (another prompt would fight the context)."""
-        count = len(prompts)
-        if self.config.control_type == "canny":
-            family = StableDiffusionXLControlNetPipeline if self.is_xl else StableDiffusionControlNetPipeline
-            return family, prompts, {"image": [self._control_map(self.pool.images[i]) for i in range(count)]}
-        family = StableDiffusionXLControlNetInpaintPipeline if self.is_xl else StableDiffusionControlNetInpaintPipeline
-        holes = [Image.fromarray((self.pool.conditions[i] < 0).all(0).numpy().astype(np.uint8) * 255)
-                 for i in range(count)]
-        return family, self.pool.captions[:count], {"image": self.pool.images[:count], "mask_image": holes,
-                                                    "strength": 1.0, "control_image": self.pool.conditions[:count]}
 
     def _warn(self, message: str) -> None:
         self.bus.publish(TrainingEvent("warning", self.step, self.config.steps, message=message))
@@ -283,14 +202,7 @@ class Trainer:
             size = cfg.resolution  # micro-conditioning: original size, crop (0, 0), target size
             time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=text.dtype, device=device)
             conditions["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.repeat(len(captions), 1)}
-        if self.config.method == "controlnet":
-            condition = self.pool.conditions[index].to(device)
-            down, middle = self.controlnet(noisy, timesteps, encoder_hidden_states=text, controlnet_cond=condition,
-                                           return_dict=False, **conditions)
-            prediction = self.pipe.unet(noisy, timesteps, text, down_block_additional_residuals=down,
-                                        mid_block_additional_residual=middle, **conditions).sample
-        else:
-            prediction = self.pipe.unet(noisy, timesteps, text, **conditions).sample
+        prediction = self.target.predict(noisy, timesteps, text, conditions, self.pool, index)
         if scheduler.config.prediction_type == "v_prediction":
             target = scheduler.get_velocity(latents, noise, timesteps)
         else:
@@ -312,14 +224,10 @@ class Trainer:
         with self._ema_weights():
             for module in self.modules.values():
                 module.eval()
-            components, prompts, extra = dict(self.pipe.components), cfg.sample_prompts, {}
+            components = dict(self.pipe.components)
             if not self.is_xl:
                 components["requires_safety_checker"] = False
-            if cfg.method == "controlnet":
-                family, prompts, extra = self._control_sample_inputs(prompts)
-                pipe = family(**components, controlnet=self.controlnet)
-            else:
-                pipe = type(self.pipe)(**components)
+            pipe, prompts, extra = self.target.sample_pipeline(components, cfg.sample_prompts, self.pool)
             pipe.set_progress_bar_config(disable=True)
             generator = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
             images = pipe(prompts, num_inference_steps=cfg.sample_steps, generator=generator,
@@ -332,35 +240,28 @@ class Trainer:
             image.save(path)
             paths.append(path)
         data = {"images": [str(p) for p in paths], "prompts": prompts}
-        adherence = None if cfg.method == "controlnet" else shapes_adherence(images, prompts)
+        adherence = shapes_adherence(images, prompts) if self.target.checks_shapes else None
         if adherence is not None:
             data["adherence"] = adherence
         self.bus.publish(TrainingEvent("sample", self.step, cfg.steps, data=data))
         return paths
 
+    @contextlib.contextmanager
     def _ema_weights(self):
-        trainer = self
-
-        class Swap:
-            def __enter__(self):
-                if trainer.ema is not None:
-                    trainer.ema.store(trainer.params)
-                    trainer.ema.copy_to(trainer.params)
-
-            def __exit__(self, *exc):
-                if trainer.ema is not None:
-                    trainer.ema.restore(trainer.params)
-
-        return Swap()
+        """The EMA weights in place of the trained ones, for the duration (nothing to swap without an EMA)."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.params)
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def _trainable_state(self) -> dict[str, dict]:
-        if self.config.method == "lora":
-            from peft.utils import get_peft_model_state_dict
-
-            return {name: get_peft_model_state_dict(module, adapter_name=ADAPTER)
-                    for name, module in self.modules.items()}
-        return {name: module.state_dict() for name, module in self.modules.items()}
+        return self.target.state_dict()
 
     def save_checkpoint(self) -> Path:
         path = self.output_dir / CHECKPOINT
@@ -370,7 +271,7 @@ class Trainer:
             "trainable": self._trainable_state(),
             "optimizer": self.optimizer.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "rng": {"torch": torch.get_rng_state(), "generator": self.generator.get_state()},
+            "rng": {"generator": self.generator.get_state()},  # the run's own; the global RNG isn't the run's
         }
         scratch = path.with_suffix(".tmp")
         torch.save(state, scratch)
@@ -399,19 +300,14 @@ class Trainer:
             changed = sorted(k for k in mine if saved.get(k) != mine[k])
             raise TrainingError(f"output_dir: '{self.output_dir}' holds a run with different settings "
                                 f"({', '.join(changed)}); resume with the same settings or use another folder")
-        if self.config.method == "lora":
-            from peft.utils import set_peft_model_state_dict
-
-            for name, module in self.modules.items():
-                set_peft_model_state_dict(module, state["trainable"][name], adapter_name=ADAPTER)
-        else:
-            for name, module in self.modules.items():
-                module.load_state_dict(state["trainable"][name])
+        self.target.load_state_dict(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
             self.ema.to(self.device)
-        torch.set_rng_state(state["rng"]["torch"])
+        # Checkpoints written before the trainer stopped touching the global RNG also carry its state under "torch";
+        # it is ignored (never restored into the process): the loop draws nothing from the global RNG, so those
+        # checkpoints still resume exactly.
         self.generator.set_state(state["rng"]["generator"])
         self.step = state["step"]
         self._set_state("resumed")
@@ -419,22 +315,10 @@ class Trainer:
 
     # -- output ---------------------------------------------------------------------------------------------
     def export(self) -> Path:
-        """Full: a diffusers folder (EMA weights if kept). LoRA: a .safetensors that load_lora_weights reads.
-        ControlNet: a ControlNet folder."""
-        if self.config.method == "lora":
-            from peft.utils import get_peft_model_state_dict
-
-            # unet_lora_layers, text_encoder_lora_layers, text_encoder_2_lora_layers: the loader's own names.
-            layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(
-                get_peft_model_state_dict(module, adapter_name=ADAPTER)) for name, module in self.modules.items()}
-            type(self.pipe).save_lora_weights(self.output_dir, weight_name="lora.safetensors",
-                                              safe_serialization=True, **layers)
-            return self.output_dir / "lora.safetensors"
-        target = self.output_dir / ("controlnet" if self.config.method == "controlnet" else "model")
+        """The target's result (EMA weights if kept): full: a diffusers folder `model/`; LoRA: a `lora.safetensors`
+        that load_lora_weights reads; ControlNet: a `controlnet/` folder."""
         with self._ema_weights():
-            saved = self.controlnet if self.config.method == "controlnet" else self.pipe
-            saved.save_pretrained(target, safe_serialization=True)
-        return target
+            return self.target.export(self.output_dir)
 
     # -- state ----------------------------------------------------------------------------------------------
     def _set_state(self, state: str) -> None:
