@@ -9,6 +9,20 @@ from PIL import Image
 
 from diffusion_studio.engine.metadata import request_from_png
 
+PANEL = ["model", "steps", "guidance", "width", "height", "seed", "scheduler", "batch_size", "loras"]
+ARGUMENTS = {  # the public Gradio API: each endpoint's arguments by name, in the order a positional call gives them
+    "/generate": ["prompt", "negative", "count", *PANEL],
+    "/batch": ["prompts", "upload", "negative", *PANEL],
+    "/img2img": ["source", "prompt", "negative", "strength", *PANEL],
+    "/inpaint": ["editor", "prompt", "negative", "strength", "blur", "grow", *PANEL],
+    "/controlnet": ["source", "control_type", "preprocess", "low", "high", "prompt", "negative", "scale", "start",
+                    "end", *PANEL],
+    "/compare": ["prompt", "negative", "x_axis", "x_values", "y_axis", "y_values", "init_image", *PANEL],
+    "/train_start": ["base", "name", "dataset", "files", "instance_prompt", "rank", "steps", "learning_rate", "batch",
+                     "sample_every", "layers", "text_encoder"],
+    "/history": ["text", "mode", "model", "period"],
+}
+
 
 def test_health_and_page(server):
     server, _ = server
@@ -37,6 +51,21 @@ def test_generate_through_gradio_client(server):
     assert job.status.value == "done" and job.user == "local" and job.result["seeds"] == [321, 322]
     saved_names = [p.name for p in studio.image_paths(job.result["image_ids"])]
     assert saved_names == [g["image"]["path"].rsplit("/", 1)[-1] for g in gallery]
+
+
+def test_endpoints_take_named_arguments_in_one_order(server):
+    server, _ = server
+    client = Client(server, download_files=False, verbose=False)
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    for name, arguments in ARGUMENTS.items():
+        assert [p["parameter_name"] for p in endpoints[name]["parameters"]] == arguments, name
+    # By name, the rest left at the page's defaults (the default model, native size, one image).
+    preview, gallery, status = client.predict(prompt="a green star on a white background", negative="", steps=2, seed=9,
+                                              api_name="/generate")
+    assert status.startswith("Done") and "seed 9" in status and len(gallery) == 1
+    request = request_from_png(Image.open(gallery[0]["image"]["path"]))
+    assert (request.prompt, request.steps, request.seed, request.model) == (
+        "a green star on a white background", 2, 9, "builtin:shapes")
 
 
 def test_invalid_input_names_the_field(server):

@@ -3,12 +3,19 @@ system browser is used; `./studio test` installs it). Generates, paints an inpai
 and stops a short training run watching its plot change, opens the history, and screenshots every tab (into
 $DS_SCREENSHOT_DIR when set: scripts/screenshots.py sets it to docs/screenshots)."""
 
+import base64
+import io
 import os
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
+
+from diffusion_studio.builtin.shapes import ShapeSpec, render
+from diffusion_studio.engine.runner import prepare_mask
 
 playwright = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -62,7 +69,8 @@ def test_generate_in_the_browser(page, shots):
     page.screenshot(path=str(shots / "generate.png"), full_page=True)
 
 
-def test_paint_a_mask_and_inpaint(page, shots):
+def test_paint_a_mask_and_inpaint(page, shots, server):
+    _, studio = server
     tab = open_tab(page, "inpaint")
     tab.get_by_role("button", name="Brush", exact=True).click()
     canvas = tab.locator("canvas").first
@@ -76,6 +84,30 @@ def test_paint_a_mask_and_inpaint(page, shots):
     tab.get_by_label("Seed", exact=True).fill("3")
     tab.get_by_role("button", name="Generate", exact=True).click()
     tab.get_by_text("Done in").wait_for(timeout=LONG)
+    assert "seed 3" in tab.get_by_text("Done in").inner_text()
+
+    # The job the click made: an inpainting of the tab's own input with the mask painted above.
+    job = studio.store.find(mode="inpaint", limit=1)[0]
+    assert (job.status.value, job.request["seed"], job.request["prompt"]) == (
+        "done", 3, "a blue star on a white background")
+    [saved] = studio.image_paths(job.result["image_ids"])
+    playwright.expect(tab.locator(f'img[src*="{saved.name}"]').first).to_be_visible()  # shown in the results
+
+    def stored(name):
+        return Image.open(io.BytesIO(base64.b64decode(job.request[name])))
+
+    result = np.asarray(Image.open(saved).convert("RGB")).astype(int)
+    original = np.asarray(render(ShapeSpec("red", "circle", "white", "center"))).astype(int)  # the tab's input
+    received = np.asarray(stored("init_image").convert("RGB")).astype(int)  # the editor's background as sent
+    assert result.shape == original.shape
+    assert np.array_equal(received, original)  # the editor's round trip through the browser is lossless (PNG)
+    mask = stored("mask_image").convert("L")
+    painted = np.asarray(mask) > 127
+    assert painted.shape == result.shape[:2] and 0 < painted.mean() < 0.5, "the stroke reaches the server as a mask"
+    kept = np.asarray(prepare_mask(mask, mask.size, job.request["mask_blur"], job.request["mask_grow"])) == 0
+    assert kept.mean() > 0.5
+    assert np.abs(result - original)[kept].max() == 0  # outside the (feathered) mask: the input's pixels exactly
+    assert np.abs(result - original)[painted].max() > 0  # inside it: repainted
     page.screenshot(path=str(shots / "inpaint.png"), full_page=True)
 
 
@@ -109,16 +141,48 @@ def test_start_and_stop_training_while_the_plot_changes(page, shots):
     tab.get_by_text("stopped").wait_for(timeout=LONG)
 
 
-def test_history_shows_what_was_made(page, shots):
+def test_history_shows_what_was_made_and_reproduces_it(page, shots, server):
+    _, studio = server
     tab = open_tab(page, "history")
     tab.get_by_text("image(s) in").wait_for(timeout=LONG)
     assert tab.locator("img").count() >= 2  # the browser's generate and inpaint results, at least
     page.screenshot(path=str(shots / "history.png"), full_page=True)
+    newest = next(job for job in studio.history("local", limit=20) if job.result.get("image_ids"))
+    tab.locator("img").first.click()  # the newest job's first image
+    playwright.expect(tab).to_contain_text(f'"seed": {newest.result["seeds"][0]}')  # its parameters, shown
+    tab.get_by_role("button", name="Reproduce in Generate", exact=True).click()
+    generate = page.locator("#tab-generate")
+    playwright.expect(generate).to_be_visible()
+    playwright.expect(generate.get_by_label("Prompt", exact=True)).to_have_value(newest.request["prompt"])
+    playwright.expect(generate.get_by_label("Seed", exact=True)).to_have_value(str(newest.result["seeds"][0]))
+    playwright.expect(generate.get_by_label("number input for Steps", exact=True)).to_have_value(
+        str(newest.request["steps"]))
 
 
-@pytest.mark.parametrize("tab_id", ["batch", "img2img", "controlnet", "compare", "system"])
+# What each tab must show once selected: (role, accessible name) of a control only that tab has.
+RENDERS = {
+    "batch": [("textbox", "Prompts, one per line"), ("textbox", "Negative prompt (all)"), ("button", "Run batch")],
+    "img2img": [("button", "Generate"), ("slider", "range slider for Strength"),
+                ("text", "Input image (drop or paste)"), ("text", "Before / after")],
+    "controlnet": [("text", "Control input"), ("text", "Control map (live)"), ("combobox", "Control type"),
+                   ("slider", "range slider for Canny low threshold"),
+                   ("slider", "range slider for Conditioning scale")],
+    "compare": [("combobox", "X axis"), ("textbox", "X values (comma-separated)"), ("combobox", "Y axis"),
+                ("button", "Make grid"), ("text", "Grid")],
+    "system": [("button", "Unload"), ("button", "Refresh"), ("text", "Loaded models"), ("text", "Recent errors")],
+}
+
+
+@pytest.mark.parametrize("tab_id", list(RENDERS))
 def test_every_other_tab_renders(page, shots, tab_id):
     tab = open_tab(page, tab_id)
-    page.wait_for_timeout(500)
-    assert tab.is_visible()
+    for role, name in RENDERS[tab_id]:
+        control = tab.get_by_text(name, exact=True) if role == "text" else tab.get_by_role(role, name=name, exact=True)
+        playwright.expect(control.first, f"{tab_id}: {role} {name!r}").to_be_visible()
+    for other in TABS:  # and only that tab: the others' panels are hidden
+        if other != tab_id:
+            playwright.expect(page.locator(f"#tab-{other}")).to_be_hidden()
+    if tab_id == "system":  # selecting the tab fills it from the server
+        playwright.expect(tab).to_contain_text(re.compile(r"Device:\s*cpu"), timeout=LONG)
+        playwright.expect(tab).to_contain_text(re.compile(r"Queue:.*worker\(s\)"))
     page.screenshot(path=str(shots / f"{tab_id}.png"), full_page=True)

@@ -13,11 +13,21 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from diffusion_studio.engine.metadata import request_from_png
+from diffusion_studio.ui.panels import Params, panel_values
 
 
 def params(steps=3, seed=1, batch=1, loras=(), model="builtin:shapes"):
-    """The shared parameter panel's values, in its order."""
+    """The shared parameter panel's values, in its order (each endpoint's last arguments; test_app pins them)."""
     return [model, steps, 7.0, 0, 0, seed, "Euler", batch, list(loras)]
+
+
+def test_panel_values_and_request_fields_are_inverses():
+    parameters = {"model": "builtin:shapes", "steps": 3, "guidance": 7.5, "width": 64, "height": None, "seed": 5,
+                  "scheduler": "DDIM", "batch_size": 2, "loras": [{"name": "heart", "weight": 0.8}]}
+    values = panel_values(parameters)
+    assert list(values) == [field for field in Params.__dataclass_fields__]  # every panel component, by name
+    assert values["height"] == 0 and values["loras"] == ["heart:0.8"]  # as the components show them
+    assert Params.fields({**values, "prompt": "ignored"}) == parameters
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ their values into a job and streams its progress. A tab adds only its own inputs
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +41,8 @@ def model_note_for(studio: Studio, name: str) -> str:
 
 @dataclass
 class Params:
-    """The shared generation parameters of a tab, in `inputs()` order."""
+    """The shared generation parameters of a tab. The order of these fields is the one order of the panel: of
+    `named()` (the components by name), so of each generating endpoint's arguments after the tab's own ones."""
 
     model: gr.Dropdown
     steps: gr.Slider
@@ -52,16 +54,40 @@ class Params:
     batch_size: gr.Slider
     loras: gr.Dropdown
 
-    def inputs(self) -> list[gr.components.Component]:
-        return [self.model, self.steps, self.guidance, self.width, self.height, self.seed, self.scheduler,
-                self.batch_size, self.loras]
+    def named(self) -> dict[str, gr.components.Component]:
+        """The components by name, in field order: an event's `inputs_kwargs` (with `named_inputs`) or the
+        targets of a handler that fills the panel (with `panel_values`)."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
 
     @staticmethod
-    def fields(values: list[Any]) -> dict[str, Any]:
-        model, steps, guidance, width, height, seed, scheduler, batch_size, loras = values
-        return {"model": model, "steps": int(steps), "guidance": float(guidance), "width": int(width) or None,
-                "height": int(height) or None, "seed": None if seed in (None, "") else int(seed),
-                "scheduler": scheduler, "batch_size": int(batch_size), "loras": parse_loras(loras)}
+    def fields(values: dict[str, Any]) -> dict[str, Any]:
+        """Request fields from the panel's values by name (a handler's `**panel`); other names are ignored."""
+        seed = values["seed"]
+        return {"model": values["model"], "steps": int(values["steps"]), "guidance": float(values["guidance"]),
+                "width": int(values["width"]) or None, "height": int(values["height"]) or None,
+                "seed": None if seed in (None, "") else int(seed), "scheduler": values["scheduler"],
+                "batch_size": int(values["batch_size"]), "loras": parse_loras(values["loras"])}
+
+
+def panel_values(parameters: dict[str, Any]) -> dict[str, Any]:
+    """The panel's values by name from a request's parameters (the inverse of `Params.fields`): what History and
+    PNG info load into the Generate tab."""
+    return {"model": parameters.get("model"), "steps": parameters.get("steps"),
+            "guidance": parameters.get("guidance"), "width": parameters.get("width") or 0,
+            "height": parameters.get("height") or 0, "seed": parameters.get("seed", -1),
+            "scheduler": parameters.get("scheduler"), "batch_size": parameters.get("batch_size", 1),
+            "loras": [f"{lora['name']}:{lora['weight']:g}" for lora in parameters.get("loras", [])]}
+
+
+def named_inputs(own: dict[str, gr.components.Component], params: Params | None = None
+                 ) -> dict[str, gr.components.Component]:
+    """A tab's own inputs by name, then the panel's: an event's `inputs_kwargs`. Gradio passes each value as the
+    keyword argument of that name, and the endpoint takes its arguments in this dict's order (gradio_client may
+    call it positionally or by these names). A name in both is a mistake, not an override."""
+    panel = params.named() if params is not None else {}
+    if clash := own.keys() & panel.keys():
+        raise ValueError(f"inputs named like the parameter panel's: {sorted(clash)}")
+    return {**own, **panel}
 
 
 def prompt_boxes(value: str = "", placeholder: str = "a red circle on a white background"):

@@ -12,9 +12,8 @@ from pathlib import Path
 import gradio as gr
 
 from ...studio import Studio
-from ..panels import Params, params_panel, run_buttons
+from ..panels import Params, named_inputs, params_panel, run_buttons
 from ..runs import user_error
-from .generate import family_mode
 
 EXAMPLE = "a red circle on a white background\na blue star on a black background\na green square on a gray background"
 
@@ -57,19 +56,19 @@ def build(studio: Studio) -> None:
                 overall = gr.Markdown()
                 table = gr.Dataframe(headers=["#", "prompt", "state"], datatype=["number", "str", "str"],
                                      interactive=False, label="Progress per prompt")
-                gallery = gr.Gallery(label="Results", columns=4, height=320, format="png", preview=False, interactive=False)
+                gallery = gr.Gallery(label="Results", columns=4, height=320, format="png", preview=False,
+                                     interactive=False)
                 archive = gr.File(label="Download all (zip)", interactive=False)
 
         gr.Examples([[EXAMPLE], ["a red star on a white background at the top left\na red star on a white background "
                                  "at the bottom right\na red star on a white background in the center"]], [prompts])
 
-        async def run_batch(request: gr.Request, progress=gr.Progress(), *values):
-            text, uploaded, negative, *rest = values
-            lines = read_prompts(text, uploaded)
+        async def run_batch(request: gr.Request, progress=gr.Progress(), *, prompts, upload, negative, **panel):
+            lines = read_prompts(prompts, upload)
             if not lines:
                 raise gr.Error("prompts: give at least one prompt (a line each, or a file)", title="Invalid input")
             try:
-                shared = {"mode": family_mode(studio, rest[0]), "negative_prompt": negative, **Params.fields(rest)}
+                shared = {"mode": "txt2img", "negative_prompt": negative, **Params.fields(panel)}
                 requests = [studio.validate({**shared, "prompt": line}) for line in lines]
             except Exception as exc:
                 raise user_error(exc) from None
@@ -106,6 +105,7 @@ def build(studio: Studio) -> None:
             yield (f"**{done}/{len(lines)}** prompts finished · {len(all_paths)} images", table_rows(),
                    [str(p) for p in all_paths], str(archive_path) if archive_path else None)
 
-        event = run.click(run_batch, [prompts, upload, negative, *params.inputs()],
-                          [overall, table, gallery, archive], api_name="batch")
+        inputs = named_inputs({"prompts": prompts, "upload": upload, "negative": negative}, params)
+        event = run.click(run_batch, inputs_kwargs=inputs, outputs=[overall, table, gallery, archive],
+                          api_name="batch")
         cancel.click(None, None, None, cancels=[event])

@@ -9,9 +9,8 @@ from PIL import Image
 
 from ...service.compare import AXES, draw_grid, plan_cells
 from ...studio import Studio
-from ..panels import Params, params_panel, prompt_boxes, run_buttons
+from ..panels import Params, named_inputs, params_panel, prompt_boxes, run_buttons
 from ..runs import user_error
-from .generate import family_mode
 
 NO_AXIS = "(none)"
 
@@ -40,20 +39,19 @@ def build(studio: Studio) -> None:
                      ["a red star on a black background", "prompt S/R", "red, blue, green", NO_AXIS, ""]],
                     [prompt, x_axis, x_values, y_axis, y_values])
 
-        async def make_grid(request: gr.Request, progress=gr.Progress(), *values):
-            prompt, negative, x_axis, x_text, y_axis, y_text, init_image, *rest = values
+        async def make_grid(request: gr.Request, progress=gr.Progress(), *, prompt, negative, x_axis, x_values, y_axis,
+                            y_values, init_image, **panel):
             y_axis = None if y_axis == NO_AXIS else y_axis
             if "strength" in (x_axis, y_axis) and init_image is None:
                 raise gr.Error("init_image: the strength axis compares image to image; add an input image",
                                title="Invalid input")
             try:
-                mode = {"mode": "img2img", "init_image": init_image} if init_image is not None else {
-                    "mode": family_mode(studio, rest[0])}
-                fields = {**mode, "prompt": prompt, "negative_prompt": negative, **Params.fields(rest),
+                mode = {"mode": "img2img", "init_image": init_image} if init_image is not None else {"mode": "txt2img"}
+                fields = {**mode, "prompt": prompt, "negative_prompt": negative, **Params.fields(panel),
                           "batch_size": 1}
                 if fields["seed"] is None:  # one seed for every cell, or the grid compares noise
                     fields["seed"] = int(time.time()) % 2**31
-                x_list, y_list, rows = plan_cells(fields, x_axis, x_text, y_axis, y_text)
+                x_list, y_list, rows = plan_cells(fields, x_axis, x_values, y_axis, y_values)
                 requests = [studio.validate(cell) for row in rows for cell in row]
             except Exception as exc:
                 raise user_error(exc) from None
@@ -79,7 +77,7 @@ def build(studio: Studio) -> None:
                              [notes[i:i + width] for i in range(0, len(notes), width)])
             yield f"{len(cells)} cells · seed {fields['seed']}", grid
 
-        event = run.click(make_grid, [prompt, negative, x_axis, x_values, y_axis, y_values, init_image,
-                                      *params.inputs()],
-                          [status, grid_image], api_name="compare")
+        inputs = named_inputs({"prompt": prompt, "negative": negative, "x_axis": x_axis, "x_values": x_values,
+                               "y_axis": y_axis, "y_values": y_values, "init_image": init_image}, params)
+        event = run.click(make_grid, inputs_kwargs=inputs, outputs=[status, grid_image], api_name="compare")
         cancel.click(None, None, None, cancels=[event])

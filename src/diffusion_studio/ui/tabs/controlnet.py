@@ -7,7 +7,7 @@ import gradio as gr
 
 from ...builtin.shapes import ShapeSpec, render
 from ...studio import Studio
-from ..panels import Params, params_panel, prompt_boxes, results_panel, run_buttons, stream_job
+from ..panels import Params, named_inputs, params_panel, prompt_boxes, results_panel, run_buttons, stream_job
 from ..runs import user_error
 
 
@@ -17,7 +17,8 @@ def build(studio: Studio) -> dict:
             with gr.Column(scale=2):
                 with gr.Row():
                     source = gr.Image(label="Control input", type="pil", sources=["upload", "clipboard"], height=200,
-                                      value=render(ShapeSpec("red", "star", "white", "center")))
+                                      value=render(ShapeSpec("red", "star", "white", "center")),
+                                      format="png")  # what the server sets goes out lossless (not WebP)
                     control_map = gr.Image(label="Control map (live)", type="pil", height=200, interactive=False)
                 with gr.Row():
                     control_type = gr.Dropdown(["canny", "depth", "pose"], value="canny", label="Control type",
@@ -53,22 +54,24 @@ def build(studio: Studio) -> dict:
             except Exception as exc:
                 raise user_error(exc) from None
 
-        control_inputs = [source, control_type, preprocess, low, high]
-        for component in control_inputs:
-            component.change(preview_map, control_inputs, control_map, api_visibility="private",
+        control_inputs = {"source": source, "control_type": control_type, "preprocess": preprocess, "low": low,
+                          "high": high}
+        for component in control_inputs.values():
+            component.change(preview_map, inputs_kwargs=control_inputs, outputs=control_map, api_visibility="private",
                              show_progress="hidden")
 
-        async def generate(request: gr.Request, progress=gr.Progress(), *values):
-            source, control_type, preprocess, low, high, prompt, negative, scale, start, end, *rest = values
+        async def generate(request: gr.Request, progress=gr.Progress(), *, source, control_type, preprocess, low, high,
+                           prompt, negative, scale, start, end, **panel):
             if source is None:
                 raise gr.Error("control_image: add a control input first", title="Invalid input")
             fields = {**control_fields(source, control_type, preprocess, low, high), "prompt": prompt,
                       "negative_prompt": negative, "control_scale": float(scale), "control_start": float(start),
-                      "control_end": float(end), **Params.fields(rest)}
+                      "control_end": float(end), **Params.fields(panel)}
             async for update in stream_job(studio, fields, request, progress):
                 yield update
 
-        event = run.click(generate, [*control_inputs, prompt, negative, scale, start, end, *params.inputs()],
-                          results.outputs(), api_name="controlnet")
+        inputs = named_inputs({**control_inputs, "prompt": prompt, "negative": negative, "scale": scale, "start": start,
+                               "end": end}, params)
+        event = run.click(generate, inputs_kwargs=inputs, outputs=results.outputs(), api_name="controlnet")
         cancel.click(None, None, None, cancels=[event])
     return {"image": source}

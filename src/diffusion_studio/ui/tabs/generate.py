@@ -6,19 +6,13 @@ import gradio as gr
 
 from ...requests import default_of
 from ...studio import Studio
-from ..panels import Params, params_panel, prompt_boxes, results_panel, run_buttons, stream_job
+from ..panels import Params, named_inputs, params_panel, prompt_boxes, results_panel, run_buttons, stream_job
 
 EXAMPLES = [[prompt, default_of("steps"), default_of("guidance"), seed] for prompt, seed in (
     ("a red circle on a white background", 42),
     ("a blue star on a black background at the top left", 7),
     ("a yellow triangle on a gray background in the center", 1234),
 )]
-
-
-def family_mode(studio: Studio, model: str) -> str:
-    """Always txt2img: the engine runs the SDXL pipelines on an SDXL base by itself. Kept only while the Batch and
-    Compare tabs still import it; send "txt2img" directly."""
-    return "txt2img"
 
 
 def build(studio: Studio) -> dict:
@@ -36,10 +30,8 @@ def build(studio: Studio) -> dict:
                 results = results_panel()
         gr.Examples(EXAMPLES, [prompt, params.steps, params.guidance, params.seed])
 
-        async def generate(request: gr.Request, progress=gr.Progress(), *values):
-            prompt, negative, count, *rest = values
-            fields = {"mode": "txt2img", "prompt": prompt, "negative_prompt": negative,
-                      **Params.fields(rest)}
+        async def generate(request: gr.Request, progress=gr.Progress(), *, prompt, negative, count, **panel):
+            fields = {"mode": "txt2img", "prompt": prompt, "negative_prompt": negative, **Params.fields(panel)}
             gallery: list[str] = []
             for index in range(int(count)):
                 async for update in stream_job(studio, fields, request, progress):
@@ -53,9 +45,9 @@ def build(studio: Studio) -> dict:
                             fields = {**fields, "seed": seed + fields["batch_size"]}
                     yield preview, paths, status, seed
 
-        inputs = [prompt, negative, batch_count, *params.inputs()]
-        event = run.click(generate, inputs, results.outputs(), api_name="generate")
-        prompt.submit(generate, inputs, results.outputs(), api_visibility="private")
+        inputs = named_inputs({"prompt": prompt, "negative": negative, "count": batch_count}, params)
+        event = run.click(generate, inputs_kwargs=inputs, outputs=results.outputs(), api_name="generate")
+        prompt.submit(generate, inputs_kwargs=inputs, outputs=results.outputs(), api_visibility="private")
         cancel.click(None, None, None, cancels=[event])
         reuse.click(lambda s: -1 if s is None else s, results.last_seed, params.seed, api_visibility="private")
     return {"prompt": prompt, "negative": negative, "params": params}

@@ -13,24 +13,22 @@ from PIL import Image
 from ...engine.metadata import read_png_text, request_from_png
 from ...requests import Mode
 from ...studio import Studio
+from ..panels import panel_values
 from ..runs import user_error
 
 PERIODS = {"any time": None, "today": 1, "last 7 days": 7, "last 30 days": 30}
 MODES = ["any", *(mode.value for mode in Mode)]
 
 
-def generate_inputs(generate: dict) -> list:
-    """The Generate tab's prompt, negative prompt and parameter components, in `generate_values` order."""
-    return [generate["prompt"], generate["negative"], *generate["params"].inputs()]
+def generate_inputs(generate: dict) -> dict[str, gr.components.Component]:
+    """The Generate tab's prompt, negative prompt and parameter components by name (`generate_values`' names)."""
+    return {"prompt": generate["prompt"], "negative": generate["negative"], **generate["params"].named()}
 
 
-def generate_values(parameters: dict) -> list:
-    """Values for `generate_inputs`, from a request's parameters (the Params panel's order)."""
-    loras = [f"{lora['name']}:{lora['weight']:g}" for lora in parameters.get("loras", [])]
-    return [parameters.get("prompt", ""), parameters.get("negative_prompt", ""), parameters.get("model"),
-            parameters.get("steps"), parameters.get("guidance"), parameters.get("width") or 0,
-            parameters.get("height") or 0, parameters.get("seed", -1), parameters.get("scheduler"),
-            parameters.get("batch_size", 1), loras]
+def generate_values(parameters: dict) -> dict[str, object]:
+    """Values by `generate_inputs` name, from a request's parameters."""
+    return {"prompt": parameters.get("prompt", ""), "negative": parameters.get("negative_prompt", ""),
+            **panel_values(parameters)}
 
 
 def build(studio: Studio, tabs: gr.Tabs, generate: dict, image_targets: dict[str, gr.components.Component]) -> None:
@@ -92,27 +90,32 @@ def build(studio: Studio, tabs: gr.Tabs, generate: dict, image_targets: dict[str
                 raise gr.Error("gallery: select an image first", title="Nothing selected")
             return selected
 
+        generate_targets = generate_inputs(generate)
+
+        def fill_generate(parameters: dict) -> dict:
+            """Switch to Generate with its inputs set from a request's parameters, each to its component by name."""
+            values = generate_values(parameters)
+            return {tabs: gr.Tabs(selected="generate"),
+                    **{component: values[name] for name, component in generate_targets.items()}}
+
         def reproduce_selected(selected):
-            return [gr.Tabs(selected="generate"), *generate_values(need(selected)["parameters"])]
+            return fill_generate(need(selected)["parameters"])
 
         def send_selected(selected, target):
             image = Image.open(need(selected)["path"]).convert("RGB")
-            updates = []
-            for name, component in image_targets.items():
-                if name != target:
-                    updates.append(gr.skip())
-                elif isinstance(component, gr.ImageEditor):
-                    updates.append({"background": np.asarray(image.convert("RGBA")), "layers": [], "composite": None})
-                else:
-                    updates.append(image)
-            return [gr.Tabs(selected=target), *updates]
+            component = image_targets[target]
+            if isinstance(component, gr.ImageEditor):
+                value = {"background": np.asarray(image.convert("RGBA")), "layers": [], "composite": None}
+            else:
+                value = image
+            return {tabs: gr.Tabs(selected=target), component: value}  # the other targets stay as they are
 
-        def delete_selected(request: gr.Request, selected, text, mode, model, period):
+        def delete_selected(request: gr.Request, selected, **filters):
             try:
                 files = studio.delete_job(need(selected)["job_id"], request.username or "local")
             except Exception as exc:
                 raise user_error(exc) from None
-            items, rows, _ = search_history(request, text, mode, model, period)
+            items, rows, _ = search_history(request, **filters)
             return items, rows, None, None, f"Deleted the job and its {files} file(s)."
 
         def share_selected(request: gr.Request, selected):
@@ -135,18 +138,20 @@ def build(studio: Studio, tabs: gr.Tabs, generate: dict, image_targets: dict[str
         def load_png_into_generate(parameters):
             if not parameters or "error" in parameters:
                 raise gr.Error("image: drop a PNG with generation parameters first", title="Nothing to load")
-            return [gr.Tabs(selected="generate"), *generate_values(parameters)]
+            return fill_generate(parameters)
 
-        filters = [search, mode, model, period]
-        generate_outputs = generate_inputs(generate)
-        refresh.click(search_history, filters, [gallery, entries, message], api_name="history")
-        search.submit(search_history, filters, [gallery, entries, message], api_visibility="private")
+        filters = {"text": search, "mode": mode, "model": model, "period": period}
+        generate_outputs = [tabs, *generate_targets.values()]
+        found = [gallery, entries, message]
+        refresh.click(search_history, inputs_kwargs=filters, outputs=found, api_name="history")
+        search.submit(search_history, inputs_kwargs=filters, outputs=found, api_visibility="private")
         gallery.select(select, entries, [details, selected], api_visibility="private")
-        reproduce.click(reproduce_selected, selected, [tabs, *generate_outputs], api_visibility="private")
-        send.click(send_selected, [selected, send_to], [tabs, *image_targets.values()], api_visibility="private")
-        delete.click(delete_selected, [selected, *filters], [gallery, entries, selected, details, message],
-                     api_visibility="private")
+        reproduce.click(reproduce_selected, selected, generate_outputs, api_visibility="private")
+        send.click(send_selected, inputs_kwargs={"selected": selected, "target": send_to},
+                   outputs=[tabs, *image_targets.values()], api_visibility="private")
+        delete.click(delete_selected, inputs_kwargs={"selected": selected, **filters},
+                     outputs=[gallery, entries, selected, details, message], api_visibility="private")
         share.click(share_selected, selected, message, api_visibility="private")
         png.upload(read_png, png, [png_parameters, png_text], api_name="png_info")
-        load_png.click(load_png_into_generate, png_parameters, [tabs, *generate_outputs], api_visibility="private")
-        tab.select(search_history, filters, [gallery, entries, message], api_visibility="private")
+        load_png.click(load_png_into_generate, png_parameters, generate_outputs, api_visibility="private")
+        tab.select(search_history, inputs_kwargs=filters, outputs=found, api_visibility="private")

@@ -6,7 +6,7 @@ import gradio as gr
 
 from ...builtin.shapes import ShapeSpec, render
 from ...studio import Studio
-from ..panels import Params, params_panel, prompt_boxes, results_panel, run_buttons, stream_job
+from ..panels import Params, named_inputs, params_panel, prompt_boxes, results_panel, run_buttons, stream_job
 
 
 def example_images() -> list[list]:
@@ -20,7 +20,7 @@ def build(studio: Studio) -> dict:
         with gr.Row():
             with gr.Column(scale=2):
                 source = gr.Image(label="Input image (drop or paste)", type="pil", sources=["upload", "clipboard"],
-                                  height=220)
+                                  height=220, format="png")  # what the server sets goes out lossless (not WebP)
                 prompt, negative = prompt_boxes()
                 strength = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="Strength",
                                      info="how far to depart from the input: 0 keeps it, 1 ignores it")
@@ -31,17 +31,18 @@ def build(studio: Studio) -> dict:
                 before_after = gr.ImageSlider(label="Before / after", type="pil", height=260)
         gr.Examples(example_images(), [source, prompt, strength])
 
-        async def transform(request: gr.Request, progress=gr.Progress(), *values):
-            source, prompt, negative, strength, *rest = values
+        async def transform(request: gr.Request, progress=gr.Progress(), *, source, prompt, negative, strength,
+                            **panel):
             if source is None:
                 raise gr.Error("init_image: drop an input image first", title="Invalid input")
             fields = {"mode": "img2img", "init_image": source, "prompt": prompt, "negative_prompt": negative,
-                      "strength": float(strength), **Params.fields(rest)}
+                      "strength": float(strength), **Params.fields(panel)}
             async for preview, paths, status, seed in stream_job(studio, fields, request, progress):
                 after = (source, paths[0]) if isinstance(paths, list) else gr.skip()
                 yield preview, paths, status, seed, after
 
-        event = run.click(transform, [source, prompt, negative, strength, *params.inputs()],
-                          [*results.outputs(), before_after], api_name="img2img")
+        inputs = named_inputs({"source": source, "prompt": prompt, "negative": negative, "strength": strength}, params)
+        event = run.click(transform, inputs_kwargs=inputs, outputs=[*results.outputs(), before_after],
+                          api_name="img2img")
         cancel.click(None, None, None, cancels=[event])
     return {"image": source}

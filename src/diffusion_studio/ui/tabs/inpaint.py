@@ -9,7 +9,7 @@ from PIL import Image
 from ...builtin.shapes import ShapeSpec, render
 from ...engine.runner import prepare_mask
 from ...studio import Studio
-from ..panels import Params, params_panel, prompt_boxes, results_panel, run_buttons, stream_job
+from ..panels import Params, named_inputs, params_panel, prompt_boxes, results_panel, run_buttons, stream_job
 
 
 def split_editor(value: dict | None) -> tuple[Image.Image | None, Image.Image | None]:
@@ -40,9 +40,9 @@ def build(studio: Studio) -> dict:
     with gr.Tab("Inpaint", id="inpaint", elem_id="tab-inpaint"):
         with gr.Row():
             with gr.Column(scale=2):
-                editor = gr.ImageEditor(
+                editor = gr.ImageEditor(  # PNG to the browser: its default, WebP, is lossy and this image is kept
                     label="Image and mask: paint over what to repaint", type="numpy", image_mode="RGBA",
-                    sources=["upload", "clipboard"], height=300,
+                    sources=["upload", "clipboard"], height=300, format="png",
                     brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=8),
                     eraser=gr.Eraser(default_size=8), layers=gr.LayerOptions(allow_additional_layers=False),
                     value={"background": np.asarray(render(ShapeSpec("red", "circle", "white", "center")).convert(
@@ -60,28 +60,33 @@ def build(studio: Studio) -> dict:
                 before_after = gr.ImageSlider(label="Before / after", type="pil", height=260)
                 reuse = gr.Button("Use result as input", size="sm")
 
-        gr.Examples([["a blue star on a white background", 1.0, 2, 0], ["a green circle on a white background", 0.9, 4, 2]],
+        gr.Examples([["a blue star on a white background", 1.0, 2, 0],
+                     ["a green circle on a white background", 0.9, 4, 2]],
                     [prompt, strength, blur, grow], label="Examples (paint a mask over the shape first)")
 
+        mask_inputs = {"value": editor, "blur": blur, "grow": grow}
         for trigger in (editor.change, blur.change, grow.change):
-            trigger(mask_preview, [editor, blur, grow], masked, api_visibility="private", show_progress="hidden")
+            trigger(mask_preview, inputs_kwargs=mask_inputs, outputs=masked, api_visibility="private",
+                    show_progress="hidden")
 
-        async def inpaint(request: gr.Request, progress=gr.Progress(), *values):
-            value, prompt, negative, strength, blur, grow, *rest = values
-            image, mask = split_editor(value)
+        async def inpaint(request: gr.Request, progress=gr.Progress(), *, editor, prompt, negative, strength, blur,
+                          grow, **panel):
+            image, mask = split_editor(editor)
             if image is None:
                 raise gr.Error("init_image: upload an image first", title="Invalid input")
             if not np.asarray(mask).any():
                 raise gr.Error("mask_image: paint over the region to repaint first", title="Invalid input")
             fields = {"mode": "inpaint", "init_image": image, "mask_image": mask, "prompt": prompt,
                       "negative_prompt": negative, "strength": float(strength), "mask_blur": int(blur),
-                      "mask_grow": int(grow), **Params.fields(rest)}
+                      "mask_grow": int(grow), **Params.fields(panel)}
             async for preview, paths, status, seed in stream_job(studio, fields, request, progress):
                 after = (image, paths[0]) if isinstance(paths, list) else gr.skip()
                 yield preview, paths, status, seed, after
 
-        event = run.click(inpaint, [editor, prompt, negative, strength, blur, grow, *params.inputs()],
-                          [*results.outputs(), before_after], api_name="inpaint")
+        inputs = named_inputs({"editor": editor, "prompt": prompt, "negative": negative, "strength": strength,
+                               "blur": blur, "grow": grow}, params)
+        event = run.click(inpaint, inputs_kwargs=inputs, outputs=[*results.outputs(), before_after],
+                          api_name="inpaint")
         cancel.click(None, None, None, cancels=[event])
 
         def use_result(gallery):

@@ -59,7 +59,8 @@ def build(studio: Studio, is_admin: Callable[[str], bool]) -> None:
             user = request.username or "local"
             failed = studio.history(None if is_admin(user) else user, status=JobStatus.failed, limit=10)
             error_rows = [[time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.finished_at or job.created_at)),
-                           job.request.get("prompt", "")[:50], (job.error.text() if job.error else "")[:120]] for job in failed]
+                           job.request.get("prompt", "")[:50], (job.error.text() if job.error else "")[:120]]
+                          for job in failed]
             return (device_text(studio), service_text(studio), rows,
                     gr.Dropdown(choices=[m["name"] for m in models]), error_rows)
 

@@ -75,7 +75,11 @@ def build(studio: Studio) -> None:
                     [base, name, dataset, instance_prompt, rank, steps, learning_rate, batch, sample_every, layers,
                      text_encoder])
 
-        def start_run(base, name, dataset, files, instance_prompt, rank, steps, learning_rate, batch, sample_every,
+        settings = {"base": base, "name": name, "dataset": dataset, "files": files, "instance_prompt": instance_prompt,
+                    "rank": rank, "steps": steps, "learning_rate": learning_rate, "batch": batch,
+                    "sample_every": sample_every, "layers": layers, "text_encoder": text_encoder}
+
+        def start_run(*, base, name, dataset, files, instance_prompt, rank, steps, learning_rate, batch, sample_every,
                       layers, text_encoder):
             try:
                 if dataset == "uploaded images":
@@ -115,8 +119,7 @@ def build(studio: Studio) -> None:
             plot_values = [frame[["step", key]].dropna() if key in frame else None for key in plots]
             return [gr.Timer(active=not run.finished), text, *plot_values, list(run.samples)]
 
-        start.click(start_run, [base, name, dataset, files, instance_prompt, rank, steps, learning_rate, batch,
-                                sample_every, layers, text_encoder], [timer, status], api_name="train_start")
+        start.click(start_run, inputs_kwargs=settings, outputs=[timer, status], api_name="train_start")
         timer.tick(refresh, None, [timer, status, *plots.values(), samples], api_name="train_status",
                    show_progress="hidden")
         pause.click(lambda: studio.training.pause(), None, None, api_name="train_pause")
