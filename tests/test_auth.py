@@ -59,7 +59,7 @@ def test_every_route_refuses_anonymous_calls(secured):
     assert checked > 40  # the studio's routes and Gradio's own
     page = httpx.get(base + "/", headers={"accept": "text/html"})
     assert page.status_code == 303 and page.headers["location"] == "/login?next=%2F"
-    assert httpx.get(base + "/health").json() == {"status": "ok"}  # public, but says nothing more
+    assert httpx.get(base + "/health").json() == {"status": "ok", "reasons": []}  # public, but says nothing more
 
 
 def test_tokens_sessions_and_ownership(secured):
