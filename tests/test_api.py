@@ -153,7 +153,7 @@ def test_metrics_after_jobs(server):
     base, _ = server
     text = httpx.get(f"{base}/metrics").text
     assert 'studio_jobs_total{status="done"}' in text and 'studio_jobs_total{status="cancelled"}' in text
-    assert 'studio_job_errors_total{kind="model"}' in text  # the job asking for model 'nowhere'
+    assert 'studio_job_errors_total{kind="invalid_request"}' in text  # the job asking for model 'nowhere'
     for name in ("studio_queue_wait_seconds_count", "studio_job_seconds_count", "studio_step_seconds_count",
                  "studio_last_it_per_second", "studio_last_peak_memory_bytes", "studio_queue_length",
                  "studio_jobs_running"):

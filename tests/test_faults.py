@@ -7,7 +7,6 @@ import errno
 import os
 import sqlite3
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
@@ -189,11 +188,9 @@ def test_sqlite_failure_fails_the_job_at_once_and_its_record_is_written_later(tm
         monkeypatch.setattr(store, "add_images", disk_full)
         monkeypatch.setattr(store, "update", disk_full)
         monkeypatch.setattr(store, "probe", disk_full)
-        started = time.monotonic()
         failed_job = await service.submit(job_request("sqlite"), "u", listener=(events := asyncio.Queue()))
         while (event := await asyncio.wait_for(events.get(), 10)).outcome is None:
-            pass
-        heard_after = time.monotonic() - started
+            pass  # the outcome arrives while the store still can't write: it does not wait for the store
         unsaved = dict(service._unsaved)
         health = await service.health()
         monkeypatch.setattr(store, "add_images", real_add_images)
@@ -202,10 +199,10 @@ def test_sqlite_failure_fails_the_job_at_once_and_its_record_is_written_later(tm
         await wait_for(lambda: service.storage_fault is None and not service._unsaved)
         after = await asyncio.wait_for(outcome_of(service, job_request("after")), 10)
         await service.stop()
-        return event.outcome, heard_after, unsaved, health, store.get(failed_job.id), after
+        return event.outcome, unsaved, health, store.get(failed_job.id), after
 
-    outcome, heard_after, unsaved, health, stored, after = asyncio.run(scenario())
-    assert outcome.error.kind == ErrorKind.storage and heard_after < 5
+    outcome, unsaved, health, stored, after = asyncio.run(scenario())
+    assert outcome.error.kind == ErrorKind.storage
     assert list(unsaved) == [stored.id] and health["status"] == "degraded"
     assert stored.status == JobStatus.failed and stored.error.kind == ErrorKind.storage  # written once it could
     assert after.ok

@@ -82,8 +82,8 @@ class JobError:
 
     def text(self) -> str:
         """One line for a person: `field: message` for input errors, the message otherwise."""
-        return f"{self.field}: {self.message}" if self.field and not self.message.startswith(self.field) \
-            else self.message
+        named = self.field and not self.message.startswith(f"{self.field}:")  # validation text names it already
+        return f"{self.field}: {self.message}" if named else self.message
 
     def as_dict(self) -> dict[str, Any]:
         return {"kind": self.kind.value, "field": self.field, "message": self.message}
