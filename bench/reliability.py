@@ -5,8 +5,9 @@ README's Reliability table:
 1. fuzz: schemathesis (its CLI, seed 42) against the served /openapi.json: cases sent, failures (5xx, responses
    that contradict the schema);
 2. bad inputs: tests/test_bad_input.py's table of malformed bodies sent over HTTP: how many were 4xx / 5xx / other;
-3. faults injected / survived, each followed by a job that must run: a full disk mid-job and a read-only data dir
-   (a real tmpfs; needs root), kill -9 with a job running and one queued (restart: interrupted + ran);
+3. faults injected / survived, each followed by a job that must run: a full disk mid-job and a read-only outputs
+   folder (a real tmpfs and a read-only bind mount; needs root), kill -9 with a job running and one queued
+   (restart: interrupted + ran);
 4. shutdown: SIGTERM with a Gradio heartbeat, an SSE stream and a WebSocket open, seconds to exit.
 The SQLite failure and worker death are injected inside the process by tests/test_faults.py (see the README).
 
@@ -127,13 +128,13 @@ def fill(folder: Path) -> Path:
 
 
 def disk_faults(root: Path) -> list[tuple[str, bool, str]]:
-    """A full disk mid-job, then a read-only data dir, on a real tmpfs; each followed by a job that must run."""
+    """A full disk mid-job, then a read-only outputs folder, on a real tmpfs; each followed by a job that must run."""
     mount = root / "tmpfs"
     mount.mkdir()
     if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(mount)],
                                            capture_output=True).returncode:
         return [("disk full mid-job", False, "skipped: mounting a tmpfs needs root"),
-                ("read-only data dir", False, "skipped: mounting a tmpfs needs root")]
+                ("read-only outputs", False, "skipped: mounting needs root")]
     rows = []
     server = Serve(mount / "data", **{**SMALL, "DS_LIMITS__MAX_STEPS": "150", "DS_LIMITS__MAX_WIDTH": "256",
                                       "DS_LIMITS__MAX_HEIGHT": "256"})
@@ -150,14 +151,19 @@ def disk_faults(root: Path) -> list[tuple[str, bool, str]]:
         ok = failed["error"]["kind"] == "storage" and degraded == 503 and refused == 503 and after["status"] == "done"
         rows.append(("disk full mid-job", ok, f"job failed '{failed['error']['kind']}', /health {degraded}, new job "
                                               f"{refused}, after freeing: {after['status']}"))
-        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
-        refused = httpx.post(f"{server.url}/api/v1/jobs", json={"prompt": "x", "steps": 2}).status_code
-        degraded = httpx.get(f"{server.url}/health").status_code
-        subprocess.run(["mount", "-o", "remount,rw", str(mount)], check=True)
+        outputs = mount / "data" / "outputs"  # a read-only outputs folder: a read-only bind mount over it
+        subprocess.run(["mount", "--bind", str(outputs), str(outputs)], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(outputs)], check=True)
+        try:
+            failed = server.wait(server.job({"prompt": "read-only", "steps": 2}))
+            degraded = httpx.get(f"{server.url}/health").status_code
+        finally:
+            subprocess.run(["umount", str(outputs)], check=True)
         time.sleep(2.5)
         after = server.wait(server.job({"prompt": "after", "steps": 2}))
-        ok = refused == 503 and degraded == 503 and after["status"] == "done"
-        rows.append(("read-only data dir", ok, f"new job {refused}, /health {degraded}, after rw: {after['status']}"))
+        ok = failed["error"]["kind"] == "storage" and degraded == 503 and after["status"] == "done"
+        rows.append(("read-only outputs", ok, f"job failed '{failed['error']['kind']}', /health {degraded}, after "
+                                              f"rw: {after['status']}"))
     finally:
         server.stop(signal.SIGKILL)
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
