@@ -7,6 +7,7 @@ import errno
 import os
 import sqlite3
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -291,3 +292,24 @@ def test_a_corrupt_model_is_a_model_load_outcome_without_server_paths(sd_folder,
     error = classify(caught.value)
     assert error.kind == ErrorKind.model_load and error.field == "model" and error.http_status == 500
     assert str(tmp_path) not in error.message and "broken-sd" in error.message
+
+
+def test_a1111_routes_report_server_faults_as_5xx_and_recover(server, monkeypatch):
+    import httpx
+
+    base, studio = server
+    real_save = studio.jobs._save
+
+    def read_only(result):
+        raise PermissionError(errno.EROFS, "Read-only file system", "/srv/outputs/x.png")
+    monkeypatch.setattr(studio.jobs, "_save", read_only)
+    body = {"prompt": "a red circle", "steps": 2, "seed": 3}
+    refused = httpx.post(f"{base}/sdapi/v1/txt2img", json=body, timeout=60)
+    assert refused.status_code == 503 and refused.json()["kind"] == "storage", refused.text
+    assert int(refused.headers["Retry-After"]) > 0 and "/srv" not in refused.text
+    monkeypatch.setattr(studio.jobs, "_save", real_save)
+    deadline = time.time() + 10
+    while httpx.get(f"{base}/health").status_code != 200:
+        assert time.time() < deadline, "the studio did not recover"
+        time.sleep(0.2)
+    assert httpx.post(f"{base}/sdapi/v1/txt2img", json=body, timeout=60).status_code == 200
