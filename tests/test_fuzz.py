@@ -69,5 +69,7 @@ def test_the_schema_declares_bodies_and_errors(fuzz_server):
     assert "GenerationRequest" in paths["/api/v1/jobs"]["post"]["requestBody"]["content"]["application/json"][
         "schema"]["$ref"]
     assert set(paths["/metrics"]["get"]["responses"]["200"]["content"]) == {CONTENT_TYPE_LATEST}
+    request = schema["components"]["schemas"]["GenerationRequest"]["properties"]
+    assert request["steps"]["maximum"] == 2 and request["width"]["anyOf"][0]["maximum"] == 64  # this studio's limits
     assert "image/png" in paths["/api/v1/images/{image_id}"]["get"]["responses"]["200"]["content"]
     assert "application/zip" in paths["/api/v1/history/export"]["get"]["responses"]["200"]["content"]

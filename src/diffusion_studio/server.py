@@ -77,7 +77,7 @@ def build_app(config: StudioConfig, studio: Studio | None = None) -> FastAPI:
     def openapi() -> dict:
         if app.openapi_schema is None:
             app.openapi_schema = add_body_schemas(get_openapi(title=app.title, version=app.version,
-                                                              routes=app.routes))
+                                                              routes=app.routes), config.limits)
         return app.openapi_schema
 
     app.openapi = openapi

@@ -11,6 +11,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from ..config import Limits
 from ..requests import RequestError
 from ..service.outcomes import ErrorKind, JobError, StudioError, classify
 
@@ -107,11 +108,26 @@ def json_body(model: type[BaseModel], *more: tuple[str, dict]) -> dict[str, Any]
     return {"requestBody": {"required": True, "content": content}}
 
 
-def add_body_schemas(schema: dict[str, Any]) -> dict[str, Any]:
-    """Put the models named by `json_body` (and the models they use) into the document's components."""
+def add_body_schemas(schema: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    """Put the models named by `json_body` (and the models they use) into the document's components, with this
+    studio's configured limits on a GenerationRequest's sizes, steps, batch and prompts."""
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     for name, model in _BODY_MODELS.items():
         model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(model_schema.pop("$defs", {}))
         components[name] = model_schema
+    if "GenerationRequest" in components:
+        _document_limits(components["GenerationRequest"]["properties"], limits)
     return schema
+
+
+def _document_limits(properties: dict[str, Any], limits: Limits) -> None:
+    bounds = {"width": {"maximum": limits.max_width, "multipleOf": 8},
+              "height": {"maximum": limits.max_height, "multipleOf": 8},
+              "steps": {"maximum": limits.max_steps}, "batch_size": {"maximum": limits.max_batch_size},
+              "prompt": {"maxLength": limits.max_prompt_chars},
+              "negative_prompt": {"maxLength": limits.max_prompt_chars}}
+    for name, bound in bounds.items():
+        for branch in properties[name].get("anyOf", [properties[name]]):
+            if branch.get("type") in ("integer", "string"):
+                branch.update(bound)
