@@ -6,17 +6,18 @@ accepted and ignored, as A1111 itself ignores what a script doesn't use. Work go
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..engine.metadata import a1111_parameters, read_png_text
 from ..requests import GenerationRequest, Mode, RequestError, decode_image, image_to_base64
 from ..samplers import KARRAS_SUFFIX, SAMPLERS
-from ..service.outcomes import StudioError
+from ..service.outcomes import JobError, StudioError, classify
 from ..studio import Studio
 from .access import current_user
 from .bodies import ERROR_RESPONSES, json_body, json_object
@@ -84,6 +85,21 @@ def to_request_fields(body: Txt2ImgBody, default_model: str) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
 
 
+# GenerationRequest fields -> the A1111 fields they came from, so a refusal names what the client sent.
+A1111_NAMES = {"init_image": "init_images", "mask_image": "mask", "guidance": "cfg_scale",
+               "scheduler": "sampler_name", "strength": "denoising_strength", "model": "sd_model_checkpoint"}
+
+
+def in_a1111_names(error: JobError) -> JobError:
+    name = A1111_NAMES.get(error.field or "")
+    if name is None:
+        return error
+    message = error.message
+    if message.startswith(f"{error.field}:"):
+        message = name + message[len(error.field):]
+    return dataclasses.replace(error, field=name, message=message)
+
+
 def build_router(studio: Studio) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], responses=ERROR_RESPONSES)
     # A1111 has one progress bar for the whole server; here each user has their own.
@@ -97,7 +113,10 @@ def build_router(studio: Studio) -> APIRouter:
     async def generate(request: Request, body_model: type[Txt2ImgBody], user: str) -> dict[str, Any]:
         raw = await json_object(request)
         body = body_model.model_validate(raw)
-        job_request = studio.validate(to_request_fields(body, studio.config.default_model))
+        try:
+            job_request = studio.validate(to_request_fields(body, studio.config.default_model))
+        except (ValidationError, RequestError) as exc:
+            raise StudioError(in_a1111_names(classify(exc))) from None
         if body.n_iter * job_request.batch_size > limits.max_images_per_request:
             raise RequestError("n_iter", f"n_iter x batch_size is {body.n_iter * job_request.batch_size} images; at "
                                          f"most {limits.max_images_per_request} per request "
