@@ -251,6 +251,10 @@ def install_builtin(name: str, folder: Path, progress: dict) -> Path:
     scratch = COMMITTED_DIR / f".{name}.new"
     shutil.rmtree(scratch, ignore_errors=True)
     shutil.copytree(folder, scratch)
+    for config in scratch.rglob("*.json"):  # a pipeline re-saved from a folder records that folder's path
+        data = json.loads(config.read_text())
+        if isinstance(data, dict) and data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     (scratch / PROGRESS_FILE).write_text(json.dumps(progress) + "\n")
     shutil.rmtree(target, ignore_errors=True)
     scratch.rename(target)
