@@ -17,11 +17,9 @@ The SQLite failure and worker death are injected inside the process by tests/tes
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,75 +31,25 @@ import httpx
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
+from servers import ServeProcess as Serve, hold_open  # noqa: E402  (the tests' own helpers)
 from test_bad_input import BODIES  # noqa: E402  (the same table the tests send)
+from test_faults import fill  # noqa: E402
+from test_fuzz import cases_of, run_schemathesis  # noqa: E402
 
 SMALL = {"DS_LIMITS__MAX_WIDTH": "64", "DS_LIMITS__MAX_HEIGHT": "64", "DS_LIMITS__MAX_STEPS": "2",
          "DS_LIMITS__MAX_BATCH_SIZE": "2", "DS_LIMITS__MAX_IMAGES_PER_REQUEST": "2", "DS_RATE_PER_MINUTE": "100000",
          "DS_RATE_BURST": "100000", "DS_MAX_ACTIVE_JOBS": "1000", "DS_MAX_QUEUE": "1000", "DS_PREVIEW_INTERVAL": "0"}
 SLOW_JOB = {"prompt": "long", "steps": 150, "width": 256, "height": 256}  # runs for minutes: stopped mid-way
+LONG_JOBS = {**SMALL, "DS_LIMITS__MAX_STEPS": "150", "DS_LIMITS__MAX_WIDTH": "256", "DS_LIMITS__MAX_HEIGHT": "256"}
 MEDIUM_JOB = {"prompt": "medium", "steps": 30, "width": 128, "height": 128}  # a few seconds: the disk fills meanwhile
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Serve:
-    """`diffusion-studio serve` in its own process on a data dir."""
-
-    def __init__(self, data_dir: Path, **env: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "diffusion_studio.cli", "serve", "--port", str(self.port)],
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-                 "DS_DATA_DIR": str(data_dir), "DS_MODELS_DIR": str(data_dir / "models"), **env},
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 180
-        while not self.healthy_or_degraded():
-            if self.process.poll() is not None or time.time() > deadline:
-                raise RuntimeError("serve did not start")
-            time.sleep(0.2)
-
-    def healthy_or_degraded(self) -> bool:
-        with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(f"{self.url}/health", timeout=2).status_code in (200, 503)
-        return False
-
-    def job(self, body: dict) -> str:
-        response = httpx.post(f"{self.url}/api/v1/jobs", json=body, timeout=30)
-        response.raise_for_status()
-        return response.json()["id"]
-
-    def wait(self, job_id: str, states=("done", "failed", "cancelled", "interrupted"), timeout=120) -> dict:
-        deadline = time.time() + timeout
-        while (job := httpx.get(f"{self.url}/api/v1/jobs/{job_id}", timeout=10).json())["status"] not in states:
-            if time.time() > deadline:
-                raise TimeoutError(job)
-            time.sleep(0.05)
-        return job
-
-    def stop(self, sig=signal.SIGTERM) -> float:
-        started = time.monotonic()
-        self.process.send_signal(sig)
-        self.process.wait(60)
-        return time.monotonic() - started
-
-
 def fuzz(url: str, max_examples: int) -> tuple[int, int]:
+    """(cases sent, failures) of the tests' own schemathesis run."""
     with tempfile.TemporaryDirectory() as workdir:
-        output = subprocess.run(
-            [str(Path(sys.executable).with_name("st")), "run", f"{url}/openapi.json", "--seed", "42",
-             "--max-examples", str(max_examples), "--workers", "1", "--no-color", "--phases",
-             "examples,coverage,fuzzing", "--checks", "not_a_server_error,status_code_conformance,"
-             "content_type_conformance,response_schema_conformance"],
-            capture_output=True, text=True, cwd=workdir, stdin=subprocess.DEVNULL).stdout
-    summary = output.split("Test cases:")[-1]
-    numbers = {word: int(count) for count, word in
-               (part.split()[:2] for part in summary.split("\n")[1].strip().split(", ") if part.split())}
-    return numbers.get("generated", 0), numbers.get("generated", 0) - numbers.get("passed", 0)
+        _, output = run_schemathesis(url, Path(workdir), max_examples)
+    generated, passed = cases_of(output)
+    return generated, generated - passed
 
 
 def bad_inputs(url: str) -> dict[str, int]:
@@ -117,16 +65,6 @@ def bad_inputs(url: str) -> dict[str, int]:
     return counts
 
 
-def fill(folder: Path) -> Path:
-    filler = folder / "filler"
-    with open(filler, "wb") as handle:
-        with contextlib.suppress(OSError):
-            while True:
-                handle.write(b"\0" * 65536)
-                handle.flush()
-    return filler
-
-
 def disk_faults(root: Path) -> list[tuple[str, bool, str]]:
     """A full disk mid-job, then a read-only outputs folder, on a real tmpfs; each followed by a job that must run."""
     mount = root / "tmpfs"
@@ -136,8 +74,7 @@ def disk_faults(root: Path) -> list[tuple[str, bool, str]]:
         return [("disk full mid-job", False, "skipped: mounting a tmpfs needs root"),
                 ("read-only outputs", False, "skipped: mounting needs root")]
     rows = []
-    server = Serve(mount / "data", **{**SMALL, "DS_LIMITS__MAX_STEPS": "150", "DS_LIMITS__MAX_WIDTH": "256",
-                                      "DS_LIMITS__MAX_HEIGHT": "256"})
+    server = Serve(mount / "data", **LONG_JOBS)
     try:
         slow = server.job(MEDIUM_JOB)
         server.wait(slow, states=("running",))
@@ -171,8 +108,7 @@ def disk_faults(root: Path) -> list[tuple[str, bool, str]]:
 
 
 def kill_and_restart(data_dir: Path) -> tuple[str, bool, str]:
-    server = Serve(data_dir, **{**SMALL, "DS_LIMITS__MAX_STEPS": "150", "DS_LIMITS__MAX_WIDTH": "256",
-                                "DS_LIMITS__MAX_HEIGHT": "256"})
+    server = Serve(data_dir, **LONG_JOBS)
     running, queued = server.job(SLOW_JOB), server.job({"prompt": "queued", "steps": 2})
     server.wait(running, states=("running",))
     server.stop(signal.SIGKILL)
@@ -189,17 +125,11 @@ def kill_and_restart(data_dir: Path) -> tuple[str, bool, str]:
 def shutdown_with_streams(data_dir: Path) -> float:
     from websockets.sync.client import connect
 
-    server = Serve(data_dir, **{**SMALL, "DS_LIMITS__MAX_STEPS": "150", "DS_LIMITS__MAX_WIDTH": "256",
-                                "DS_LIMITS__MAX_HEIGHT": "256"})
+    server = Serve(data_dir, **LONG_JOBS)
     running = server.job(SLOW_JOB)
 
-    def hold(url):
-        with contextlib.suppress(httpx.HTTPError), httpx.stream("GET", url, timeout=httpx.Timeout(5, read=None)) as r:
-            for _ in r.iter_bytes():
-                pass
-
     for url in (f"{server.url}/gradio_api/heartbeat/bench", f"{server.url}/api/v1/jobs/{running}/events"):
-        threading.Thread(target=hold, args=(url,), daemon=True).start()
+        threading.Thread(target=hold_open, args=(url,), daemon=True).start()
     with connect(server.url.replace("http", "ws") + "/api/v1/ws") as ws:
         ws.send(json.dumps({"action": "subscribe", "job_id": running}))
         server.wait(running, states=("running",))

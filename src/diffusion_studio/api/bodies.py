@@ -27,23 +27,23 @@ class ErrorBody(BaseModel):
 def error_response(exc: BaseException) -> JSONResponse:
     error = classify(exc)
     headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
-    body = {"detail": error.text(), "kind": error.kind.value, "field": error.field}
-    return JSONResponse(body, status_code=error.http_status, headers=headers)
+    body = ErrorBody(detail=error.text(), kind=error.kind.value, field=error.field)
+    return JSONResponse(body.model_dump(), status_code=error.http_status, headers=headers)
 
 
-def _error(status: int, what: str) -> dict:
+def _error(what: str) -> dict:
     return {"model": ErrorBody, "description": what}
 
 
 # Documented on every API route; the kinds behind each status are in service/outcomes.KINDS.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    404: _error(404, "No such job or image (another user's reads as missing)"),
-    413: _error(413, "The body is larger than limits.max_body_bytes"),
-    422: _error(422, "Invalid input; `field` names it"),
-    429: _error(429, "Rate limit, active-job limit or a full queue; see Retry-After"),
-    500: _error(500, "A fault of the studio's (internal, model_load)"),
-    503: _error(503, "Storage unavailable, out of memory, interrupted; see Retry-After"),
-    504: _error(504, "The job ran past the time limit"),
+    404: _error("No such job or image (another user's reads as missing)"),
+    413: _error("The body is larger than limits.max_body_bytes"),
+    422: _error("Invalid input; `field` names it"),
+    429: _error("Rate limit, active-job limit or a full queue; see Retry-After"),
+    500: _error("A fault of the studio's (internal, model_load)"),
+    503: _error("Storage unavailable, out of memory, interrupted; see Retry-After"),
+    504: _error("The job ran past the time limit"),
 }
 
 

@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 BatchRunner = Callable[[list[WorkItem]], list[GenerationResult]]  # Engine.run_batch
 Saver = Callable[[GenerationResult], list]  # Studio.save(result) -> image paths
 
-FINISHED_KINDS = {status.value for status in JobStatus if status.finished}
 STORAGE_RECHECK_S = 1.0  # how often a degraded service tries its data dir again
 
 
@@ -89,7 +88,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     timed_out: threading.Event = field(default_factory=threading.Event)
     outcome: Outcome | None = None
-    _timer: asyncio.TimerHandle | None = None
+    timer: asyncio.TimerHandle | None = None  # the time limit
 
     @property
     def id(self) -> str:
@@ -496,14 +495,14 @@ class JobService:
             raise
         finally:
             for job in jobs:
-                if job._timer is not None:
-                    job._timer.cancel()
+                if job.timer is not None:
+                    job.timer.cancel()
 
     def _begin(self, job: Job) -> None:
         record = job.record
         record.status, record.started_at = JobStatus.running, time.time()
         if self.time_limit_s:
-            job._timer = self._loop.call_later(self.time_limit_s, self._stop_for_time, job)
+            job.timer = self._loop.call_later(self.time_limit_s, self._stop_for_time, job)
         self._persist(record)
         self._publish(job, "running", {"queue_wait_s": record.started_at - record.created_at})
 
