@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline
 
 from ..builtin.architectures import BUILTIN_SIZE, build_sd_pipeline, build_sdxl_pipeline, builtin_scheduler
 from ..builtin.catalog import COMMITTED_DIR
@@ -181,25 +181,25 @@ def shapes_xl_trainer(run: RecipeRun) -> Trainer:
     return _resume_or_start("shapes-xl", config, start, run)
 
 
-def _trained_shapes(needed_by: str) -> Path:
-    """The installed builtin:shapes folder, which other recipes build on (`needed_by` says why, for the error)."""
-    folder = COMMITTED_DIR / "shapes"
+def _trained_shapes(needed_by: str, base: str = "shapes") -> Path:
+    """The installed builtin:<base> folder, which other recipes build on (`needed_by` says why, for the error)."""
+    folder = COMMITTED_DIR / base
     if not folder.is_dir():
-        raise TrainingError(f"name: {needed_by}; train shapes first")
+        raise TrainingError(f"name: {needed_by}; train {base} first")
     return folder
 
 
-def _controlnet_trainer(name: str, run: RecipeRun, **settings) -> Trainer:
-    """A ControlNet beside the frozen builtin:shapes (`settings`: what it learns to follow)."""
-    shapes = _trained_shapes(f"{name} is trained beside builtin:shapes")
+def _controlnet_trainer(name: str, run: RecipeRun, base: str = "shapes", **settings) -> Trainer:
+    """A ControlNet beside the frozen builtin:<base> (`settings`: what it learns to follow)."""
+    shapes = _trained_shapes(f"{name} is trained beside builtin:{base}", base)
     config = TrainConfig(
-        base="builtin:shapes", method="controlnet", dataset="shapes", resolution=64, steps=run.unet_steps,
+        base=f"builtin:{base}", method="controlnet", dataset="shapes", resolution=64, steps=run.unet_steps,
         batch_size=run.batch_size, learning_rate=3e-4, lr_schedule="cosine", warmup_steps=100, checkpoint_every=100,
         sample_every=500, sample_prompts=SAMPLE_PROMPTS[:4], sample_steps=20, min_snr_gamma=5.0,
         caption_dropout=0.1, ema_decay=0.999, pool_size=run.pool_size or 8000, output_dir=run.work / "controlnet",
         **settings,
     )
-    return Trainer(config, StableDiffusionPipeline.from_pretrained(shapes), bus=run.bus, device=run.device)
+    return Trainer(config, DiffusionPipeline.from_pretrained(shapes), bus=run.bus, device=run.device)
 
 
 def shapes_canny_trainer(run: RecipeRun) -> Trainer:
@@ -209,6 +209,12 @@ def shapes_canny_trainer(run: RecipeRun) -> Trainer:
     return _controlnet_trainer("shapes-canny", run, control_type="canny", canny_thresholds=(30, 60))
 
 
+def shapes_xl_canny_trainer(run: RecipeRun) -> Trainer:
+    """builtin:shapes-xl-canny: the same canny ControlNet, beside the SDXL-architecture builtin:shapes-xl."""
+    return _controlnet_trainer("shapes-xl-canny", run, base="shapes-xl", control_type="canny",
+                               canny_thresholds=(30, 60))
+
+
 def shapes_inpaint_trainer(run: RecipeRun) -> Trainer:
     """builtin:shapes-inpaint: an inpainting ControlNet (control: the image with its hole marked), which tells the
     non-inpainting UNet what surrounds the hole at every step; builtin:shapes inpaints through it."""
@@ -216,7 +222,7 @@ def shapes_inpaint_trainer(run: RecipeRun) -> Trainer:
 
 
 TRAINERS = {"shapes": shapes_trainer, "shapes-canny": shapes_canny_trainer, "shapes-inpaint": shapes_inpaint_trainer,
-            "shapes-xl": shapes_xl_trainer}
+            "shapes-xl": shapes_xl_trainer, "shapes-xl-canny": shapes_xl_canny_trainer}
 
 
 def train_builtin(name: str, work: Path, vae_steps: int = 1500, unet_steps: int = 30000, batch_size: int = 64,
