@@ -167,11 +167,46 @@ InputImage = Annotated[
 ]
 
 
+MAX_LORA_WEIGHT = 4.0
+
+
 class LoraSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(min_length=1, description="LoRA name or path to a .safetensors file / folder")
-    weight: float = Field(1.0, ge=-4.0, le=4.0)
+    weight: float = Field(1.0, ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT,
+                          description="the UNet's weight (and the text encoders', unless text_encoder_weight)")
+    text_encoder_weight: float | None = Field(None, ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT,
+                                              description="the text encoders' weight (A1111's <lora:name:te:unet>)")
+
+
+# A1111's extra-network tags: <lora:name>, <lora:name:weight>, <lora:name:te_weight:unet_weight> (also <lyco:...>).
+LORA_TAG = re.compile(r"<(?:lora|lyco):([^:<>]+)((?::[^:<>]*){0,2})>", re.IGNORECASE)
+
+
+def take_lora_tags(text: str, field_name: str) -> tuple[str, list[LoraSpec]]:
+    """The text without its LoRA tags, and the LoRAs they name at their weights (A1111 applies the tags of
+    positive and negative prompts alike). A text without tags comes back unchanged, character for character."""
+    specs = []
+    for match in LORA_TAG.finditer(text):
+        name = match.group(1).strip()
+        numbers = [part.strip() for part in match.group(2).split(":")[1:]]
+        try:
+            weights = [float(number) for number in numbers]
+        except ValueError:
+            weights = None
+        if not name or weights is None or any(abs(w) > MAX_LORA_WEIGHT for w in weights):
+            raise RequestError(field_name, f"LoRA tag '{match.group(0)}': write <lora:name>, <lora:name:weight> or "
+                                           f"<lora:name:text_encoder_weight:unet_weight>, weights between "
+                                           f"-{MAX_LORA_WEIGHT:g} and {MAX_LORA_WEIGHT:g}")
+        if len(weights) == 2:
+            specs.append(LoraSpec(name=name, weight=weights[1], text_encoder_weight=weights[0]))
+        else:
+            specs.append(LoraSpec(name=name, weight=weights[0] if weights else 1.0))
+    if not specs:
+        return text, []
+    stripped = re.sub(r"[ \t]{2,}", " ", LORA_TAG.sub("", text)).strip()
+    return stripped, specs
 
 
 class GenerationRequest(BaseModel):
@@ -192,7 +227,12 @@ class GenerationRequest(BaseModel):
     seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="None or -1: random; the used seed is returned")
     scheduler: str = "Euler"
     batch_size: int = Field(1, ge=1)
-    loras: list[LoraSpec] = Field(default_factory=list)
+    loras: list[LoraSpec] = Field(default_factory=list, description="also from <lora:name:weight> tags in the "
+                                                                  "prompts, which are moved here")
+    clip_skip: int = Field(1, ge=1, le=12, description="A1111's CLIP skip: 1 = the text encoder's last layer, "
+                                                       "2 = the one before it, ...")
+    vae: str | None = Field(None, min_length=1, description="a VAE file or folder by name or path for this "
+                                                            "request; default: the model's own")
 
     init_image: InputImage | None = None
     strength: float = Field(0.75, gt=0.0, le=1.0)
@@ -246,6 +286,8 @@ class GenerationRequest(BaseModel):
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> "GenerationRequest":
         limits = _limits(info)
+        # 0. <lora:name:weight> tags move from the prompts into `loras` (so a stored request holds them once).
+        self._take_lora_tags()
         # 1. Sizes: multiples of 8 within the configured maximum.
         for name, maximum in (("width", limits.max_width), ("height", limits.max_height)):
             value = getattr(self, name)
@@ -281,6 +323,18 @@ class GenerationRequest(BaseModel):
         if self.control_preprocess and self.control_type == "canny" and self.canny_low > self.canny_high:
             raise RequestError("canny_low", f"must not exceed canny_high ({self.canny_high})")
         return self
+
+    def _take_lora_tags(self) -> None:
+        self.prompt, from_prompt = take_lora_tags(self.prompt, "prompt")
+        self.negative_prompt, from_negative = take_lora_tags(self.negative_prompt, "negative_prompt")
+        if not from_prompt and not from_negative:
+            return
+        seen = {lora.name for lora in self.loras}
+        for spec in from_prompt + from_negative:
+            if spec.name in seen:
+                raise RequestError("prompt", f"LoRA '{spec.name}' is named twice (prompt tags and loras): keep one")
+            seen.add(spec.name)
+        self.loras = [*self.loras, *from_prompt, *from_negative]
 
     # -----------------------------------------------------------------------------------------------------------
     def parameters(self) -> dict[str, Any]:

@@ -27,6 +27,8 @@ class OverrideSettings(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     sd_model_checkpoint: str | None = Field(None, description="the model for this request")
+    CLIP_stop_at_last_layers: int | None = Field(None, description="A1111's CLIP skip (1: last layer)")
+    sd_vae: str | None = Field(None, description="the VAE for this request ('Automatic'/'None': the model's)")
 
 
 class Txt2ImgBody(BaseModel):
@@ -74,7 +76,10 @@ def to_request_fields(body: Txt2ImgBody, default_model: str) -> dict[str, Any]:
         "prompt": body.prompt, "negative_prompt": body.negative_prompt, "steps": body.steps,
         "guidance": body.cfg_scale, "seed": body.seed, "scheduler": sampler, "batch_size": body.batch_size,
         "width": body.width, "height": body.height,
+        "clip_skip": body.override_settings.CLIP_stop_at_last_layers,
     }
+    if body.override_settings.sd_vae not in (None, "Automatic", "None"):
+        fields["vae"] = body.override_settings.sd_vae
     if isinstance(body, Img2ImgBody):
         if not body.init_images:
             raise RequestError("init_images", "needs one base64 image for img2img")
@@ -87,7 +92,8 @@ def to_request_fields(body: Txt2ImgBody, default_model: str) -> dict[str, Any]:
 
 # GenerationRequest fields -> the A1111 fields they came from, so a refusal names what the client sent.
 A1111_NAMES = {"init_image": "init_images", "mask_image": "mask", "guidance": "cfg_scale",
-               "scheduler": "sampler_name", "strength": "denoising_strength", "model": "sd_model_checkpoint"}
+               "scheduler": "sampler_name", "strength": "denoising_strength", "model": "sd_model_checkpoint",
+               "clip_skip": "CLIP_stop_at_last_layers", "vae": "sd_vae"}
 
 
 def in_a1111_names(error: JobError) -> JobError:
