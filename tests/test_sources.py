@@ -28,9 +28,10 @@ def test_folder_and_single_file_give_the_same_image(make_config, sd_folder, tmp_
     assert engine.manager.load_count == 2
 
 
-def test_single_file_without_configs_is_refused(make_config, sd_folder, tmp_path):
+def test_single_file_of_no_known_family_without_configs_is_refused(make_config, sd_folder, tmp_path):
+    """The tiny test UNet fits no SD family's shapes, so without explicit configs nothing says how to build it."""
     checkpoint = export_single_file(sd_folder, tmp_path / "lonely.safetensors")
-    with pytest.raises(RequestError, match="needs a local diffusers config folder"):
+    with pytest.raises(RequestError, match="a UNet of an architecture the studio doesn't know"):
         resolve(str(checkpoint), make_config())
 
 

@@ -26,6 +26,9 @@ class Limits(BaseModel):
                                                               "one request may ask for")
     max_body_bytes: int = Field(64 * 2**20, ge=1024, description="request bodies larger than this are refused "
                                                                  "(HTTP 413) before they are read")
+    max_model_upload_bytes: int = Field(20 * 10**9, ge=1024, description="POST /api/v1/models: largest model file "
+                                                                         "an upload may carry (model files are GBs, "
+                                                                         "so not max_body_bytes)")
 
 
 class MemoryOptions(BaseModel):
@@ -65,7 +68,12 @@ class StudioConfig(BaseSettings):
     )
 
     data_dir: Path = Field(Path("data"), description="history, built-in stand-ins, outputs")
-    models_dir: Path = Field(Path("models"), description="folder scanned for diffusers folders and checkpoints")
+    models_dir: Path = Field(Path("models"), description="the studio's own models folder: scanned first, and where "
+                                                          "imported models land (its layout's kind folders)")
+    models_dirs: list[Path] = Field(default_factory=list, description="more models folders, scanned after models_dir "
+                                                                      "in this order and never written into: an "
+                                                                      "A1111/Forge or ComfyUI install, or a flat "
+                                                                      "folder; a name in an earlier folder wins")
     models: dict[str, ModelEntry] = Field(default_factory=dict, description="named models beside the built-ins")
     default_model: str = "builtin:shapes"
 
@@ -100,6 +108,14 @@ class StudioConfig(BaseSettings):
         if self.auth != "auto":
             return self.auth == "on"
         return not _is_loopback(self.host)
+
+    def all_models_dirs(self) -> list[Path]:
+        """Every models folder in precedence order: `models_dir` first, then `models_dirs` (duplicates once)."""
+        folders: list[Path] = []
+        for folder in (self.models_dir, *self.models_dirs):
+            if Path(folder).expanduser() not in folders:
+                folders.append(Path(folder).expanduser())
+        return folders
 
     def users_path(self) -> Path:
         return self.users_file or Path(self.data_dir) / "users.json"

@@ -1,7 +1,8 @@
-"""Model names -> where the weights are: `builtin:<name>`, a configured name, a local diffusers folder, a single
-`.safetensors`/`.ckpt` file, a name found in the models folder, or a Hugging Face hub id.
+"""Model names -> where the weights are: `builtin:<name>`, a configured name, a local diffusers folder or single
+`.safetensors`/`.ckpt` file by path, a name in the models folders (engine/library.py: the studio's own, A1111/Forge
+and ComfyUI layouts), or a Hugging Face hub id. LoRAs, VAEs and embeddings are found by name the same way.
 
-Resolution only reads small JSON files and never writes (built-in stand-ins are built at start-up, see
+Resolution reads headers and small JSON files only and never writes (built-in stand-ins are built at start-up, see
 builtin/catalog.py's `ensure_standins`); loading the weights is the PipelineManager's job.
 """
 
@@ -17,8 +18,12 @@ from typing import Literal
 from ..builtin.catalog import BUILTINS, COMMITTED_DIR, builtin_folder, is_trained
 from ..config import StudioConfig
 from ..requests import RequestError
+from .identify import FileKind, misplaced_message
+from .library import KINDS, LibraryEntry, beside_config, folder_model, library_for
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+ROLES = {"checkpoint": "base", "controlnet": "controlnet"}
+NAMES_SHOWN = 20  # an unknown name's error lists this many of the names that exist
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -31,8 +36,9 @@ class ModelSource:
     location: str  # folder, file path or hub id
     role: Literal["base", "controlnet", "estimator"]  # estimator: a depth / pose model for control maps
     family: Literal["sd", "sdxl"] | None  # None: known only once loaded (hub ids)
-    config_folder: Path | None = None  # single files: the local diffusers folder giving the configs
+    config_folder: Path | None = None  # single files: an explicit diffusers config folder (None: shipped configs)
     standin: bool = False
+    file_kind: FileKind | None = None  # single files: what the header says they are (identify.identify_file)
 
     def compute_identity(self) -> str:
         """Name + a digest of the weight files' sizes and mtimes. Walks and stats the folder, so it is computed
@@ -46,94 +52,118 @@ class ModelSource:
         return f"{self.name}@{stamp.hexdigest()[:12]}"
 
 
-def resolve(name: str, config: StudioConfig) -> ModelSource:
-    """Find the model called `name`; unknown names get an error listing what exists."""
+def resolve(name: str, config: StudioConfig, field: str = "model") -> ModelSource:
+    """Find the model (a base or a ControlNet) called `name`; unknown names get an error listing what exists."""
     if name.startswith("builtin:"):
         short = name.removeprefix("builtin:")
         if short not in BUILTINS:
-            raise RequestError("model", f"unknown built-in '{short}'; built-ins: {', '.join(BUILTINS)}")
+            raise RequestError(field, f"unknown built-in '{short}'; built-ins: {', '.join(BUILTINS)}")
         spec = BUILTINS[short]
         folder = builtin_folder(short, config.data_dir)
         return ModelSource(name, "builtin", str(folder), spec.kind, spec.family, standin=not is_trained(short))
     if name in config.models:
         entry = config.models[name]
-        source = _resolve_location(entry.source, config, entry.config)
-        return ModelSource(name, source.kind, source.location, source.role, source.family, source.config_folder)
-    return _resolve_location(name, config, None)
+        source = _resolve_location(entry.source, config, entry.config, field)
+        return ModelSource(name, source.kind, source.location, source.role, source.family, source.config_folder,
+                           file_kind=source.file_kind)
+    return _resolve_location(name, config, None, field)
 
 
-def _resolve_location(text: str, config: StudioConfig, config_folder: str | None) -> ModelSource:
+def _resolve_location(text: str, config: StudioConfig, config_folder: str | None, field: str) -> ModelSource:
     path = Path(text).expanduser()
-    if not path.exists() and not path.is_absolute():
-        in_models_dir = Path(config.models_dir) / text
-        path = in_models_dir if in_models_dir.exists() else path
-    if path.is_dir():
-        return _folder_source(text, path)
-    if path.is_file():
-        if path.suffix not in CHECKPOINT_SUFFIXES:
-            raise RequestError("model", f"'{text}' is a file but not a .safetensors or .ckpt checkpoint")
-        configs = _config_folder_for(path, config_folder)
-        folder_source = _folder_source(text, configs)
-        return ModelSource(text, "single_file", str(path), folder_source.role, folder_source.family, configs)
+    library = library_for(config)
+    if path.exists():
+        return _path_source(text, path, config_folder, field, library)
+    for kind in ROLES:
+        entry = library.find(kind, text)
+        if entry is not None:
+            if entry.reason:
+                raise RequestError(field, f"'{text}' ({entry.relative}) can't be used: {entry.reason}")
+            return _path_source(entry.name, entry.path, config_folder, field, library)
     if HUB_ID.match(text):
         return ModelSource(text, "hub", text, "base", None)
-    raise RequestError(
-        "model",
-        f"'{text}' is not a built-in (builtin:{', builtin:'.join(BUILTINS)}), a configured model, a folder, "
-        "a checkpoint file or a hub id like 'org/name'",
-    )
+    names = [f"builtin:{short}" for short in BUILTINS] + list(config.models) + \
+        [name for kind in ROLES for name in library.names(kind)]
+    raise RequestError(field, f"'{text}' is not a built-in, a configured model, a model in the models folders, a "
+                              f"folder, a checkpoint file or a hub id like 'org/name'; models: {_some(names)}")
 
 
-def _folder_source(text: str, folder: Path) -> ModelSource:
-    if (folder / "model_index.json").is_file():
-        index = json.loads((folder / "model_index.json").read_text())
-        family = "sdxl" if "XL" in index.get("_class_name", "") or "text_encoder_2" in index else "sd"
-        return ModelSource(text, "folder", str(folder), "base", family)
-    if (folder / "config.json").is_file():
-        model_config = json.loads((folder / "config.json").read_text())
-        if model_config.get("_class_name") == "ControlNetModel":
-            family = "sdxl" if model_config.get("addition_embed_type") == "text_time" else "sd"
-            return ModelSource(text, "folder", str(folder), "controlnet", family)
-    raise RequestError("model", f"folder '{folder}' is not a diffusers pipeline (no model_index.json) or ControlNet")
+def _path_source(name: str, path: Path, config_folder: str | None, field: str, library) -> ModelSource:
+    if path.is_dir():
+        return _folder_source(name, path, field)
+    if path.suffix not in CHECKPOINT_SUFFIXES:
+        raise RequestError(field, f"'{name}' is a file but not a .safetensors or .ckpt checkpoint")
+    kind, reason = library.identify(path)  # cached by path, size and mtime: resolving again reads nothing
+    configs = _config_folder_for(path, config_folder, field)
+    if reason and configs is not None and (model := folder_model(configs)) is not None and model[0] in ROLES:
+        # The header fits no known family, but explicit configs say what it is (as before identification).
+        return ModelSource(name, "single_file", str(path), ROLES[model[0]], model[1], configs)
+    if reason:
+        raise RequestError(field, reason)
+    if kind.kind not in ROLES:
+        raise RequestError(field, misplaced_message(path, kind))
+    return ModelSource(name, "single_file", str(path), ROLES[kind.kind], kind.family, configs, file_kind=kind)
 
 
-def _config_folder_for(checkpoint: Path, configured: str | None) -> Path:
-    """Single-file checkpoints need local configs (else diffusers fetches them from the hub)."""
-    candidates = [Path(configured)] if configured else [checkpoint.with_suffix(""), checkpoint.parent / "config"]
-    for folder in candidates:
-        if (folder / "model_index.json").is_file() or (folder / "config.json").is_file():
-            return folder
-    raise RequestError(
-        "model",
-        f"single-file checkpoint '{checkpoint.name}' needs a local diffusers config folder: configure "
-        f"models.<name>.config, or put one at '{checkpoint.with_suffix('')}'",
-    )
+def _folder_source(text: str, folder: Path, field: str = "model") -> ModelSource:
+    model = folder_model(folder)
+    if model is None or model[0] not in ROLES:
+        raise RequestError(field, f"folder '{folder.name}' is not a diffusers pipeline (no model_index.json) or "
+                                  "ControlNet")
+    kind, family = model
+    return ModelSource(text, "folder", str(folder), ROLES[kind], family)
 
 
-def list_models(config: StudioConfig) -> list[dict]:
-    """Built-ins first, then configured models, then what the models folder holds."""
+def _config_folder_for(checkpoint: Path, configured: str | None, field: str) -> Path | None:
+    """An explicit diffusers config folder: the configured one, or one beside the file (`<stem>/` or `config/`);
+    None: the loader uses the configs shipped for the detected family."""
+    if not configured:
+        return beside_config(checkpoint)
+    folder = Path(configured).expanduser()
+    if not ((folder / "model_index.json").is_file() or (folder / "config.json").is_file()):
+        raise RequestError(field, f"the config folder '{folder.name}' configured for '{checkpoint.name}' has no "
+                                  "model_index.json or config.json")
+    return folder
+
+
+def _some(names: list[str]) -> str:
+    shown = ", ".join(names[:NAMES_SHOWN]) or "none"
+    return shown + (f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else "")
+
+
+def list_models(config: StudioConfig, kind: str | None = None) -> list[dict]:
+    """Built-ins first, then configured models, then what the models folders hold (every kind, or one). Paths are
+    relative to their models folder: the server's absolute paths never leave it."""
+    if kind is not None and kind not in KINDS:
+        raise RequestError("kind", f"'{kind}' is not a kind; kinds: {', '.join(KINDS)}")
     rows = []
     for spec in BUILTINS.values():
-        rows.append({"name": f"builtin:{spec.name}", "role": spec.kind, "family": spec.family,
-                     "origin": builtin_origin(spec.name), "description": spec.description})
+        spec_kind = "checkpoint" if spec.kind == "base" else spec.kind
+        rows.append({"name": f"builtin:{spec.name}", "kind": spec_kind, "role": spec.kind, "family": spec.family,
+                     "variant": None, "dtype": None, "path": None, "size_bytes": None, "usable": True,
+                     "reason": None, "origin": builtin_origin(spec.name), "description": spec.description})
     for name, entry in config.models.items():
-        rows.append({"name": name, "role": entry.kind, "family": None, "origin": "configured",
-                     "description": entry.source})
-    models_dir = Path(config.models_dir)
-    if models_dir.is_dir():
-        for path in sorted(models_dir.iterdir()):
-            if (path.is_dir() and ((path / "model_index.json").exists() or (path / "config.json").exists())) or (
-                path.suffix in CHECKPOINT_SUFFIXES
-            ):
-                try:
-                    source = _resolve_location(str(path), config, None)
-                except RequestError as exc:
-                    rows.append({"name": path.name, "role": "?", "family": None, "origin": "models folder",
-                                 "description": f"unusable: {exc.message}"})
-                    continue
-                rows.append({"name": path.name, "role": source.role, "family": source.family,
-                             "origin": "models folder", "description": str(path)})
-    return rows
+        source = entry.source if HUB_ID.match(entry.source) else Path(entry.source).name
+        rows.append({"name": name, "kind": "checkpoint" if entry.kind == "base" else entry.kind, "role": entry.kind,
+                     "family": None, "variant": None, "dtype": None, "path": None, "size_bytes": None,
+                     "usable": True, "reason": None, "origin": "configured", "description": source})
+    rows += [library_row(entry) for entry in library_for(config).entries()]
+    return [row for row in rows if kind is None or row["kind"] == kind]
+
+
+def library_row(entry: LibraryEntry) -> dict:
+    file_kind = entry.file_kind
+    reason = entry.reason or (f"the name is taken by {entry.shadowed_by}, which is used" if entry.shadowed_by
+                              else None)
+    origin = "data dir" if entry.folder < 0 else "models folder" if entry.folder == 0 else \
+        f"models folder {entry.folder}"
+    return {"name": entry.name, "kind": entry.kind, "role": ROLES.get(entry.kind, entry.kind),
+            "family": entry.family, "variant": file_kind.variant if file_kind else None,
+            "dtype": file_kind.dtype if file_kind else None, "path": entry.relative,
+            "size_bytes": entry.size_bytes, "usable": entry.usable, "reason": reason,
+            "origin": origin, "layout": entry.layout,
+            "description": f"unusable: {reason}" if reason else
+            (file_kind.describe() if file_kind else f"diffusers folder ({entry.kind})")}
 
 
 def builtin_origin(short: str) -> str:
@@ -150,23 +180,46 @@ def builtin_origin(short: str) -> str:
 
 
 def list_loras(config: StudioConfig) -> list[str]:
-    """LoRA names that `resolve_lora` finds by name (trained ones land in <data_dir>/loras)."""
-    names = set()
-    for root in (Path(config.data_dir) / "loras", Path(config.models_dir) / "loras"):
-        if root.is_dir():
-            names |= {path.stem for path in root.glob("*.safetensors")}
-            names |= {path.name for path in root.iterdir() if path.is_dir() and any(path.glob("*.safetensors"))}
-    return sorted(names)
+    """Usable LoRA names (trained ones in <data_dir>/loras, then each models folder's LoRA folders)."""
+    return _usable_names(config, "lora")
+
+
+def list_vaes(config: StudioConfig) -> list[str]:
+    return _usable_names(config, "vae")
+
+
+def list_embeddings(config: StudioConfig) -> list[str]:
+    """Usable embedding names; the file name alone (the word a prompt uses) also resolves when unique."""
+    return _usable_names(config, "embedding")
+
+
+def _usable_names(config: StudioConfig, kind: str) -> list[str]:
+    return [entry.name for entry in library_for(config).entries(kind) if entry.usable]
 
 
 def resolve_lora(name: str, config: StudioConfig) -> Path:
-    """A LoRA by path, or by name in `<data_dir>/loras` / `<models_dir>/loras` (trained LoRAs land there)."""
-    candidates = [Path(name).expanduser()]
-    for root in (Path(config.data_dir) / "loras", Path(config.models_dir) / "loras"):
-        candidates += [root / name, root / f"{name}.safetensors"]
-    for path in candidates:
-        if path.is_file() and path.suffix == ".safetensors":
-            return path
-        if path.is_dir() and any(path.glob("*.safetensors")):
-            return path
-    raise RequestError("loras", f"LoRA '{name}' not found (a .safetensors file, or a name in <data_dir>/loras)")
+    """A LoRA by path, or by name in `<data_dir>/loras` and every models folder's LoRA folders."""
+    return _resolve_file("lora", name, config, "loras", "LoRA")
+
+
+def resolve_vae(name: str, config: StudioConfig) -> Path:
+    """A VAE (a file or a diffusers AutoencoderKL folder) by path or by name in the models folders."""
+    return _resolve_file("vae", name, config, "vae", "VAE")
+
+
+def resolve_embedding(name: str, config: StudioConfig, field: str = "prompt") -> Path:
+    """A textual-inversion embedding by path or by name in the models folders' embeddings folders."""
+    return _resolve_file("embedding", name, config, field, "embedding")
+
+
+def _resolve_file(kind: str, name: str, config: StudioConfig, field: str, label: str) -> Path:
+    path = Path(name).expanduser()
+    if path.is_file() or (path.is_dir() and folder_model(path) is not None):
+        return path
+    library = library_for(config)
+    entry = library.find(kind, name)
+    if entry is not None:
+        if entry.reason:
+            raise RequestError(field, f"{label} '{name}' ({entry.relative}) can't be used: {entry.reason}")
+        return entry.path
+    raise RequestError(field, f"{label} '{name}' not found; {label}s: {_some(_usable_names(config, kind))}")
