@@ -13,17 +13,20 @@ import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import diffusers
 import torch
-from diffusers import ControlNetModel, DiffusionPipeline
+from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline
 from safetensors import SafetensorError
 
 from ..config import StudioConfig
 from ..requests import Mode, ModelLoadError, RequestError
 from ..samplers import SAMPLERS
 from .control import Estimator, EstimatorKind, load_estimator
+from .embeddings import load_into as load_embedding
+from .loras import check_lora_file
 from .sources import ModelSource, resolve
 from .invariance import make_batch_invariant, make_pipeline_batch_invariant
 
@@ -97,14 +100,23 @@ class AdapterGate:
         self._active = 0
         self._current: tuple = ()
         self._loaded: set[str] = set()
+        self._embeddings: set[str] = set()
 
     @contextmanager
-    def use(self, adapters: tuple[tuple[str, str, float], ...]) -> Iterator[None]:
-        """`adapters`: (adapter name, file path, weight) triples."""
+    def use(self, adapters: tuple[tuple[str, str, float, float | None], ...],
+            embeddings: tuple[tuple[str, str], ...] = (), model_name: str = "") -> Iterator[None]:
+        """`adapters`: (adapter name, file path, UNet weight, text-encoder weight or None: the same) tuples.
+        `embeddings`: (name, file path) of the textual-inversion embeddings the run's prompts name: loaded once,
+        with no run in flight (they add tokens to the shared tokenizer)."""
         with self._condition:
-            self._condition.wait_for(lambda: self._active == 0 or self._current == adapters)
+            self._condition.wait_for(lambda: self._active == 0 or (
+                self._current == adapters and all(name in self._embeddings for name, _ in embeddings)))
             if self._current != adapters:
                 self._apply(adapters)
+            for name, path in embeddings:
+                if name not in self._embeddings:
+                    load_embedding(self._pipeline, name, Path(path), model_name)
+                    self._embeddings.add(name)
             self._active += 1
         try:
             yield
@@ -115,16 +127,25 @@ class AdapterGate:
 
     def _apply(self, adapters) -> None:
         pipe = self._pipeline
-        for name, path, _ in adapters:
+        for name, path, _, _ in adapters:
             if name not in self._loaded:
+                check_lora_file(Path(path).name, Path(path))
                 try:
                     pipe.load_lora_weights(path, adapter_name=name)
                 except (ValueError, OSError, KeyError, RuntimeError) as exc:
                     raise RequestError("loras", f"LoRA '{path}' can't be used with this model: {exc}") from None
                 self._loaded.add(name)
         if adapters:
+            parts = pipe.get_list_adapters()  # e.g. {"unet": [a, b], "text_encoder": [b]}
+            weights = []
+            for name, _, unet_weight, text_weight in adapters:
+                if text_weight is None:
+                    weights.append(unet_weight)
+                    continue
+                weights.append({part: text_weight if part.startswith("text_encoder") else unet_weight
+                                for part, names in parts.items() if name in names})
             pipe.enable_lora()
-            pipe.set_adapters([a[0] for a in adapters], adapter_weights=[a[2] for a in adapters])
+            pipe.set_adapters([a[0] for a in adapters], adapter_weights=weights)
         elif self._loaded:
             pipe.disable_lora()
         self._current = adapters
@@ -136,6 +157,7 @@ class LoadedModel:
     pipeline: DiffusionPipeline | None = None  # bases
     controlnet: ControlNetModel | None = None  # ControlNets
     estimator: Estimator | None = None  # depth / pose estimators
+    vae: AutoencoderKL | None = None  # a request's own VAE
     identity: str = ""  # the weights' identity when they were loaded (ModelSource.compute_identity)
     weight_bytes: int = 0
     load_s: float = 0.0
@@ -178,6 +200,32 @@ class PipelineManager:
         source = estimator_source(kind, folder)
         with self._hold(source, lambda source: self._load_estimator(kind, source)) as (entry, _):
             yield entry.estimator
+
+    @contextmanager
+    def use_vae(self, source: ModelSource) -> Iterator[AutoencoderKL]:
+        """Load (or reuse) a request's VAE (role "vae": a file or an AutoencoderKL folder), held while used."""
+        with self._hold(source, self._load_vae) as (entry, _):
+            yield entry.vae
+
+    def _load_vae(self, source: ModelSource) -> LoadedModel:
+        try:
+            if source.kind == "folder":
+                folder = Path(source.location)
+                vae = AutoencoderKL.from_pretrained(folder / "vae" if (folder / "vae").is_dir() else folder,
+                                                    dtype=self.dtype)
+            else:
+                try:
+                    from .single_file import load_vae  # helper A1's offline single-file VAE loader
+                except ImportError:
+                    raise RequestError("vae", "single-file VAEs need engine/single_file.py; give a diffusers "
+                                              "AutoencoderKL folder") from None
+                vae = load_vae(source.location, source.family, self.dtype)
+        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
+            raise ModelLoadError(f"can't load VAE '{Path(source.location).name}': {type(exc).__name__}: "
+                                 f"{str(exc)[:200]}") from None
+        vae.to(self.device)
+        make_pipeline_batch_invariant({"vae": vae})  # decodes image by image, as the bases' VAEs do
+        return LoadedModel(source, vae=vae, weight_bytes=module_bytes([vae]))
 
     @contextmanager
     def _hold(self, source: ModelSource, load=None) -> Iterator[tuple[LoadedModel, float]]:
@@ -315,12 +363,13 @@ class PipelineManager:
 
     # -- per-request views ----------------------------------------------------------------------------------
     def view(self, base: LoadedModel, mode: Mode, scheduler: str,
-             controlnet: ControlNetModel | None = None) -> DiffusionPipeline:
+             controlnet: ControlNetModel | None = None, vae: AutoencoderKL | None = None) -> DiffusionPipeline:
         """The pipeline for `mode` over the base's own modules, with its own scheduler instance (the scheduler
         carries per-run state, so sharing one across concurrent requests would corrupt both).
 
         This is what diffusers' `from_pipe` does, minus its `.to(dtype)` over every module on each call (12 ms
-        on a tiny model, more on a real one): the modules already have the right dtype and device."""
+        on a tiny model, more on a real one): the modules already have the right dtype and device. `vae`: a
+        request's own VAE, in this view only (the base keeps its own)."""
         if mode == Mode.inpaint and controlnet is not None:
             cls = CONTROLNET_INPAINT_PIPELINES[base.family]
         else:
@@ -329,6 +378,8 @@ class PipelineManager:
             raise RequestError("mode", f"mode '{mode.value}' has no {base.family.upper()} pipeline")
         shared = {**base.pipeline.components, "controlnet": controlnet,
                   "scheduler": make_scheduler(scheduler, base.pipeline.scheduler.config)}
+        if vae is not None:
+            shared["vae"] = vae
         settings = base.pipeline.config  # e.g. requires_safety_checker, force_zeros_for_empty_prompt
         arguments = {}
         for name in inspect.signature(cls.__init__).parameters:

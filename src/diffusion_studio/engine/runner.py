@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -24,7 +25,10 @@ from .control import estimator_folder, inpaint_condition, make_control_image
 from .memory import MemorySampler, check_fits
 from .pipelines import LoadedModel, PipelineManager, estimator_source
 from .preview import latents_to_preview, preview_map
-from .sources import ModelSource, resolve, resolve_lora
+from .embeddings import available_embeddings, named_in
+from .loras import check_lora_file
+from .prompts import SYNTAX, PromptEncoder, needs_encoding
+from .sources import ModelSource, resolve, resolve_lora, resolve_vae
 
 
 class CancelFlag(Protocol):
@@ -104,6 +108,13 @@ class Engine:
         it was loaded; others are computed from their files (a walk of the folder: call off the event loop)."""
         base = resolve(request.model, self.config)
         parts = [self.manager.identity(base)]
+        for lora in request.loras:  # a changed LoRA file is other weights; an unknown name fails here, at submit
+            path = resolve_lora(lora.name, self.config)
+            check_lora_file(lora.name, path)
+            parts.append(ModelSource(f"lora:{lora.name}", "single_file", str(path), "base", None).compute_identity())
+        vae = self.vae_source(request, base)
+        if vae is not None:
+            parts.append(self.manager.identity(vae))
         controlnet = self.controlnet_name(request, base)
         if controlnet:
             parts.append(self.manager.identity(controlnet))
@@ -112,6 +123,26 @@ class Engine:
         if request.mode == Mode.controlnet and request.control_preprocess and kind in ("depth", "pose") and folder:
             parts.append(self.manager.identity(estimator_source(kind, folder)))
         return "+".join(parts)
+
+    def check(self, request: GenerationRequest) -> None:
+        """What can be refused before a request is queued, from names and file headers only: its LoRAs (an
+        unknown name lists those that exist; a LyCORIS LoHa/LoKr file is named as such) and its VAE."""
+        for lora in request.loras:
+            check_lora_file(lora.name, resolve_lora(lora.name, self.config))
+        if request.vae:
+            resolve_vae(request.vae, self.config)
+
+    def vae_source(self, request: GenerationRequest, base: ModelSource | None = None) -> ModelSource | None:
+        """The VAE a request decodes with: its own `vae`, else its configured model's (`models.<name>.vae`), else
+        None (the base's own)."""
+        name = request.vae
+        if name is None and request.model in self.config.models:
+            name = getattr(self.config.models[request.model], "vae", None)
+        if name is None:
+            return None
+        path = resolve_vae(name, self.config)
+        return ModelSource(f"vae:{path}", "folder" if path.is_dir() else "single_file", str(path), "vae",
+                           base.family if base else None)
 
     def run(self, request: GenerationRequest, on_step: StepCallback | None = None,
             cancel: CancelFlag | None = None) -> GenerationResult:
@@ -168,6 +199,53 @@ class Engine:
                 on_steps: list[StepCallback | None], cancels: list[CancelFlag], started: float,
                 load_s: float) -> list[GenerationResult]:
         request = requests[0]
+        # 1b. Requests whose prompts this engine encodes (A1111 syntax, long prompts, clip skip, embeddings) run
+        # alone: their embeddings may be longer than 77 tokens, and a lone run is what each of them is owed.
+        if len(requests) > 1 and any(self._encodes_itself(base, each) for each in requests):
+            return self._run_apart(base, control_model, requests, on_steps, cancels, started, load_s)
+        with self._vae(request, base) as vae:
+            return self._run_with(base, control_model, vae, requests, on_steps, cancels, started, load_s)
+
+    def _run_apart(self, base, control_model, requests, on_steps, cancels, started, load_s):
+        """Plain-prompt requests as one call, each other request alone; results in the requests' order."""
+        alone = [i for i, each in enumerate(requests) if self._encodes_itself(base, each)]
+        groups = [[i for i in range(len(requests)) if i not in alone]] + [[i] for i in alone]
+        results: list[GenerationResult | None] = [None] * len(requests)
+        for group in filter(None, groups):
+            outputs = self._run_on(base, control_model, [requests[i] for i in group], [on_steps[i] for i in group],
+                                   [cancels[i] for i in group], started, load_s)
+            for index, output in zip(group, outputs):
+                results[index] = output
+        return results
+
+    def _encodes_itself(self, base: LoadedModel, request: GenerationRequest) -> bool:
+        """A first look, from the text alone (embeddings not yet loaded): could this request's prompts need more
+        than the pipeline's own encoding?"""
+        texts = [request.prompt, request.negative_prompt]
+        return request.clip_skip > 1 or any(SYNTAX.search(text) for text in texts) or any(
+            needs_encoding(text, base.pipeline.tokenizer) for text in texts) or bool(self._embeddings_in(texts))
+
+    def _embeddings_in(self, texts: list[str]) -> tuple[tuple[str, str], ...]:
+        if not any(texts):
+            return ()
+        found = available_embeddings(self.config)
+        return tuple((name, str(found[name])) for name in named_in(texts, found))
+
+    @contextmanager
+    def _vae(self, request: GenerationRequest, base: LoadedModel):
+        """The request's own VAE, held in the manager's LRU while the run decodes with it; None: the base's."""
+        source = self.vae_source(request, base.source)
+        if source is None:
+            with nullcontext(None) as vae:
+                yield vae
+            return
+        with self.manager.use_vae(source) as vae:
+            yield vae
+
+    def _run_with(self, base: LoadedModel, control_model: LoadedModel | None, vae,
+                  requests: list[GenerationRequest], on_steps: list[StepCallback | None], cancels: list[CancelFlag],
+                  started: float, load_s: float) -> list[GenerationResult]:
+        request = requests[0]
         # 2. Resolve size and seeds; one CPU generator per image, so each image reproduces on its own.
         width, height = self._size(base, request)
         seeds = [self._seeds(each) for each in requests]
@@ -183,9 +261,9 @@ class Engine:
 
         # 4. A pipeline view with its own scheduler; LoRAs through the base's gate.
         pipe = self.manager.view(base, request.mode, request.scheduler,
-                                 control_model.controlnet if control_model else None)
-        adapters = tuple((self._adapter_name(lora.name), str(resolve_lora(lora.name, self.config)), lora.weight)
-                         for lora in request.loras)
+                                 control_model.controlnet if control_model else None, vae=vae)
+        adapters = tuple((self._adapter_name(lora.name), str(resolve_lora(lora.name, self.config)), lora.weight,
+                          lora.text_encoder_weight) for lora in request.loras)
 
         # 5. The step callback: timing, memory, cancel, previews (each request sees its own images).
         timings = Timings(load_s=load_s)
@@ -217,10 +295,18 @@ class Engine:
         # 6. Run.
         prompts = [each.prompt for each in requests for _ in range(each.batch_size)]
         negatives = [each.negative_prompt for each in requests for _ in range(each.batch_size)]
-        with base.adapters.use(adapters), torch.inference_mode():
+        embeddings = self._embeddings_in(prompts + negatives)
+        with base.adapters.use(adapters, embeddings, request.model), torch.inference_mode():
+            # Plain prompts: the pipeline encodes the strings, exactly as it always has. Others: prompts.py.
+            convert = pipe.maybe_convert_prompt
+            if request.clip_skip > 1 or any(needs_encoding(text, pipe.tokenizer, convert)
+                                            for text in prompts + negatives):
+                text = PromptEncoder(pipe, request.clip_skip).encode(prompts, negatives, request.guidance > 1).kwargs
+            else:
+                text = {"prompt": prompts, "negative_prompt": negatives if any(negatives) else None}
             loop_started[0] = time.perf_counter()
             output = pipe(
-                prompt=prompts, negative_prompt=negatives if any(negatives) else None,
+                **text,
                 num_inference_steps=request.steps, guidance_scale=request.guidance, generator=generators,
                 output_type="pil", callback_on_step_end=step_end, callback_on_step_end_tensor_inputs=["latents"],
                 **inputs,
