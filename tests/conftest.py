@@ -75,3 +75,25 @@ def server(data_dir, tmp_path_factory):
     app = build_app(config)
     with serving(app) as url:
         yield url, app.state.studio
+
+
+@pytest.fixture(scope="session")
+def full_size_checkpoints(tmp_path_factory):
+    """get(variant, dtype="float16", fmt="safetensors") -> Path: a full-size random-weight checkpoint of a shipped
+    variant in the original single-file layout (tests/full_size.py), written once per run. SD 1.x/2.x, their
+    inpainting files and both ControlNets; the SDXL pipelines (7 GB files) are for bench/models.py only."""
+    from full_size import write_checkpoint
+
+    folder = tmp_path_factory.mktemp("full-size")
+    built = {}
+
+    def get(variant: str, dtype: str = "float16", fmt: str = "safetensors"):
+        if variant in ("xl_base", "xl_inpaint", "xl_refiner"):
+            raise ValueError(f"full-size {variant} files are 7 GB: bench/models.py builds them, the tests don't")
+        key = (variant, dtype, fmt)
+        if key not in built:
+            path = folder / f"{variant}-{dtype}.{fmt}"
+            built[key] = write_checkpoint(variant, path, getattr(torch, dtype), fmt)
+        return built[key]
+
+    return get

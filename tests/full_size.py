@@ -16,7 +16,12 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from diffusion_studio.engine.checkpoint import SD2_TEXT, XL_TEXT_G, controlnet_to_ldm, pipeline_to_ldm
+from diffusion_studio.engine.checkpoint import (
+    SD2_TEXT,
+    XL_TEXT_G,
+    controlnet_to_ldm,
+    pipeline_to_ldm,
+)
 from diffusion_studio.engine.model_configs import config_folder
 
 SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
@@ -82,9 +87,16 @@ def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dtype: tor
     return path
 
 
-def random_tensor(dtype: torch.dtype, generator: torch.Generator):
+def random_tensor(dtype: torch.dtype, generator: torch.Generator, pool_size: int = 1 << 25):
+    """randn * 0.02 values, each tensor a slice of one random pool at a random offset: drawing a billion normals
+    costs more than writing them, and the values don't matter here."""
+    pool = torch.randn((2 * pool_size,), generator=generator, dtype=dtype) * 0.02
+
     def fill(shape):
-        return torch.randn(shape, generator=generator, dtype=dtype) * 0.02
+        n = int(torch.Size(shape).numel())
+        start = int(torch.randint(pool_size, (), generator=generator))
+        flat = pool[start:start + n] if n <= pool_size else pool.repeat(n // pool.numel() + 1)[start:start + n]
+        return flat.view(shape)
     return fill
 
 
@@ -98,7 +110,7 @@ def write_checkpoint(variant: str, path: Path, dtype: torch.dtype = torch.float1
     if fmt == "safetensors":
         return write_safetensors(path, shapes, dtype, fill)
     if fmt == "ckpt":
-        torch.save({"state_dict": {name: fill(shape) for name, shape in shapes.items()}}, path)
+        torch.save({"state_dict": {name: fill(shape).clone() for name, shape in shapes.items()}}, path)
         return path
     raise ValueError(f"fmt must be 'safetensors' or 'ckpt', not {fmt!r}")
 

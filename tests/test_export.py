@@ -20,12 +20,17 @@ from diffusers.loaders.single_file_utils import (
     create_diffusers_clip_model_from_ldm,
     infer_diffusers_model_type,
 )
+from full_size import checkpoint_shapes, weights_bytes
+from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from diffusion_studio.engine.checkpoint import controlnet_to_ldm, export_single_file, pipeline_to_ldm
+from diffusion_studio.engine.checkpoint import (
+    controlnet_to_ldm,
+    export_single_file,
+    pipeline_to_ldm,
+)
 from diffusion_studio.engine.model_configs import config_folder
-from full_size import build_components, checkpoint_shapes
 
 PIPELINES = ("v1", "v2", "v2_base", "inpainting", "inpainting_v2", "xl_base", "xl_inpaint", "xl_refiner")
 TEXT_WIDTH = {"text_encoder": 32, "text_encoder_2": 48}  # distinct, as diffusers tells SDXL's two by width
@@ -155,3 +160,35 @@ def test_export_single_file_from_folders(tmp_path):
     written = load_file(export_single_file(tmp_path / "cn", tmp_path / "cn.safetensors"))
     assert "control_model.input_hint_block.0.weight" in written
     assert json.loads((tmp_path / "cn" / "config.json").read_text())["_class_name"] == "ControlNetModel"
+
+
+def header_as_meta(path) -> dict:
+    with safe_open(path, "pt") as f:
+        return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
+
+
+def test_full_size_random_checkpoint_file(full_size_checkpoints):
+    path = full_size_checkpoints("v1")
+    assert full_size_checkpoints("v1") == path  # built once per run
+    shapes = checkpoint_shapes("v1")
+    with safe_open(path, "pt") as f:
+        assert {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict) == shapes
+        weight = f.get_tensor("model.diffusion_model.input_blocks.0.0.weight")
+    assert weight.dtype == torch.float16 and 0.01 < weight.float().std() < 0.03
+    assert path.stat().st_size == pytest.approx(weights_bytes("v1", torch.float16), rel=1e-3)  # + the header
+    assert infer_diffusers_model_type(header_as_meta(path)) == "v1"
+    with pytest.raises(ValueError, match="bench/models.py builds them"):
+        full_size_checkpoints("xl_base")
+
+
+def test_full_size_controlnet_loads_in_diffusers_as_a_pickle_and_bf16(full_size_checkpoints):
+    pickle = full_size_checkpoints("controlnet", fmt="ckpt")
+    state = torch.load(pickle, weights_only=True, mmap=True)["state_dict"]  # A1111's nesting, weights only
+    assert {k: tuple(v.shape) for k, v in state.items()} == checkpoint_shapes("controlnet")
+    path = full_size_checkpoints("controlnet", dtype="bfloat16")
+    controlnet = ControlNetModel.from_single_file(str(path), config=str(config_folder("controlnet")),
+                                                  local_files_only=True, dtype=torch.float32)
+    with safe_open(path, "pt") as f:
+        hint = f.get_tensor("control_model.input_hint_block.14.weight")
+    assert hint.dtype == torch.bfloat16
+    assert torch.equal(controlnet.controlnet_cond_embedding.conv_out.weight, hint.float())

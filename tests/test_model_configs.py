@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 
+import diffusers
 import pytest
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, SchedulerMixin, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    SchedulerMixin,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-import diffusers
 from diffusion_studio.engine.model_configs import CONFIGS_DIR, VARIANTS, config_folder
 
 SD1_UNET, SD2_UNET, XL_UNET, REFINER_UNET = 859_520_964, 865_910_724, 2_567_463_684, 2_259_526_660
