@@ -5,6 +5,7 @@ UI tabs, the API and the CLI receive a `Studio` and call its methods; none of th
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import time
@@ -14,8 +15,10 @@ from pathlib import Path
 from PIL import Image
 
 from .config import StudioConfig
-from .engine.metadata import image_request, save_png
-from .engine.runner import CancelFlag, Engine, StepCallback
+from .engine.hashes import Hasher
+from .engine.metadata import HashLookup, image_request, save_png
+from .engine.resources import collect_hashes, hash_lookup, queue_hashes, queue_listed, run_files
+from .engine.runner import CancelFlag, Engine, StepCallback, WorkItem
 from .engine.sources import list_loras, list_models
 from .requests import GenerationRequest, GenerationResult, RequestError
 from .service.jobs import JobNotFound, JobService
@@ -23,16 +26,21 @@ from .service.limits import UserLimits
 from .service.store import JobRecord, JobStore
 from .service.training import TrainingService
 
+log = logging.getLogger(__name__)
+
 STORAGE_PROBE_BYTES = 64 * 1024
+HASH_WAIT_S = 30.0  # how long saving a PNG waits for its files' hashes (a 2 GB file hashes in a few seconds)
 
 
 class Studio:
     def __init__(self, config: StudioConfig):
         self.config = config
         self.engine = Engine(config)
+        # A1111's hashes of model files, computed once per file in its own thread (see engine/hashes.py).
+        self.hasher = Hasher(Path(config.data_dir) / "hashes.json")
         self.outputs_dir = Path(config.data_dir) / "outputs"
         self.store = JobStore(Path(config.data_dir) / "studio.db")
-        self.jobs = JobService(self.store, self.engine.run_batch, self.save, max_queue=config.max_queue,
+        self.jobs = JobService(self.store, self._run_batch, self.save, max_queue=config.max_queue,
                                workers=config.workers, validate=self.validate, identify=self.weights_identity,
                                cache_entries=config.cache_entries, time_limit_s=config.job_time_limit_s,
                                batch_images=config.batch_images,
@@ -46,17 +54,38 @@ class Studio:
 
     def generate(self, request: GenerationRequest, on_step: StepCallback | None = None,
                  cancel: CancelFlag | None = None) -> GenerationResult:
+        self._queue_hashes(request)
         return self.engine.run(request, on_step=on_step, cancel=cancel)
 
+    def _run_batch(self, items: list[WorkItem]) -> list[GenerationResult]:
+        """The job service's runner (in its worker thread): the run's files are queued for hashing first, so they
+        hash while the model loads, and `save` finds them done."""
+        for item in items:
+            self._queue_hashes(item.request)
+        return self.engine.run_batch(items)
+
+    def _queue_hashes(self, request: GenerationRequest) -> None:
+        try:
+            queue_hashes(self.hasher, run_files(request, self.config))
+        except Exception:  # noqa: BLE001 (hashes only label the PNG: never a reason to fail the run)
+            log.warning("could not queue the hashes of a run's files", exc_info=True)
+
     def save(self, result: GenerationResult, folder: Path | None = None) -> list[Path]:
-        """Each image as a PNG carrying the parameters that reproduce it on its own."""
+        """Each image as a PNG carrying the parameters that reproduce it on its own, and the A1111 hashes of the
+        files it was made with (waiting up to HASH_WAIT_S for them; runs in a worker thread, never the loop)."""
+        try:
+            hashes = collect_hashes(self.hasher, run_files(result.request, self.config), HASH_WAIT_S)
+        except Exception:  # noqa: BLE001 (the images are worth saving without their files' hashes)
+            log.warning("saving without the files' hashes", exc_info=True)
+            hashes = None
         folder = Path(folder or self.outputs_dir / datetime.now().strftime("%Y-%m-%d"))
         folder.mkdir(parents=True, exist_ok=True)
         stamp = f"{time.strftime('%H%M%S')}-{secrets.token_hex(3)}"  # jobs batched together share second and seed
         paths = []
         for index, (image, seed) in enumerate(zip(result.images, result.seeds)):
             path = folder / f"{stamp}-{result.request.mode.value}-{seed}-{index}.png"
-            paths.append(save_png(path, image, image_request(result.request, seed), seed, result.request.model))
+            paths.append(save_png(path, image, image_request(result.request, seed), seed, result.request.model,
+                                  hashes))
         return paths
 
     def weights_identity(self, request: GenerationRequest) -> str:
@@ -139,7 +168,14 @@ class Studio:
         self.store.probe()
 
     def models(self) -> list[dict]:
-        return list_models(self.config)
+        """The models listing; its files not hashed yet are queued behind run-time hashing."""
+        rows = list_models(self.config)
+        queue_listed(self.hasher, self.config)
+        return rows
+
+    def hash_lookup(self) -> HashLookup:
+        """Short hash -> a listed model's name, from known hashes only (for PNG info; call off the event loop)."""
+        return hash_lookup(self.hasher, self.config)
 
     def loras(self) -> list[str]:
         return list_loras(self.config)

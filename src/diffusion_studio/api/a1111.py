@@ -5,16 +5,22 @@ accepted and ignored, as A1111 itself ignores what a script doesn't use. Work go
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..engine.metadata import a1111_parameters, read_png_text
+from ..engine.hashes import autov2
+from ..engine.library import TITLE_HASH
+from ..engine.metadata import a1111_fields, find_hashes, hash_report, read_png_text
+from ..engine.resources import listed_files
 from ..requests import GenerationRequest, Mode, RequestError, decode_image, image_to_base64
 from ..samplers import KARRAS_SUFFIX, SAMPLERS
 from ..service.outcomes import JobError, StudioError, classify
@@ -72,7 +78,7 @@ def to_request_fields(body: Txt2ImgBody, default_model: str) -> dict[str, Any]:
     if body.scheduler == "Karras" and sampler + KARRAS_SUFFIX in SAMPLERS:
         sampler += KARRAS_SUFFIX
     fields: dict[str, Any] = {
-        "model": body.override_settings.sd_model_checkpoint or default_model,
+        "model": checkpoint_name(body.override_settings.sd_model_checkpoint) or default_model,
         "prompt": body.prompt, "negative_prompt": body.negative_prompt, "steps": body.steps,
         "guidance": body.cfg_scale, "seed": body.seed, "scheduler": sampler, "batch_size": body.batch_size,
         "width": body.width, "height": body.height,
@@ -88,6 +94,22 @@ def to_request_fields(body: Txt2ImgBody, default_model: str) -> dict[str, Any]:
         if body.mask:
             fields.update(mask_image=body.mask, mask_blur=body.mask_blur)
     return {k: v for k, v in fields.items() if v is not None}
+
+
+def checkpoint_name(title: str | None) -> str | None:
+    """A1111 clients name a checkpoint by its sd-models title, "name.safetensors [abcdef1234]": the name part."""
+    return TITLE_HASH.sub("", title).strip() if title else title
+
+
+def sd_model(row: dict, file: Path | None, sha256: str | None) -> dict[str, Any]:
+    """One checkpoint as A1111's sd-models lists it. A1111's title is the file name relative to its folder plus
+    the AUTOV2 hash once known; `filename` is relative to its models folder here (A1111 gives the absolute path,
+    which is the server's business)."""
+    name = row["name"] + file.suffix if file else row["name"]
+    short = autov2(sha256) if sha256 else None
+    return {"title": f"{name} [{short}]" if short else name,
+            "model_name": os.path.splitext(name.replace("/", "_").replace("\\", "_"))[0] if file else name,
+            "hash": short, "sha256": sha256, "filename": row.get("path") or name, "config": None}
 
 
 # GenerationRequest fields -> the A1111 fields they came from, so a refusal names what the client sent.
@@ -135,8 +157,7 @@ def build_router(studio: Studio) -> APIRouter:
             paths = studio.image_paths(outcome.result.get("image_ids", []))
             images += [base64.b64encode(path.read_bytes()).decode() for path in paths]
             seeds += outcome.result.get("seeds", [])
-            infotexts += [a1111_parameters(job_request, seed, *_size(path), job_request.model) for path, seed in
-                          zip(paths, outcome.result.get("seeds", []))]
+            infotexts += [_infotext(path) for path in paths]  # as the PNG has it, hashes included
             if not outcome.ok:  # interrupted: A1111 returns what was made so far
                 break
         info = {"prompt": job_request.prompt, "negative_prompt": job_request.negative_prompt,
@@ -200,13 +221,26 @@ def build_router(studio: Studio) -> APIRouter:
         except ValueError as exc:
             raise RequestError("image", str(exc)) from None
         text = read_png_text(image)
-        return {"info": text.get("parameters", ""), "items": text, "parameters": {}}
+        info = text.get("parameters", "")
+        # The hashes it names are looked up among the listed models' known hashes (reads folders: off the loop).
+        matches = await asyncio.to_thread(find_hashes, info, studio.hash_lookup()) if info else []
+        parameters = a1111_fields(info) if info else {}
+        found = next((match.local for match in matches if match.kind == "checkpoint" and match.local), None)
+        if found:
+            parameters["Model"] = found
+        return {"info": info, "items": text, "parameters": parameters, **hash_report(matches)}
 
     @router.get("/sd-models", operation_id="a1111_sd_models")
     def sd_models() -> list[dict]:
-        return [{"title": row["name"], "model_name": row["name"], "hash": None, "sha256": None,
-                 "filename": row["description"], "config": None}
-                for row in studio.models() if row["role"] == "base"]
+        """Checkpoints as A1111 lists them; a file not hashed yet shows hash null and is queued (never hashed on
+        the request)."""
+        rows = [row for row in studio.models() if row.get("kind", row.get("role")) in ("checkpoint", "base")]
+        files = listed_files(studio.config, "checkpoint")
+        models = []
+        for row in rows:
+            file = files.get(("checkpoint", row["name"]))
+            models.append(sd_model(row, file, studio.hasher.known(file) if file else None))
+        return models
 
     @router.get("/samplers", operation_id="a1111_samplers")
     def samplers() -> list[dict]:
@@ -215,6 +249,6 @@ def build_router(studio: Studio) -> APIRouter:
     return router
 
 
-def _size(path) -> tuple[int, int]:
+def _infotext(path) -> str:
     with Image.open(path) as image:
-        return image.size
+        return read_png_text(image).get("parameters", "")

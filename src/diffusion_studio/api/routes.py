@@ -8,7 +8,7 @@ import io
 import json
 import sqlite3
 import zipfile
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, WebSocket, WebSocketDisconnect
@@ -19,7 +19,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
-from ..engine.metadata import read_png_text, request_from_png
+from ..engine.metadata import HashLookup, hash_report, png_parameters, read_png_text
 from ..requests import GenerationRequest, RequestError, decode_image, describe_validation_error, image_to_base64
 from ..service.jobs import JobEvent, JobNotFound, QueueFull
 from ..service.limits import LimitExceeded
@@ -67,9 +67,12 @@ def error_json(exc: BaseException) -> dict[str, Any]:
     return {"kind": "error", "error": error.kind.value, "field": error.field, "detail": error.text()}
 
 
-async def png_info_of(request: Request, max_pixels: int) -> dict[str, Any]:
+async def png_info_of(request: Request, max_pixels: int,
+                      lookup: Callable[[], HashLookup] | None = None) -> dict[str, Any]:
     """Parameters and text chunks of a PNG sent as multipart `file` or JSON {"image": base64}, decoded by the same
-    safe decoder as generation inputs."""
+    safe decoder as generation inputs. An A1111 PNG's hashes name the local models found by `lookup` (which reads
+    the models folders, so the parsing runs off the event loop); `model_found` says whether its checkpoint is
+    here (None: the PNG names no hash)."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         try:
             form = await request.form()
@@ -89,13 +92,14 @@ async def png_info_of(request: Request, max_pixels: int) -> dict[str, Any]:
         raise RequestError("image", str(exc)) from None
     text = read_png_text(image)
     try:
-        parameters = request_from_png(image).parameters()
+        parsed, matches = await asyncio.to_thread(png_parameters, image, lookup() if lookup else None)
+        parameters = parsed.parameters()
     except ValidationError as exc:
         raise RequestError("image", f"carries parameters that are not valid: {describe_validation_error(exc)}") \
             from None
     except ValueError as exc:
         raise RequestError("image", str(exc)) from None
-    return {"parameters": parameters, "text": text}
+    return {"parameters": parameters, "text": text, **hash_report(matches)}
 
 
 def build_router(studio: Studio) -> APIRouter:
@@ -284,7 +288,7 @@ def build_router(studio: Studio) -> APIRouter:
     @router.post("/png-info", tags=["history"], operation_id="png_info", openapi_extra=PNG_INFO_BODY)
     async def png_info(request: Request) -> dict:
         """Parameters of a PNG (ours or A1111's): upload it as multipart `file`, or send {"image": base64}."""
-        return await png_info_of(request, studio.config.limits.max_input_pixels)
+        return await png_info_of(request, studio.config.limits.max_input_pixels, studio.hash_lookup)
 
     return router
 
