@@ -171,9 +171,11 @@ def measure(loader: str, variant: str, path: Path, work: Path, limit_gb: float, 
     detected, detect_s = detect(loader, path)
     started = time.perf_counter()
     if loader == "studio":
+        from diffusion_studio.requests import ModelLoadError, RequestError
+
         try:
             pipe = load_with_studio(path, work)
-        except Exception as exc:  # the studio's loader not there yet: say so, measure nothing in its name
+        except (RequestError, ModelLoadError) as exc:  # the studio refuses the file: say so, measure nothing
             return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     else:
         pipe = load_with_diffusers(path, variant)
@@ -211,7 +213,7 @@ def run_child(loader: str, variant: str, path: Path, args) -> dict:
     command = [sys.executable, __file__, "--measure", loader, variant, str(path), "--work", str(args.work),
                "--limit-gb", str(args.limit_gb), "--steps", str(args.steps)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", TOKENIZERS_PARALLELISM="false")
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     last = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if not last:
         return {"error": f"exit {done.returncode}: {done.stderr.strip()[-400:]}"}
@@ -221,8 +223,8 @@ def run_child(loader: str, variant: str, path: Path, args) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| variant | loader | detected | detect s | load s | peak RSS GB | RSS / file | RSS / weights | "
-             "UNet step s (512 px, CFG) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| variant | loader | detected | detect s | load s | peak RSS GB | RSS / file | RSS / weights | "
+              "UNet step s (512 px, CFG) |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r or "aborted" in r:
             lines.append(f"| {r['variant']} | {r['loader']} | {r.get('error') or r.get('aborted')} |||||||")
