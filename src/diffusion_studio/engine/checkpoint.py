@@ -26,7 +26,11 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
-from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING, LDM_CONTROLNET_KEY, LDM_UNET_KEY
+from diffusers.loaders.single_file_utils import (
+    DIFFUSERS_TO_LDM_MAPPING,
+    LDM_CONTROLNET_KEY,
+    LDM_UNET_KEY,
+)
 from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
