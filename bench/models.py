@@ -42,6 +42,7 @@ class RssTracer:
 
         self.process = psutil.Process()
         self.samples: list[tuple[float, int]] = []
+        self.peak_anon = 0  # RSS less its file-backed pages (a mapped checkpoint's pages count in RSS too)
         self.calls: list[dict] = []
         self.limit = limit_bytes
         self.depth = 0
@@ -49,7 +50,9 @@ class RssTracer:
 
     def _sample(self):
         while True:
-            rss = self.process.memory_info().rss
+            info = self.process.memory_info()
+            rss = info.rss
+            self.peak_anon = max(self.peak_anon, rss - info.shared)
             self.samples.append((time.perf_counter(), rss))
             if rss > self.limit:
                 print(json.dumps({"aborted": f"RSS {rss / GB:.1f} GB passed the {self.limit / GB:.1f} GB limit",
@@ -181,8 +184,11 @@ def measure(loader: str, variant: str, path: Path, work: Path, limit_gb: float, 
         pipe = load_with_diffusers(path, variant)
     load_s = time.perf_counter() - started
     load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    time.sleep(0.05)  # one more sample
+    load_anon = tracer.peak_anon
     weights = module_bytes(pipe.components.values())
     return {"detected": detected, "detect_s": detect_s, "load_s": load_s, "peak_rss": load_peak,
+            "peak_anon": load_anon,
             "weights_bytes": weights, "weights_dtype": str(pipe.unet.dtype).removeprefix("torch."),
             "pipeline": type(pipe).__name__, "unet_step_s": unet_step_s(pipe, steps),
             "calls": tracer.calls}
@@ -224,14 +230,14 @@ def run_child(loader: str, variant: str, path: Path, args) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = [("| variant | loader | detected | detect s | load s | peak RSS GB | RSS / file | RSS / weights | "
-              "UNet step s (512 px, CFG) |"), "|---|---|---|---|---|---|---|---|---|"]
+              "peak anon GB | UNet step s (512 px, CFG) |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r or "aborted" in r:
             lines.append(f"| {r['variant']} | {r['loader']} | {r.get('error') or r.get('aborted')} |||||||")
             continue
         lines.append(f"| {r['variant']} | {r['loader']} | {r['detected']} | {r['detect_s']:.3f} | {r['load_s']:.1f} | "
                      f"{r['peak_rss'] / GB:.2f} | {r['peak_rss'] / r['file_bytes']:.2f}× | "
-                     f"{r['peak_rss'] / r['weights_bytes']:.2f}× | {r['unet_step_s']:.1f} |")
+                     f"{r['peak_rss'] / r['weights_bytes']:.2f}× | {r['peak_anon'] / GB:.2f} | {r['unet_step_s']:.1f} |")
     return "\n".join(lines)
 
 
