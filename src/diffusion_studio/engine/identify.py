@@ -122,6 +122,8 @@ def misplaced_message(path: Path, found: FileKind) -> str:
 class Header:
     tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]  # flattened name -> (shape, dtype)
     global_step: int | None = None
+    data_start: int = 0  # safetensors: where the data begins, and each tensor's byte range after that
+    offsets: dict[str, tuple[int, int]] | None = None
 
 
 def read_header(path: Path) -> Header:
@@ -166,7 +168,8 @@ def _safetensors_header(path: Path) -> Header:
 
         with safe_open(str(path), "pt") as f:
             step = int(f.get_tensor("global_step").reshape(-1)[0])
-    return Header(tensors, step)
+    offsets = {name: tuple(entry["data_offsets"]) for name, entry in entries.items()}
+    return Header(tensors, step, 8 + length, offsets)
 
 
 def load_weights_only(path: Path):
@@ -239,7 +242,7 @@ class MetaTensors(Mapping):
 
 def classify(path: Path, header: Header) -> FileKind:
     tensors = header.tensors
-    dtype = _dominant_dtype(path, tensors)
+    dtype = dominant_dtype(path, tensors)
     names = list(tensors)
     joined = "\n" + "\n".join(names)
     if ("lora" in joined or "hada_" in joined or "lokr_" in joined) and LORA_NAMES.search(joined):
@@ -286,7 +289,7 @@ def classify(path: Path, header: Header) -> FileKind:
                                 "like a checkpoint, ControlNet, LoRA, embedding or VAE)")
 
 
-def _dominant_dtype(path: Path, tensors) -> str:
+def dominant_dtype(path: Path, tensors) -> str:
     bytes_by_dtype: dict[torch.dtype, int] = {}
     for shape, dtype in tensors.values():
         bytes_by_dtype[dtype] = bytes_by_dtype.get(dtype, 0) + math.prod(shape) * dtype.itemsize

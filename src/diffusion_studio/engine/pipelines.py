@@ -27,6 +27,7 @@ from ..samplers import SAMPLERS
 from .control import Estimator, EstimatorKind, load_estimator
 from .embeddings import load_into as load_embedding
 from .loras import check_lora_file
+from . import single_file
 from .sources import ModelSource, resolve
 from .invariance import make_batch_invariant, make_pipeline_batch_invariant
 
@@ -67,10 +68,14 @@ def pick_device(preference: str) -> torch.device:
     return torch.device("cpu")
 
 
-def pick_dtype(preference: str, device: torch.device) -> torch.dtype:
+def pick_dtype(preference: str, device: torch.device, file_dtype: str | None = None) -> torch.dtype:
+    """The dtype to load weights in. `auto`: fp32 on the CPU (diffusers' safe default); on an accelerator the
+    file's own dtype when it is fp16 or bf16 (`file_dtype`, a single file's), else fp16."""
     if preference != "auto":
         return getattr(torch, preference)
-    return torch.float32 if device.type == "cpu" else torch.float16  # diffusers' safe default: CPU stays fp32
+    if device.type == "cpu":
+        return torch.float32
+    return getattr(torch, file_dtype) if file_dtype in ("float16", "bfloat16") else torch.float16
 
 
 def estimator_source(kind: EstimatorKind, folder: str) -> ModelSource:
@@ -266,19 +271,23 @@ class PipelineManager:
     def _load(self, source: ModelSource) -> LoadedModel:
         kwargs = {"dtype": self.dtype}
         try:
+            if source.kind == "single_file":
+                # offline, component by component (engine/single_file.py); fp16/bf16 files stay so on a GPU
+                file_kind = source.file_kind or single_file.configured_kind(Path(source.location), source.role,
+                                                                            source.family)
+                kwargs["dtype"] = pick_dtype(self.config.dtype, self.device, file_kind.dtype)
             if source.role == "controlnet":
                 if source.kind == "single_file":
-                    model = ControlNetModel.from_single_file(source.location, config=str(source.config_folder),
-                                                             local_files_only=True, **kwargs)
+                    model = single_file.load_controlnet(Path(source.location), file_kind, kwargs["dtype"],
+                                                        source.config_folder)
                 else:
                     model = ControlNetModel.from_pretrained(source.location, **kwargs)
                 model.to(self.device)
                 make_batch_invariant(model)
                 return LoadedModel(source, controlnet=model, weight_bytes=module_bytes([model]))
             if source.kind == "single_file":
-                family_cls = MODE_PIPELINES[source.family][Mode.txt2img]
-                pipe = family_cls.from_single_file(source.location, config=str(source.config_folder),
-                                                   local_files_only=True, **kwargs)
+                pipe = single_file.load_base(Path(source.location), file_kind, kwargs["dtype"], source.config_folder,
+                                             prediction_type=self._configured_prediction(source))
             else:
                 pipe = DiffusionPipeline.from_pretrained(source.location, **kwargs)
         except OSError as exc:
@@ -301,6 +310,11 @@ class PipelineManager:
         make_pipeline_batch_invariant(pipe.components)  # so cross-user batches give each job its lone-run bits
         return LoadedModel(source, pipeline=pipe, weight_bytes=module_bytes(pipe.components.values()),
                            adapters=AdapterGate(pipe))
+
+    def _configured_prediction(self, source: ModelSource) -> str | None:
+        """A configured model's `prediction_type` (SD 2.x 512-ε and 768-v files have the same tensors), if set."""
+        entry = self.config.models.get(source.name)
+        return getattr(entry, "prediction_type", None)
 
     @staticmethod
     def _load_estimator(kind: EstimatorKind, source: ModelSource) -> LoadedModel:
