@@ -32,8 +32,12 @@ def _config(args):
             raise RequestError("config", f"config file '{args.config}' does not exist")
         os.environ["DS_CONFIG_FILE"] = args.config
 
-    overrides = {key: value for key, value in (("data_dir", args.data_dir), ("models_dir", args.models_dir),
-                                               ("device", args.device), ("dtype", args.dtype)) if value}
+    models_dirs = args.models_dir or []  # the first is the studio's own (imports land there), the rest are scanned
+    overrides = {key: value for key, value in (("data_dir", args.data_dir), ("models_dir", models_dirs[:1]),
+                                               ("models_dirs", models_dirs[1:]), ("device", args.device),
+                                               ("dtype", args.dtype)) if value}
+    if "models_dir" in overrides:
+        overrides["models_dir"] = overrides["models_dir"][0]
     return StudioConfig(**overrides)
 
 
@@ -134,9 +138,13 @@ def cmd_train_lora(args) -> int:
 def cmd_models(args) -> int:
     from .studio import Studio
 
-    for row in Studio(_config(args)).models():
-        print(f"{row['name']:<28} {row['role']:<10} {row['family'] or '?':<5} {row['origin']:<30} "
-              f"{row['description']}")
+    for row in Studio(_config(args)).models(args.kind):
+        if row["usable"]:
+            where = f"{row['origin']}: {row['path']}" if row["path"] else row["origin"]
+            status = f"ok ({where})" if row["path"] else where
+        else:
+            status = f"unusable ({row['path']}): {row['reason']}"
+        print(f"{row['name']:<32} {row['kind']:<10} {row['family'] or '?':<5} {status}")
     return 0
 
 
@@ -185,7 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="TOML config file (also DS_CONFIG_FILE); see README for the keys")
     common.add_argument("--data-dir", help="history, outputs, built-in stand-ins (default: ./data)")
-    common.add_argument("--models-dir", help="folder scanned for models (default: ./models)")
+    common.add_argument("--models-dir", action="append", metavar="FOLDER",
+                        help="models folder: the studio's own, or an A1111/Forge or ComfyUI install (default: "
+                             "./models); give it again for more folders, scanned in order (the first is where "
+                             "imports land; a name in an earlier folder wins)")
     common.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
     common.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -266,7 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     for parser_ in (add, token, users_sub.choices["list"]):
         parser_.set_defaults(func=cmd_users)
 
-    models = sub.add_parser("models", parents=[common], help="list built-in, configured and found models")
+    models = sub.add_parser("models", parents=[common], help="list built-in, configured and found models of every "
+                                                             "kind, with the reason a file can't be used")
+    models.add_argument("--kind", choices=["checkpoint", "controlnet", "lora", "vae", "embedding"])
     models.set_defaults(func=cmd_models)
     return parser
 

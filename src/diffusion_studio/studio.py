@@ -19,7 +19,8 @@ from .engine.hashes import Hasher
 from .engine.metadata import HashLookup, image_request, save_png
 from .engine.resources import collect_hashes, hash_lookup, queue_hashes, queue_listed, run_files
 from .engine.runner import CancelFlag, Engine, StepCallback, WorkItem
-from .engine.sources import list_loras, list_models
+from .engine.library import LibraryEntry, import_model, library_for
+from .engine.sources import list_loras, list_models, resolve
 from .requests import GenerationRequest, GenerationResult, RequestError
 from .service.jobs import JobNotFound, JobService
 from .service.limits import UserLimits
@@ -167,9 +168,9 @@ class Studio:
             probe.unlink(missing_ok=True)
         self.store.probe()
 
-    def models(self) -> list[dict]:
+    def models(self, kind: str | None = None) -> list[dict]:
         """The models listing; its files not hashed yet are queued behind run-time hashing."""
-        rows = list_models(self.config)
+        rows = list_models(self.config, kind)
         queue_listed(self.hasher, self.config)
         return rows
 
@@ -180,6 +181,35 @@ class Studio:
     def loras(self) -> list[str]:
         return list_loras(self.config)
 
+    def model_entries(self, kind: str | None = None) -> list[LibraryEntry]:
+        """The models folders' entries (with their LoRA metadata and embedding details), for the A1111 listings."""
+        return library_for(self.config).entries(kind)
+
+    def refresh_models(self) -> None:
+        """Read the models folders again (new, removed or changed files), as A1111's refresh buttons do."""
+        library_for(self.config).refresh()
+
+    def import_model(self, path: Path, *, file_name: str | None = None, name: str | None = None,
+                     kind: str | None = None, replace: bool = False, move: bool = False,
+                     field: str = "file") -> dict:
+        """Put a model file into the studio's own models folder once its header says what it is; its listing row.
+        `move`: `path` is a temporary file of ours (an upload); else it is copied. A loaded model is never replaced
+        (ModelConflict, as for a name that exists without `replace`)."""
+        entry = import_model(self.config, Path(path), file_name=file_name, name=name, kind=kind,
+                             replace_existing=replace, move=move, busy=self._model_busy, field_name=field)
+        return next(row for row in self.models(entry.kind) if row["name"] == entry.name and row["usable"])
+
+    def _model_busy(self, path: Path) -> str | None:
+        """Why the model file at `path` must not be replaced now: loaded, or in use by a running job."""
+        for row in self.engine.manager.loaded():
+            try:
+                location = Path(resolve(row["name"], self.config).location)
+            except RequestError:
+                continue  # an estimator, or a name no longer found
+            if location == Path(path):
+                return "in use by a running job" if row["in_use"] else "loaded (unload it first)"
+        return None
+
     def base_model_names(self) -> list[str]:
-        names = [row["name"] for row in self.models() if row["role"] == "base"]
+        names = [row["name"] for row in self.models("checkpoint") if row["role"] == "base" and row["usable"]]
         return names if self.config.default_model in names else [self.config.default_model, *names]

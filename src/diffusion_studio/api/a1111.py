@@ -242,6 +242,38 @@ def build_router(studio: Studio) -> APIRouter:
             models.append(sd_model(row, file, studio.hasher.known(file) if file else None))
         return models
 
+    @router.get("/loras", operation_id="a1111_loras")
+    def loras() -> list[dict]:
+        """LoRAs as A1111's Lora extension lists them (`metadata`: the file's kohya training notes); `path` is
+        relative to its models folder."""
+        return [{"name": entry.name, "alias": entry.details.get("metadata", {}).get("ss_output_name") or entry.stem,
+                 "path": entry.relative, "metadata": entry.details.get("metadata", {})}
+                for entry in studio.model_entries("lora") if entry.usable]
+
+    @router.get("/sd-vae", operation_id="a1111_sd_vae")
+    def sd_vae() -> list[dict]:
+        return [{"model_name": entry.name, "filename": entry.relative}
+                for entry in studio.model_entries("vae") if entry.usable]
+
+    @router.get("/embeddings", operation_id="a1111_embeddings")
+    def embeddings() -> dict:
+        """Textual-inversion embeddings as A1111 reports them; unusable files are `skipped`."""
+        found: dict[str, dict] = {"loaded": {}, "skipped": {}}
+        for entry in studio.model_entries("embedding"):
+            details = {key: entry.details.get(key) for key in ("step", "sd_checkpoint", "sd_checkpoint_name",
+                                                                 "shape", "vectors")}
+            found["loaded" if entry.usable else "skipped"][entry.name] = details
+        return found
+
+    def refresh() -> None:
+        studio.refresh_models()
+
+    for route, operation in (("/refresh-checkpoints", "a1111_refresh_checkpoints"),
+                             ("/refresh-loras", "a1111_refresh_loras"), ("/refresh-vae", "a1111_refresh_vae"),
+                             ("/refresh-embeddings", "a1111_refresh_embeddings")):
+        router.add_api_route(route, refresh, methods=["POST"], operation_id=operation,
+                             summary="Read the models folders again")
+
     @router.get("/samplers", operation_id="a1111_samplers")
     def samplers() -> list[dict]:
         return [{"name": name, "aliases": [], "options": options} for name, (_, options) in SAMPLERS.items()]

@@ -63,16 +63,21 @@ async def json_object(request: Request) -> dict[str, Any]:
     return data
 
 
+# Routes that bound their own bodies: a model import streams GBs to disk under limits.max_model_upload_bytes
+# (api/uploads.py), checking its first bytes as they arrive.
+OWN_LIMIT_ROUTES = frozenset({("POST", "/api/v1/models")})
+
+
 class BodyLimit:
     """ASGI middleware: a body over `max_bytes` is refused with 413 before it is parsed; by its Content-Length
-    when it has one, else as soon as the bytes read pass the limit."""
+    when it has one, else as soon as the bytes read pass the limit. `OWN_LIMIT_ROUTES` are left to their own."""
 
     def __init__(self, app, max_bytes: int):
         self.app = app
         self.max_bytes = max_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (scope.get("method"), scope.get("path", "").rstrip("/")) in OWN_LIMIT_ROUTES:
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers", [])).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):

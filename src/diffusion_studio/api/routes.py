@@ -8,18 +8,20 @@ import io
 import json
 import sqlite3
 import zipfile
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from ..engine.metadata import HashLookup, hash_report, png_parameters, read_png_text
+from ..engine.library import KINDS, Kind, ModelConflict
 from ..requests import GenerationRequest, RequestError, decode_image, describe_validation_error, image_to_base64
 from ..service.jobs import JobEvent, JobNotFound, QueueFull
 from ..service.limits import LimitExceeded
@@ -27,7 +29,8 @@ from ..service.outcomes import StudioError, classify
 from ..service.store import JobRecord
 from ..studio import Studio
 from .access import current_user, require_admin
-from .bodies import ERROR_RESPONSES, error_response, json_body, json_object
+from .bodies import ERROR_RESPONSES, ErrorBody, error_response, json_body, json_object
+from .uploads import receive_model_upload
 
 
 class JobCreated(BaseModel):
@@ -38,6 +41,61 @@ class JobCreated(BaseModel):
 
 class PngInfoBody(BaseModel):
     image: str = Field(description="base64 PNG (or a data URL)")
+
+
+class ImportBody(BaseModel):
+    """Import a model file that is already on the server (admin only): it is copied, the original stays."""
+
+    model_config = {"extra": "forbid"}
+
+    path: str = Field(description="the model file on the server (.safetensors, or a weights-only .ckpt/.pt/.bin)")
+    name: str | None = Field(None, description="its name in the studio (default: the file name without suffix); "
+                                               "'/' makes a sub-folder")
+    kind: Kind | None = Field(None, description="what it must be; refused if the file is something else")
+    replace: bool = Field(False, description="replace a model of that name (never one that is loaded or in use)")
+
+
+IMPORT_BODY = json_body(ImportBody, ("multipart/form-data", {"schema": {
+    "type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary"}, "name": {"type": "string"},
+        "kind": {"type": "string", "enum": list(KINDS)}, "replace": {"type": "boolean"}}}}))
+IMPORT_RESPONSES = {409: {"model": ErrorBody, "description": "The name exists (send replace), or that model is "
+                                                             "loaded or in use"},
+                    403: {"model": ErrorBody, "description": "Only an admin may import models"}}
+TRUE = ("1", "true", "yes", "on")
+
+
+def conflict_response(exc: ModelConflict) -> JSONResponse:
+    """409: the import would replace a model (or one that is loaded / in use); the outcome table has no such
+    kind, as no job ever ends this way."""
+    body = ErrorBody(detail=f"{exc.field}: {exc.message}", kind="conflict", field=exc.field)
+    return JSONResponse(body.model_dump(), status_code=409)
+
+
+async def import_from(request: Request, studio: Studio) -> dict[str, Any]:
+    """A multipart upload (streamed to the data dir, its first bytes checked as they arrive) or JSON {"path"}; the
+    header is read and the kind detected before anything lands in the models folder."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        upload = await receive_model_upload(request, studio.config.data_dir / "imports",
+                                            studio.config.limits.max_model_upload_bytes)
+        try:
+            kind = upload.fields.get("kind") or None
+            if kind is not None and kind not in KINDS:
+                raise RequestError("kind", f"'{kind}' is not a kind; kinds: {', '.join(KINDS)}")
+            return await asyncio.to_thread(
+                studio.import_model, upload.path, file_name=upload.file_name, name=upload.fields.get("name") or None,
+                kind=kind, replace=upload.fields.get("replace", "").lower() in TRUE, move=True)
+        finally:
+            upload.path.unlink(missing_ok=True)
+    try:
+        body = ImportBody.model_validate(await json_object(request))
+    except ValidationError as exc:
+        raise RequestError("body", describe_validation_error(exc)) from None
+    path = Path(body.path).expanduser()
+    if not path.is_file():
+        raise RequestError("path", f"'{path.name}' is not a file on the server")
+    return await asyncio.to_thread(studio.import_model, path, name=body.name, kind=body.kind, replace=body.replace,
+                                   field="path")
 
 
 PNG_INFO_BODY = json_body(PngInfoBody, ("multipart/form-data", {"schema": {
@@ -260,9 +318,27 @@ def build_router(studio: Studio) -> APIRouter:
         return {"url": studio.share_link(image_id, user)}
 
     @router.get("/models", tags=["models"], operation_id="list_models")
-    def models() -> dict:
-        """Every model the studio can use, and which are loaded now."""
-        return {"available": studio.models(), "loaded": studio.loaded_models()}
+    def models(kind: Kind | None = Query(None, description="only this kind")) -> dict:
+        """Every model the studio knows, of every kind (or one): built-ins, configured ones and the models folders'
+        (usable or not, with the reason), and which are loaded now. Paths are relative to their models folder."""
+        return {"available": studio.models(kind), "loaded": studio.loaded_models()}
+
+    @router.post("/models", tags=["models"], operation_id="import_model", status_code=201,
+                 openapi_extra=IMPORT_BODY, responses=IMPORT_RESPONSES)
+    async def import_model(request: Request, admin: str = Depends(require_admin)):
+        """Import a model (admin only): a multipart upload (`file`, optional `name`, `kind`, `replace`) or JSON
+        {"path": a file on the server, ...}. Its header says what it is before anything is written; it lands in
+        the studio's own models folder, in its kind's folder, and is listed at once (the new row is returned)."""
+        try:
+            return JSONResponse(await import_from(request, studio), status_code=201)
+        except ModelConflict as exc:
+            return conflict_response(exc)
+
+    @router.post("/models/refresh", tags=["models"], operation_id="refresh_models")
+    def refresh_models(kind: Kind | None = Query(None, description="only this kind in the answer")) -> dict:
+        """Read the models folders again (files added, removed or changed in place), then list them."""
+        studio.refresh_models()
+        return {"available": studio.models(kind), "loaded": studio.loaded_models()}
 
     @router.post("/models/{name:path}/unload", tags=["models"], operation_id="unload_model")
     def unload(name: str, admin: str = Depends(require_admin)) -> dict:

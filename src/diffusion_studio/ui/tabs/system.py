@@ -12,6 +12,7 @@ import torch
 
 from ...service.store import JobStatus
 from ...studio import Studio
+from . import models
 
 
 def device_text(studio: Studio) -> str:
@@ -52,6 +53,7 @@ def build(studio: Studio, is_admin: Callable[[str], bool]) -> None:
             unload = gr.Button("Unload", scale=1)
             refresh = gr.Button("Refresh", scale=1)
         errors = gr.Dataframe(headers=["when", "prompt", "error"], interactive=False, label="Recent errors")
+        models.build(studio, is_admin, tab)
 
         def snapshot(request: gr.Request):
             models = studio.loaded_models()
