@@ -172,7 +172,8 @@ def test_full_size_random_checkpoint_file(full_size_checkpoints):
     assert full_size_checkpoints("v1") == path  # built once per run
     shapes = checkpoint_shapes("v1")
     with safe_open(path, "pt") as f:
-        assert {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict) == shapes
+        header = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (a handle, not a dict)
+        assert header == shapes
         weight = f.get_tensor("model.diffusion_model.input_blocks.0.0.weight")
     assert weight.dtype == torch.float16 and 0.01 < weight.float().std() < 0.03
     assert path.stat().st_size == pytest.approx(weights_bytes("v1", torch.float16), rel=1e-3)  # + the header
@@ -192,3 +193,18 @@ def test_full_size_controlnet_loads_in_diffusers_as_a_pickle_and_bf16(full_size_
         hint = f.get_tensor("control_model.input_hint_block.14.weight")
     assert hint.dtype == torch.bfloat16
     assert torch.equal(controlnet.controlnet_cond_embedding.conv_out.weight, hint.float())
+
+
+def test_full_size_sd2_file_with_the_published_extras_loads_its_text_encoder(full_size_checkpoints):
+    """SD 2 files carry a 24th OpenCLIP layer and a text projection that diffusers' 23-layer model has no place
+    for; its conversion must skip them (so must any loader)."""
+    path = full_size_checkpoints("v2")
+    with safe_open(path, "pt") as f:
+        text = {k: f.get_tensor(k) for k in f.keys() if k.startswith("cond_stage_model.")}  # noqa: SIM118
+    assert "cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight" in text
+    encoder = create_diffusers_clip_model_from_ldm(CLIPTextModel, text, subfolder="text_encoder",
+                                                   config=str(config_folder("v2")), local_files_only=True)
+    assert encoder.config.num_hidden_layers == 23
+    q, _, v = text["cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight"].chunk(3)
+    layer = encoder.encoder.layers[22].self_attn
+    assert torch.equal(layer.q_proj.weight, q) and torch.equal(layer.v_proj.weight, v)
