@@ -23,7 +23,7 @@ from diffusion_studio import studio as studio_module
 from diffusion_studio.config import StudioConfig
 from diffusion_studio.engine.checkpoint import export_single_file
 from diffusion_studio.engine.hashes import ADDNET, Hasher
-from diffusion_studio.requests import GenerationResult, Timings
+from diffusion_studio.requests import GenerationRequest, GenerationResult, Timings
 from servers import serving
 
 MB = 2**20
@@ -332,3 +332,40 @@ def test_saving_waits_for_the_runs_hash_within_a_bound(served, library, tmp_path
         assert "not hashed within" in caplog.text
     finally:
         late.unlink()
+
+
+def test_a_runs_vae_lora_and_embeddings_are_found_and_hashed_as_a1111_does(tmp_path, library, sd_folder, data_dir):
+    """run_files resolves what a request names the way the engine does; collect_hashes shortens each as A1111:
+    VAE 10 hex of the sha256, LoRA 12 of the addnet hash, embedding 12 of the sha256."""
+    from diffusers import AutoencoderKL
+
+    from diffusion_studio.engine.checkpoint import vae_to_ldm
+    from diffusion_studio.engine.resources import collect_hashes, run_files
+
+    models = tmp_path / "models"
+    for kind in ("vae", "embeddings", "loras"):
+        (models / kind).mkdir(parents=True)
+    vae = models / "vae" / "tiny-vae.safetensors"
+    save_file({k: v.contiguous() for k, v in vae_to_ldm(AutoencoderKL.from_pretrained(sd_folder, subfolder="vae"))
+               .items()}, str(vae))
+    embedding = models / "embeddings" / "shiny.safetensors"
+    save_file({"emb_params": torch.randn(2, 768, generator=torch.Generator().manual_seed(2))}, str(embedding))
+    lora = models / "loras" / "tiny-lora.safetensors"
+    shutil.copy(library / "loras" / "tiny-lora.safetensors", lora)
+    config = StudioConfig(data_dir=data_dir, models_dir=models)
+    asked = GenerationRequest(prompt="a shiny red circle <lora:tiny-lora:0.3>", negative_prompt="blurry",
+                              vae="tiny-vae")
+    files = run_files(asked, config)
+    assert (files.model, files.vae, files.loras, files.embeddings) == (
+        None, vae, {"tiny-lora": lora}, {"shiny": embedding})  # a built-in base is no single file
+    assert run_files(GenerationRequest(prompt="shinyness"), config).embeddings == {}  # words, not substrings
+
+    hasher = Hasher(tmp_path / "hashes.json")
+    try:
+        hashes = collect_hashes(hasher, files, 30)
+    finally:
+        hasher.close()
+    raw = lora.read_bytes()
+    assert hashes.model is None and hashes.vae == sha256(vae.read_bytes())[:10]
+    assert hashes.loras == {"tiny-lora": sha256(raw[8 + int.from_bytes(raw[:8], "little"):])[:12]}
+    assert hashes.embeddings == {"shiny": sha256(embedding.read_bytes())[:12]}
