@@ -52,11 +52,14 @@ def test_an_embedding_changes_prompts_that_name_it_and_no_other(ti_engine, model
     other = "a red circle on white"
     before_image = pixels(ti_engine, model=model, prompt=other)
     before = embeddings_of(ti_engine, model, other)
+    longer_word = f"a red circle, {name}x"  # contains the name, but not as a word: A1111 doesn't use it either
+    longer_before = embeddings_of(ti_engine, model, longer_word)
     named = pixels(ti_engine, model=model, prompt=f"a red circle, {name}")  # loads it
-    assert not np.array_equal(named, pixels(ti_engine, model=model, prompt=f"a red circle, {name}x"))
+    assert not np.array_equal(named, pixels(ti_engine, model=model, prompt=longer_word))
     with ti_engine.manager.use(model) as (base, _):
         assert name in base.pipeline.tokenizer.get_added_vocab()
     assert torch.equal(embeddings_of(ti_engine, model, other), before)
+    assert torch.equal(embeddings_of(ti_engine, model, longer_word), longer_before)
     assert np.array_equal(pixels(ti_engine, model=model, prompt=other), before_image)
 
 

@@ -149,3 +149,13 @@ def test_a_batch_with_syntax_prompts_gives_each_its_lone_image(engine):
     assert [r.batched_with for r in together] == [2, 1, 2]  # the weighted one ran apart
     for request, result in zip((plain, weighted, other), together):
         assert np.array_equal(pixels(result), pixels(engine.run(request)))
+
+
+@pytest.mark.parametrize("model", ["builtin:shapes", "builtin:shapes-xl"])
+@pytest.mark.parametrize("mode", ["img2img", "inpaint", "controlnet"])
+def test_weighted_prompts_in_every_mode(engine, model, mode, shape_image, center_mask):
+    inputs = {"img2img": {"init_image": shape_image}, "inpaint": {"init_image": shape_image, "mask_image": center_mask},
+              "controlnet": {"control_image": shape_image}}[mode]
+    plain = run(engine, model=model, mode=mode, prompt="a blue circle", **inputs)
+    weighted = run(engine, model=model, mode=mode, prompt="a (blue:1.6) circle", **inputs)
+    assert not np.array_equal(plain, weighted)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from tokenizers import AddedToken
 
 from ..config import StudioConfig
 from ..requests import RequestError
@@ -51,7 +52,7 @@ def named_in(texts: list[str], names) -> list[str]:
     """The embedding names that appear in the texts as words (A1111 matches whole words, not substrings)."""
     wanted = []
     for name in names:
-        pattern = re.compile(rf"(?<![\w-]){re.escape(name)}(?![\w-])")
+        pattern = re.compile(rf"(?<!\w){re.escape(name)}(?!\w)")
         if any(pattern.search(text) for text in texts):
             wanted.append(name)
     return sorted(wanted)
@@ -115,3 +116,16 @@ def load_into(pipe, name: str, path: Path, model_name: str) -> None:
             pipe.load_textual_inversion(tensor, token=name, tokenizer=tokenizer, text_encoder=encoder)
         except ValueError as exc:  # e.g. the name is already a word of the tokenizer
             raise RequestError("prompt", f"embedding '{name}' can't be added: {exc}") from None
+        whole_words_only(tokenizer, name)
+
+
+def whole_words_only(tokenizer, name: str) -> None:
+    """An added token matches inside longer words ('style' in 'stylex'); A1111 matches whole words only, and a
+    prompt that doesn't name the embedding must encode as it did before it was loaded."""
+    vectors = re.compile(rf"{re.escape(name)}(_\d+)?")
+    tokens = []
+    for token in tokenizer.added_tokens_decoder.values():
+        if vectors.fullmatch(token.content) and not token.special:
+            tokens.append(AddedToken(token.content, single_word=True, lstrip=token.lstrip, rstrip=token.rstrip,
+                                     normalized=token.normalized))
+    tokenizer.add_tokens(tokens)
