@@ -91,9 +91,13 @@ async def import_from(request: Request, studio: Studio) -> dict[str, Any]:
         body = ImportBody.model_validate(await json_object(request))
     except ValidationError as exc:
         raise RequestError("body", describe_validation_error(exc)) from None
-    path = Path(body.path).expanduser()
-    if not path.is_file():
-        raise RequestError("path", f"'{path.name}' is not a file on the server")
+    try:
+        path = Path(body.path).expanduser()
+        found = path.is_file()
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a name too long, an unknown ~user
+        found = False
+    if not found:
+        raise RequestError("path", f"'{Path(body.path).name}' is not a file on the server")
     return await asyncio.to_thread(studio.import_model, path, name=body.name, kind=body.kind, replace=body.replace,
                                    field="path")
 

@@ -431,7 +431,8 @@ def import_model(config: StudioConfig, source: Path, *, file_name: str | None = 
                  busy: Callable[[Path], str | None] = lambda path: None, field_name: str = "file") -> LibraryEntry:
     """Identify `source` from its header, then put it in the studio's own models folder (its kind folder), under
     `name` (default: the file's stem). Atomic: written to a temporary name in the target folder, then renamed.
-    `move`: the source is ours to take (an upload's temporary file); else it is copied. `busy(path)` says why an
+    `move`: the source is ours to take (an upload's temporary file); else it is hard-linked when on the same disk
+    (the source folder is not written), copied otherwise. `busy(path)` says why an
     existing file must not be replaced ("loaded", "in use by a running job"), or None. Returns the new entry."""
     source = Path(source)
     file_name = file_name or source.name
@@ -472,6 +473,8 @@ def import_model(config: StudioConfig, source: Path, *, file_name: str | None = 
     try:
         if move and _same_device(source, target.parent):
             os.replace(source, temporary)
+        elif _same_device(source, target.parent) and _linked(source, temporary):
+            pass  # a file on the same disk: a second name for it, instant and no second copy of GBs
         else:
             with source.open("rb") as reader, temporary.open("wb") as writer:
                 shutil.copyfileobj(reader, writer, 16 * 2**20)
@@ -489,6 +492,14 @@ def import_model(config: StudioConfig, source: Path, *, file_name: str | None = 
     if entry is None or entry.path != target:  # cannot happen unless the folder changed under us
         raise RequestError("name", f"'{name}' was imported but another model of that name is listed first")
     return entry
+
+
+def _linked(source: Path, link: Path) -> bool:
+    try:
+        os.link(source, link)
+        return True
+    except OSError:  # a file system without hard links: copied instead
+        return False
 
 
 def _same_device(path: Path, folder: Path) -> bool:
