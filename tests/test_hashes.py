@@ -369,3 +369,19 @@ def test_a_runs_vae_lora_and_embeddings_are_found_and_hashed_as_a1111_does(tmp_p
     assert hashes.model is None and hashes.vae == sha256(vae.read_bytes())[:10]
     assert hashes.loras == {"tiny-lora": sha256(raw[8 + int.from_bytes(raw[:8], "little"):])[:12]}
     assert hashes.embeddings == {"shiny": sha256(embedding.read_bytes())[:12]}
+
+
+def test_two_hashers_on_one_cache_file_keep_each_others_hashes(tmp_path):
+    """serve and a CLI run may share a data dir: each write merges what the other wrote."""
+    first_file, second_file = tmp_path / "a.ckpt", tmp_path / "b.ckpt"
+    first_file.write_bytes(b"a")
+    second_file.write_bytes(b"b")
+    one, two = Hasher(tmp_path / "hashes.json"), Hasher(tmp_path / "hashes.json")
+    try:
+        one.request(first_file).result(30)
+        two.request(second_file).result(30)
+    finally:
+        one.close()
+        two.close()
+    after = Hasher(tmp_path / "hashes.json")
+    assert (after.known(first_file), after.known(second_file)) == (sha256(b"a"), sha256(b"b"))

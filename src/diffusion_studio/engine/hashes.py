@@ -74,17 +74,19 @@ class HashCache:
         self._lock = threading.Lock()
         self._files: dict[str, dict] = self._load()
 
-    def _load(self) -> dict[str, dict]:
+    def _load(self, quiet: bool = False) -> dict[str, dict]:
         try:
             data = json.loads(self.file.read_text())
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:  # truncated, not JSON, unreadable: hashes are recomputable
-            log.warning("hash cache %s is unreadable (%s); starting a new one", self.file.name, exc)
+            if not quiet:
+                log.warning("hash cache %s is unreadable (%s); starting a new one", self.file.name, exc)
             return {}
         files = data.get("files") if isinstance(data, dict) and data.get("version") == CACHE_VERSION else None
         if not isinstance(files, dict):
-            log.warning("hash cache %s has an unknown layout; starting a new one", self.file.name)
+            if not quiet:
+                log.warning("hash cache %s has an unknown layout; starting a new one", self.file.name)
             return {}
         return {path: entry for path, entry in files.items() if _valid_entry(entry)}
 
@@ -99,7 +101,11 @@ class HashCache:
         return self.get(stamp, "legacy")  # type: ignore[arg-type]
 
     def put(self, stamp: Stamp, values: dict[str, str]) -> None:
+        """Record and write. Another process (a CLI run beside `serve`) may share the file: what it wrote since
+        is merged in first, ours winning, so neither loses the other's work."""
+        on_disk = self._load(quiet=True)
         with self._lock:
+            self._files = {**on_disk, **self._files}
             entry = self._files.get(stamp.path)
             if entry is None or (entry["size"], entry["mtime_ns"]) != (stamp.size, stamp.mtime_ns):
                 entry = {"size": stamp.size, "mtime_ns": stamp.mtime_ns}
