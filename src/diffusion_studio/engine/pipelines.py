@@ -213,18 +213,10 @@ class PipelineManager:
             yield entry.vae
 
     def _load_vae(self, source: ModelSource) -> LoadedModel:
-        try:
-            if source.kind == "folder":
-                folder = Path(source.location)
-                vae = AutoencoderKL.from_pretrained(folder / "vae" if (folder / "vae").is_dir() else folder,
-                                                    dtype=self.dtype)
-            else:
-                try:
-                    from .single_file import load_vae  # helper A1's offline single-file VAE loader
-                except ImportError:
-                    raise RequestError("vae", "single-file VAEs need engine/single_file.py; give a diffusers "
-                                              "AutoencoderKL folder") from None
-                vae = load_vae(source.location, source.family, self.dtype)
+        try:  # a file (original or diffusers key names) or an AutoencoderKL folder, offline
+            vae = single_file.load_vae(source.location, source.family, self.dtype)
+        except (torch.OutOfMemoryError, RequestError, ModelLoadError):
+            raise
         except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
             raise ModelLoadError(f"can't load VAE '{Path(source.location).name}': {type(exc).__name__}: "
                                  f"{str(exc)[:200]}") from None
