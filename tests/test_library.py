@@ -163,3 +163,32 @@ def test_listed_and_used_through_api_a1111_and_cli_writing_nothing(config, trees
     assert tiny.split()[1:3] == ["checkpoint", "sd"] and "ok (models folder 1:" in tiny
     assert any(line.startswith("oops-lora ") and "unusable" in line for line in lines)
     assert [tree_state(tree) for tree in trees] == before  # listing, resolving and generating wrote nothing
+
+
+def test_the_models_panel_lists_refreshes_and_imports(config, trees, sd_folder, tmp_path):
+    import gradio as gr
+    from gradio_client import Client
+
+    from diffusion_studio.server import build_app
+    from diffusion_studio.ui.tabs.models import import_file
+    from servers import serving
+
+    app = build_app(config)
+    studio = app.state.studio
+    with serving(app) as url:
+        table = Client(url, download_files=False, verbose=False).predict("lora", api_name="/models")
+        rows = {row[0]: row for row in table["data"]}
+        assert rows["style/inkwash"][1:] == ["lora", "sd", "ok"]
+        assert rows["notes"][3].startswith("unusable: 'notes.safetensors' is not a safetensors file")
+    lora = kohya_lora(sd_folder, tmp_path / "upload" / "panel-lora.safetensors")
+    with pytest.raises(gr.Error, match="only an admin may import models"):
+        import_file(studio, "alice", lambda user: False, str(lora), None, None, False)
+    with pytest.raises(gr.Error, match="the file is a LoRA .*, not a vae"):
+        import_file(studio, "root", lambda user: True, str(lora), "", "vae", False)
+    assert not (config.models_dir / "loras").exists()
+    outcome = import_file(studio, "root", lambda user: True, str(lora), "", "any kind", False)
+    assert outcome.startswith("Imported **panel-lora**: a LoRA (kohya format, SD 1.x)")
+    assert (config.models_dir / "loras" / "panel-lora.safetensors").is_file() and lora.is_file()
+    assert "panel-lora" in studio.loras()
+    with pytest.raises(gr.Error, match="a lora called 'panel-lora' exists"):
+        import_file(studio, "root", lambda user: True, str(lora), "", "any kind", False)
