@@ -166,3 +166,21 @@ def test_a_pickle_that_needs_code_is_refused_by_the_manager(make_config, tmp_pat
     with pytest.raises(RequestError, match="is a pickle that needs code to load"):
         with PipelineManager(make_config()).use(source):
             pass
+
+
+def test_sdxl_file_with_an_explicit_config_folder_loads_the_same_weights(tmp_path):
+    """SDXL's layout (CLIP-L under conditioner.embedders.0, bigG under .1), on a tiny SDXL exported to the
+    original layout and read back with its own folder as the explicit config: every tensor comes back equal."""
+    from diffusion_studio.builtin.architectures import TinySize, build_sdxl_pipeline
+    from diffusion_studio.engine.checkpoint import export_single_file
+
+    original = build_sdxl_pipeline(seed=1, size=TinySize(image_px=32))
+    original.save_pretrained(tmp_path / "xl")
+    path = export_single_file(tmp_path / "xl", tmp_path / "xl.safetensors")
+    kind = single_file.configured_kind(path, "base", "sdxl")
+    loaded = single_file.load_base(path, kind, None, tmp_path / "xl")
+    assert type(loaded) is type(original)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        expected, got = getattr(original, name).state_dict(), getattr(loaded, name).state_dict()
+        assert expected.keys() == got.keys(), name
+        assert all(torch.equal(expected[key], got[key]) for key in expected), name
