@@ -27,25 +27,27 @@ def _folders(config: StudioConfig) -> list[Path]:
     return [Path(config.models_dir) / "embeddings", Path(config.data_dir) / "embeddings"]
 
 
-def available_embeddings(config: StudioConfig) -> dict[str, Path]:
-    """name -> file. sources.py's `list_embeddings`/`resolve_embedding` (all models folders) once they exist,
-    else `<models_dir>/embeddings` and `<data_dir>/embeddings`."""
+def available_embeddings(config: StudioConfig) -> dict[str, Path | None]:
+    """name (the word a prompt uses) -> file, or None where sources.py resolves it (`resolve_embedding`, every
+    models folder); without sources.py's lister, `<models_dir>/embeddings` and `<data_dir>/embeddings`."""
     from . import sources
 
-    lister, resolver = getattr(sources, "list_embeddings", None), getattr(sources, "resolve_embedding", None)
-    if lister and resolver:
-        found = {}
-        for entry in lister(config):
-            name = entry if isinstance(entry, str) else entry.get("name")
-            found[name] = Path(resolver(name, config))
-        return found
-    found = {}
+    lister = getattr(sources, "list_embeddings", None)
+    if lister and getattr(sources, "resolve_embedding", None):
+        return {Path(name).name: None for name in lister(config)}  # "sub/word" is used as "word"
+    found: dict[str, Path | None] = {}
     for folder in _folders(config):
         if folder.is_dir():
             for path in sorted(folder.iterdir()):
                 if path.is_file() and path.suffix in EMBEDDING_SUFFIXES:
                     found.setdefault(path.stem, path)
     return found
+
+
+def embedding_file(name: str, found: dict[str, Path | None], config: StudioConfig) -> Path:
+    from . import sources
+
+    return found[name] or Path(sources.resolve_embedding(name, config))
 
 
 def named_in(texts: list[str], names) -> list[str]:

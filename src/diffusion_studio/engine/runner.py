@@ -25,7 +25,7 @@ from .control import estimator_folder, inpaint_condition, make_control_image
 from .memory import MemorySampler, check_fits
 from .pipelines import LoadedModel, PipelineManager, estimator_source
 from .preview import latents_to_preview, preview_map
-from .embeddings import available_embeddings, named_in
+from .embeddings import available_embeddings, embedding_file, named_in
 from .loras import check_lora_file
 from .prompts import SYNTAX, PromptEncoder, needs_encoding
 from .sources import ModelSource, resolve, resolve_lora, resolve_vae
@@ -229,7 +229,7 @@ class Engine:
         if not any(texts):
             return ()
         found = available_embeddings(self.config)
-        return tuple((name, str(found[name])) for name in named_in(texts, found))
+        return tuple((name, str(embedding_file(name, found, self.config))) for name in named_in(texts, found))
 
     @contextmanager
     def _vae(self, request: GenerationRequest, base: LoadedModel):
