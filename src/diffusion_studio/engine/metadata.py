@@ -22,8 +22,8 @@ from ..samplers import KARRAS_SUFFIX, SAMPLERS
 
 JSON_CHUNK = "diffusion-studio"
 A1111_CHUNK = "parameters"
-# A1111's own pattern for "Key: value" pairs, values optionally quoted.
 _PARAMETERS_ONLY = {"require_images": False}  # a PNG holds parameters, not the input images
+# A1111's own pattern for "Key: value" pairs, values optionally quoted.
 _PAIR = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 
