@@ -135,6 +135,7 @@ def test_listed_and_used_through_api_a1111_and_cli_writing_nothing(config, trees
         sd_models = {model["filename"]: model for model in client.get("/sdapi/v1/sd-models").json()}
         assert sd_models["models/Stable-diffusion/anime/tiny.safetensors"]["title"].startswith(
             "anime/tiny.safetensors")  # A1111's title: the name with its suffix (and the hash once known)
+        assert "models/Stable-diffusion/oops-lora.safetensors" not in sd_models  # only what can be loaded
         a1111_loras = {lora["name"]: lora for lora in client.get("/sdapi/v1/loras").json()}
         assert set(a1111_loras) - {lora["name"] for lora in loras if lora["origin"] == "data dir"} == {
             "style/inkwash", "comfy-lora"}  # usable ones, as A1111 lists

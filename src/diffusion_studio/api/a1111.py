@@ -234,7 +234,7 @@ def build_router(studio: Studio) -> APIRouter:
     def sd_models() -> list[dict]:
         """Checkpoints as A1111 lists them; a file not hashed yet shows hash null and is queued (never hashed on
         the request)."""
-        rows = [row for row in studio.models() if row.get("kind", row.get("role")) in ("checkpoint", "base")]
+        rows = [row for row in studio.models("checkpoint") if row["usable"]]  # as A1111: the ones it can load
         files = listed_files(studio.config, "checkpoint")
         models = []
         for row in rows:
