@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..config import StudioConfig
 from ..requests import GenerationRequest, RequestError
-from .embeddings import available_embeddings, named_in
+from .embeddings import available_embeddings, embedding_file, named_in
 from .hashes import SHA256, Hasher, Scheme, autov2, lora_scheme, short12
 from .library import library_for
 from .metadata import HashLookup, ResourceHashes, ResourceKind
@@ -77,8 +77,13 @@ def run_files(request: GenerationRequest, config: StudioConfig) -> RunFiles:
         if path:
             loras[lora.name] = path
     available = available_embeddings(config)
-    used = named_in([request.prompt, request.negative_prompt], available)
-    return RunFiles(model, vae, loras, {name: available[name] for name in used})
+    embeddings = {}
+    for name in named_in([request.prompt, request.negative_prompt], available):
+        try:
+            embeddings[name] = embedding_file(name, available, config)
+        except RequestError:
+            continue
+    return RunFiles(model, vae, loras, embeddings)
 
 
 def _single_file(path: Path) -> Path | None:
