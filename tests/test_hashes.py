@@ -385,3 +385,21 @@ def test_two_hashers_on_one_cache_file_keep_each_others_hashes(tmp_path):
         two.close()
     after = Hasher(tmp_path / "hashes.json")
     assert (after.known(first_file), after.known(second_file)) == (sha256(b"a"), sha256(b"b"))
+
+
+def test_a_deleted_files_hash_is_forgotten_at_the_next_start(tmp_path):
+    kept, gone = tmp_path / "kept.ckpt", tmp_path / "gone.ckpt"
+    kept.write_bytes(b"k")
+    gone.write_bytes(b"g")
+    hasher = Hasher(tmp_path / "hashes.json")
+    hasher.request(kept).result(30)
+    hasher.request(gone).result(30)
+    hasher.close()
+    gone.unlink()
+    restarted = Hasher(tmp_path / "hashes.json")
+    new = tmp_path / "new.ckpt"
+    new.write_bytes(b"n")
+    assert restarted.known(kept) == sha256(b"k")
+    restarted.request(new).result(30)  # a write: the file now holds what this hasher knows
+    restarted.close()
+    assert set(json.loads((tmp_path / "hashes.json").read_text())["files"]) == {str(kept), str(new)}

@@ -72,7 +72,8 @@ class HashCache:
     def __init__(self, file: Path):
         self.file = Path(file)
         self._lock = threading.Lock()
-        self._files: dict[str, dict] = self._load()
+        # Files deleted since are dropped, so the cache doesn't grow with every model ever seen.
+        self._files: dict[str, dict] = {path: entry for path, entry in self._load().items() if os.path.isfile(path)}
 
     def _load(self, quiet: bool = False) -> dict[str, dict]:
         try:
@@ -105,7 +106,8 @@ class HashCache:
         is merged in first, ours winning, so neither loses the other's work."""
         on_disk = self._load(quiet=True)
         with self._lock:
-            self._files = {**on_disk, **self._files}
+            theirs = {path: entry for path, entry in on_disk.items() if path not in self._files}
+            self._files.update({path: entry for path, entry in theirs.items() if os.path.isfile(path)})
             entry = self._files.get(stamp.path)
             if entry is None or (entry["size"], entry["mtime_ns"]) != (stamp.size, stamp.mtime_ns):
                 entry = {"size": stamp.size, "mtime_ns": stamp.mtime_ns}
