@@ -288,7 +288,7 @@ FULL_SIZE_EXPECTED = {  # A2's full-size exports of every shipped variant: (kind
     "xl_refiner": ("checkpoint", "sdxl", "xl_refiner", "epsilon", False),
     "xl_inpaint": ("checkpoint", "sdxl", "xl_inpaint", "epsilon", True),
     "controlnet": ("controlnet", "sd", "controlnet", None, False),
-    "controlnet_xl": ("controlnet", "sdxl", "controlnet_xl", None, False),
+    "controlnet_xl": ("controlnet", "sdxl", "controlnet_xl_large", None, False),  # diffusers names, as published
 }
 
 
