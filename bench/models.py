@@ -278,17 +278,18 @@ def main() -> None:
         return
 
     rows = []
-    for variant in args.variants:
+    paths = {variant: build(args.work, variant) for variant in args.variants}  # all first, so a build can't fail after minutes of measuring
+    for variant, path in paths.items():
         if variant.startswith("xl") and available_gb() < XL_NEEDS_GB:
             print(f"skipping {variant}: {available_gb():.1f} GB available, a full-size SDXL load needs "
                   f"{XL_NEEDS_GB} GB", flush=True)
             continue
-        path = build(args.work, variant)
         for loader in args.loaders:
             print(f"measuring {variant} with {loader} ({available_gb():.1f} GB available) ...", flush=True)
             row = {"variant": variant, "loader": loader, "file_bytes": path.stat().st_size,
                    **run_child(loader, variant, path, args)}
             rows.append(row)
+            (args.work / "results.json").write_text(json.dumps(rows, indent=1))  # kept if a later one fails
             print(f"  {peak_phases(row) or row.get('error') or row.get('aborted')}", flush=True)
     print()
     print(f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, torch threads "
@@ -296,7 +297,6 @@ def main() -> None:
     print(table(rows))
     for line in ratios(rows):
         print(line)
-    (args.work / "results.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

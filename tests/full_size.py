@@ -95,7 +95,7 @@ def random_tensor(dtype: torch.dtype, generator: torch.Generator, pool_size: int
     def fill(shape):
         n = int(torch.Size(shape).numel())
         start = int(torch.randint(pool_size, (), generator=generator))
-        flat = pool[start:start + n] if n <= pool_size else pool.repeat(n // pool.numel() + 1)[start:start + n]
+        flat = pool[start:start + n] if n <= pool_size else pool.repeat((start + n) // pool.numel() + 1)[start:start + n]
         return flat.view(shape)
     return fill
 
