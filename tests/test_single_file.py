@@ -137,6 +137,8 @@ def test_controlnet_files_in_each_dtype(make_config, full_size_checkpoints):
     manager, entry = load(make_config, full_size_checkpoints("controlnet"), dtype="auto", role="controlnet")
     assert isinstance(entry.controlnet, ControlNetModel) and entry.controlnet.dtype == torch.float32  # CPU
     assert entry.weight_bytes == weights_bytes("controlnet", torch.float32) == module_bytes([entry.controlnet])
+    _, entry = load(make_config, full_size_checkpoints("controlnet_xl"), role="controlnet")
+    assert entry.family == "sdxl" and entry.controlnet.config.addition_embed_type == "text_time"
     for dtype in ("bfloat16", "float32"):
         path = full_size_checkpoints("controlnet", dtype=dtype)
         kind = identify_file(path)
