@@ -151,8 +151,8 @@ def test_a_batch_with_syntax_prompts_gives_each_its_lone_image(engine):
         assert np.array_equal(pixels(result), pixels(engine.run(request)))
 
 
-@pytest.mark.parametrize("model", ["builtin:shapes", "builtin:shapes-xl"])
-@pytest.mark.parametrize("mode", ["img2img", "inpaint", "controlnet"])
+@pytest.mark.parametrize("model,mode", [("builtin:shapes", "img2img"), ("builtin:shapes", "inpaint"),
+                                        ("builtin:shapes", "controlnet"), ("builtin:shapes-xl", "controlnet")])
 def test_weighted_prompts_in_every_mode(engine, model, mode, shape_image, center_mask):
     inputs = {"img2img": {"init_image": shape_image}, "inpaint": {"init_image": shape_image, "mask_image": center_mask},
               "controlnet": {"control_image": shape_image}}[mode]
