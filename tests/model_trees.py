@@ -74,6 +74,7 @@ def a1111_tree(root: Path, sd_folder: Path) -> Path:
     (root / "models/Lora/notes.safetensors").write_text("not a model")
     (root / "models/Lora/inkwash.civitai.info").write_text("{}")  # the files A1111 users keep beside: skipped
     vae_file(sd_folder, root / "models/VAE/tiny-vae.safetensors")
+    shutil.copytree(sd_folder / "vae", root / "models/VAE/tiny-vae-folder")  # a diffusers VAE folder: loads as is
     controlnet_folder(root / "models/ControlNet/canny")
     a1111_embedding(root / "embeddings/badhands.pt")
     (root / "outputs").mkdir()

@@ -56,9 +56,10 @@ def test_every_kind_is_listed_with_relative_paths_and_reasons(config, trees):
     assert set(by_name(rows, "controlnet")) >= {"canny", "comfy-canny"}
     assert by_name(rows, "embedding")["badhands"]["path"] == "embeddings/badhands.pt"
     vaes = [row for row in rows if row["kind"] == "vae"]
-    assert [(row["path"], row["usable"]) for row in vaes] == [("models/VAE/tiny-vae.safetensors", True),
+    assert [(row["path"], row["usable"]) for row in vaes] == [("models/VAE/tiny-vae-folder", True),
+                                                              ("models/VAE/tiny-vae.safetensors", True),
                                                               ("models/vae/tiny-vae.safetensors", False)]
-    assert "models/VAE/tiny-vae.safetensors in models folder 1" in vaes[1]["reason"]  # the clash: first wins
+    assert "models/VAE/tiny-vae.safetensors in models folder 1" in vaes[2]["reason"]  # the clash: first wins
     assert list_models(config, "lora") == [row for row in rows if row["kind"] == "lora"]
     assert str(trees[0]) not in json.dumps(rows) and str(trees[1]) not in json.dumps(rows)
 
@@ -121,7 +122,7 @@ def test_the_scan_is_cached_and_cheap(sd_folder, tmp_path):
     assert library.scans > scans + 1
 
 
-def test_listed_and_used_through_api_a1111_and_cli_writing_nothing(config, trees, capsys):
+def test_listed_and_used_through_api_a1111_and_cli_writing_nothing(config, trees, shape_image, capsys):
     from diffusion_studio.server import build_app
 
     before = [tree_state(tree) for tree in trees]
@@ -141,8 +142,9 @@ def test_listed_and_used_through_api_a1111_and_cli_writing_nothing(config, trees
             "style/inkwash", "comfy-lora"}  # usable ones, as A1111 lists
         assert a1111_loras["style/inkwash"]["alias"] == "inkwash"
         assert a1111_loras["style/inkwash"]["metadata"]["ss_network_dim"] == "2"
-        assert client.get("/sdapi/v1/sd-vae").json() == [{"model_name": "tiny-vae",
-                                                         "filename": "models/VAE/tiny-vae.safetensors"}]
+        assert client.get("/sdapi/v1/sd-vae").json() == [
+            {"model_name": "tiny-vae-folder", "filename": "models/VAE/tiny-vae-folder"},
+            {"model_name": "tiny-vae", "filename": "models/VAE/tiny-vae.safetensors"}]
         embeddings = client.get("/sdapi/v1/embeddings").json()
         assert embeddings["loaded"]["badhands"] == {"step": 1500, "sd_checkpoint": "abcdef12",
                                                     "sd_checkpoint_name": "v1-5", "shape": 768, "vectors": 2}
@@ -157,6 +159,12 @@ def test_listed_and_used_through_api_a1111_and_cli_writing_nothing(config, trees
         with_lora = np.asarray(studio.generate(request).images[0])
         plain = np.asarray(studio.generate(request.model_copy(update={"loras": []})).images[0])
         assert with_lora.shape == (64, 64, 3) and not np.array_equal(with_lora, plain)  # the LoRA was applied
+        own_vae = np.asarray(studio.generate(request.model_copy(update={"vae": "tiny-vae-folder"})).images[0])
+        assert own_vae.shape == (64, 64, 3)  # the A1111 folder's VAE, by name
+        control = studio.generate(GenerationRequest(mode="controlnet", model="builtin:shapes", controlnet="canny",
+                                                    control_image=shape_image, prompt="a red circle", steps=2,
+                                                    seed=1))
+        assert control.control_image is not None  # the A1111 folder's ControlNet, by name
     assert main(["models", "--data-dir", str(config.data_dir), "--models-dir", str(config.models_dir),
                  "--models-dir", str(trees[0]), "--models-dir", str(trees[1]), "--kind", "checkpoint"]) == 0
     lines = capsys.readouterr().out.splitlines()
