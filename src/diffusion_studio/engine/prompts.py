@@ -13,8 +13,6 @@ before this module existed (`needs_encoding` decides). Runs of an encoded prompt
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-
 import torch
 from compel.embeddings_provider import (
     BaseTextualInversionManager,
@@ -144,13 +142,6 @@ class _LayerEmbeddings(EmbeddingsProvider):
         return encoder.final_layer_norm(output.hidden_states[-(self.skip + 1)])
 
 
-@dataclass
-class Encoded:
-    """Pipeline keyword arguments for encoded prompts (pooled ones for SDXL)."""
-
-    kwargs: dict
-
-
 class PromptEncoder:
     """Encodes per-row prompts for one pipeline (SD: one text encoder; SDXL: both, concatenated, pooled from the
     second encoder's first chunk as A1111 does). Call inside the base's adapter gate, so LoRAs on the text encoders
@@ -197,7 +188,9 @@ class PromptEncoder:
         return [torch.cat([row, *[empty.to(row.device, row.dtype)] * ((longest - row.shape[1]) // empty.shape[1])],
                           dim=1) for row in rows]
 
-    def encode(self, prompts: list[str], negatives: list[str], guidance: bool) -> Encoded:
+    def encode(self, prompts: list[str], negatives: list[str], guidance: bool) -> dict:
+        """The pipeline's keyword arguments for these rows: prompt_embeds, negative_prompt_embeds (SDXL: and the
+        pooled ones). An empty SDXL negative with force_zeros_for_empty_prompt is left to the pipeline (zeros)."""
         encoded = [self.encode_one(text) for text in prompts]
         zero_negative = self.sdxl and self.pipe.config.get("force_zeros_for_empty_prompt", False) and \
             not any(negatives)
@@ -213,4 +206,4 @@ class PromptEncoder:
             kwargs["pooled_prompt_embeds"] = torch.cat([p for _, p in encoded])
             if encoded_negatives:
                 kwargs["negative_pooled_prompt_embeds"] = torch.cat([p for _, p in encoded_negatives])
-        return Encoded(kwargs)
+        return kwargs

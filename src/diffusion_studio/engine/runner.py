@@ -301,7 +301,7 @@ class Engine:
             convert = pipe.maybe_convert_prompt
             if request.clip_skip > 1 or any(needs_encoding(text, pipe.tokenizer, convert)
                                             for text in prompts + negatives):
-                text = PromptEncoder(pipe, request.clip_skip).encode(prompts, negatives, request.guidance > 1).kwargs
+                text = PromptEncoder(pipe, request.clip_skip).encode(prompts, negatives, request.guidance > 1)
             else:
                 text = {"prompt": prompts, "negative_prompt": negatives if any(negatives) else None}
             loop_started[0] = time.perf_counter()
