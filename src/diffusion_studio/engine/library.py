@@ -206,6 +206,7 @@ class ModelLibrary:
         self.roots = [Path(root) for root in roots]
         self.lora_dirs = tuple(Path(folder) for folder in lora_dirs)  # trained LoRAs: searched first
         self._listings: dict[tuple[Path, Kind], _Listing] = {}
+        self._layouts: dict[Path, tuple[tuple, list[tuple]]] = {}
         self._identified: dict[tuple[Path, int, int], tuple[FileKind | None, str | None]] = {}
         self._lock = threading.RLock()
         self.scans = 0  # directories actually read (the cache's tests count them)
@@ -215,6 +216,7 @@ class ModelLibrary:
         """Forget every listing and identification: the next look reads the folders and headers again."""
         with self._lock:
             self._listings.clear()
+            self._layouts.clear()
             self._identified.clear()
 
     def entries(self, kind: Kind | None = None) -> list[LibraryEntry]:
@@ -243,14 +245,25 @@ class ModelLibrary:
             if folder.is_dir():
                 yield -1, "data", folder.parent, "lora", folder, False
         for index, root in enumerate(self.roots):
-            if not root.is_dir():
-                continue
+            yield from ((index, *found) for found in self._layout_of(root))
+
+    def _layout_of(self, root: Path) -> list[tuple]:
+        """(layout, root, kind, kind folder, is the flat root) of one models folder; told again only when the
+        folders that decide it (the root, its models/, the folder above) change."""
+        stamp = tuple(_mtime(folder) for folder in (root, root / "models", root.parent))
+        cached = self._layouts.get(root)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        found = []
+        if root.is_dir():
             layout = detect_layout(root)
             for kind, relatives in LAYOUTS[layout].items():
                 for relative in relatives:
                     folder = _find_folder(root, relative) if relative else root
                     if folder is not None:
-                        yield index, layout, root, kind, folder, relative == ""
+                        found.append((layout, root, kind, folder, relative == ""))
+        self._layouts[root] = (stamp, found)
+        return found
 
     def _walk(self, index: int, layout: str, root: Path, kind: Kind, base: Path, folder: Path,
               flat_root: bool) -> list[LibraryEntry]:
@@ -277,7 +290,8 @@ class ModelLibrary:
             children = sorted(os.scandir(folder), key=lambda child: child.name)
         except OSError:
             return _Listing(mtime, [], [])
-        stems = {Path(child.name).stem for child in children if not child.is_dir()}
+        stems = {Path(child.name).stem for child in children
+                 if Path(child.name).suffix.lower() in MODEL_SUFFIXES and not child.is_dir()}
         for child in children:
             if child.name.startswith(".") or child.name in skip:
                 continue
@@ -361,6 +375,13 @@ class ModelLibrary:
 
     def names(self, kind: Kind) -> list[str]:
         return [entry.name for entry in self.entries(kind) if entry.shadowed_by is None]
+
+
+def _mtime(folder: Path) -> int | None:
+    try:
+        return folder.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def _name(base: Path, path: Path) -> str:
