@@ -36,8 +36,9 @@ def sparse_checkpoint(path, variant="v1"):
 
 
 @pytest.fixture(scope="module")
-def site(data_dir, sd_folder, tmp_path_factory):
+def site(sd_folder, tmp_path_factory):
     root = tmp_path_factory.mktemp("import")
+    data_dir = root / "data"  # its own: a LoRA "trained" into it below
     users = Users(root / "users.json")
     users.add("root", "root-password", admin=True)
     users.add("alice", "alice-password")
@@ -138,3 +139,12 @@ def test_a_checkpoint_by_path_duplicates_and_models_in_use(site):
     assert not (site["own"] / "anime").exists() and tree_state(site["webui"]) == webui_before
     assert client.post("/api/v1/models", headers=root, json={"path": str(checkpoint), "name": "missing",
                                                              "kind": "lora"}).status_code == 422
+
+
+def test_a_trained_lora_keeps_its_name(site):
+    """LoRAs trained here (<data_dir>/loras) are found before any models folder, so an import can't take the name."""
+    trained = kohya_lora(site["sd_folder"], site["data_dir"] / "loras" / "trained.safetensors", seed=3)
+    site["studio"].refresh_models()
+    reply = upload(site, "trained.safetensors", trained.read_bytes(), replace="true")
+    assert reply.status_code == 409 and "a LoRA trained here" in reply.json()["detail"]
+    assert not (site["own"] / "loras" / "trained.safetensors").exists() and leftovers(site) == []

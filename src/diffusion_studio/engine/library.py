@@ -484,6 +484,9 @@ def import_model(config: StudioConfig, source: Path, *, file_name: str | None = 
     if (existing is not None or target.exists()) and not replace_existing:
         where = f" ({existing.relative})" if existing is not None else ""
         raise ModelConflict("name", f"a {found.kind} called '{name}' exists{where}; send replace=true to replace it")
+    if existing is not None and existing.folder < 0:
+        raise ModelConflict("name", f"'{name}' is a LoRA trained here ({existing.relative} in the data dir), which is "
+                                    "found before any models folder: import it under another name")
     for path in {*previous, *([existing.path] if existing is not None else [])}:  # shadowing a loaded one too
         reason = busy(path)
         if reason:

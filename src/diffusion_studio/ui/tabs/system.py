@@ -1,5 +1,5 @@
 """System tab: the device, loaded models and their memory (unload), the queue, throughput, error rate, GPU
-utilisation where available, and recent errors."""
+utilisation where available, recent errors, and the Models panel (ui/tabs/models.py)."""
 
 from __future__ import annotations
 
