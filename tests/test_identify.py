@@ -45,7 +45,7 @@ def shapes(state: dict[str, torch.Tensor], dtype=torch.float16, prefix="") -> di
 
 
 def sd_unet(**overrides) -> UNet2DConditionModel:
-    config = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # SD 1.5's UNet
+    config = {"sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8}  # SD 1.5's UNet
     config.update(overrides)
     with torch.device("meta"):
         return UNet2DConditionModel(**config)

@@ -9,6 +9,7 @@ step); the other families load as float16 (`dtype="float16"`), which checks the 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -17,7 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import (ControlNetModel, StableDiffusionInpaintPipeline, StableDiffusionPipeline)
+from diffusers import (
+    ControlNetModel,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+)
+from full_size import checkpoint_shapes, weights_bytes
 
 from diffusion_studio.engine import single_file
 from diffusion_studio.engine.identify import identify_file
@@ -25,8 +31,6 @@ from diffusion_studio.engine.pipelines import PipelineManager, module_bytes, pic
 from diffusion_studio.engine.runner import Engine
 from diffusion_studio.engine.sources import ModelSource
 from diffusion_studio.requests import GenerationRequest, RequestError
-
-from full_size import checkpoint_shapes, weights_bytes
 
 
 @pytest.fixture(autouse=True)
@@ -94,7 +98,7 @@ def test_peak_memory_of_a_load_is_within_one_and_a_half_times_the_weights(full_s
     fp16 SD 1.5 file to fp32 stays within 1.5x the loaded weights' bytes (diffusers' from_single_file: 1.61x)."""
     path = full_size_checkpoints("v1")
     done = subprocess.run([sys.executable, "-c", MEASURE, str(path), str(tmp_path)], capture_output=True,
-                          text=True, timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+                          text=True, timeout=300, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     ratio = figures["peak"] / figures["weights"]
@@ -134,7 +138,7 @@ def test_inpainting_file_loads_as_the_inpaint_pipeline(make_config, full_size_ch
 
 
 def test_controlnet_files_in_each_dtype(make_config, full_size_checkpoints):
-    manager, entry = load(make_config, full_size_checkpoints("controlnet"), dtype="auto", role="controlnet")
+    _, entry = load(make_config, full_size_checkpoints("controlnet"), dtype="auto", role="controlnet")
     assert isinstance(entry.controlnet, ControlNetModel) and entry.controlnet.dtype == torch.float32  # CPU
     assert entry.weight_bytes == weights_bytes("controlnet", torch.float32) == module_bytes([entry.controlnet])
     _, entry = load(make_config, full_size_checkpoints("controlnet_xl"), role="controlnet")
@@ -165,9 +169,9 @@ def test_a_pickle_that_needs_code_is_refused_by_the_manager(make_config, tmp_pat
     torch.save({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)},
                 "callback": Payload()}, path)
     source = ModelSource("model.ckpt", "single_file", str(path), "base", "sd", None)
-    with pytest.raises(RequestError, match="is a pickle that needs code to load"):
-        with PipelineManager(make_config()).use(source):
-            pass
+    with pytest.raises(RequestError, match="is a pickle that needs code to load"), PipelineManager(
+            make_config()).use(source):
+        pass
 
 
 def test_sdxl_file_with_an_explicit_config_folder_loads_the_same_weights(tmp_path):

@@ -14,7 +14,7 @@ from diffusion_studio.engine.model_configs.clip_tokenizer import FOLDER, clip_to
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-import build_clip_tokenizer  # noqa: E402
+import build_clip_tokenizer
 
 SENTENCES = [
     "a photo of a cat",

@@ -18,13 +18,16 @@ import pickle
 import re
 import struct
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
-from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES, infer_diffusers_model_type
+from diffusers.loaders.single_file_utils import (
+    CHECKPOINT_KEY_NAMES,
+    infer_diffusers_model_type,
+)
 
 from ..requests import RequestError
 
@@ -198,7 +201,7 @@ def _pickle_header(path: Path) -> Header:
     if not isinstance(loaded, Mapping):
         raise RequestError("model", f"'{path.name}' is not a model file (a pickle of {type(loaded).__name__})")
     step = loaded.get("global_step")
-    tensors = {name: (tuple(t.shape), t.dtype) for name, t in _flatten(unwrap_state_dict(loaded))}
+    tensors = {name: (tuple(t.shape), t.dtype) for name, t in flatten_tensors(unwrap_state_dict(loaded))}
     return Header(tensors, step if isinstance(step, int) else None)
 
 
@@ -209,13 +212,13 @@ def unwrap_state_dict(loaded: Mapping) -> Mapping:
     return loaded
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+def flatten_tensors(tree: Mapping, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors of nested dicts as dotted names (A1111 embeddings keep theirs under `string_to_param`)."""
     for key, value in tree.items():
         if isinstance(value, torch.Tensor):
             yield prefix + str(key), value
         elif isinstance(value, Mapping):
-            yield from _flatten(value, f"{prefix}{key}.")
+            yield from flatten_tensors(value, f"{prefix}{key}.")
 
 
 class MetaTensors(Mapping):
@@ -356,11 +359,13 @@ def _embedding(tensors, dtype: str) -> FileKind | None:
 
 
 def _vae(names: list[str], dtype: str) -> FileKind | None:
+    """Encoder and decoder and nothing else (a VAE's own file, bare or under first_stage_model.)."""
     bare = [name.removeprefix("first_stage_model.") for name in names]
-    if any(name.startswith("encoder.") for name in bare) and any(name.startswith("decoder.") for name in bare):
-        if all(name.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "loss.", "first_stage_model."))
-               or name in ("model_ema.decay", "model_ema.num_updates") for name in names):
-            return FileKind("vae", None, None, dtype)
+    vae_parts = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "loss.")
+    if (any(name.startswith("encoder.") for name in bare) and any(name.startswith("decoder.") for name in bare)
+            and all(name.startswith(vae_parts) or name in ("model_ema.decay", "model_ema.num_updates")
+                    for name in bare)):
+        return FileKind("vae", None, None, dtype)
     return None
 
 
