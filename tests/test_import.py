@@ -148,3 +148,53 @@ def test_a_trained_lora_keeps_its_name(site):
     reply = upload(site, "trained.safetensors", trained.read_bytes(), replace="true")
     assert reply.status_code == 409 and "a LoRA trained here" in reply.json()["detail"]
     assert not (site["own"] / "loras" / "trained.safetensors").exists() and leftovers(site) == []
+
+
+def test_an_upload_is_refused_from_its_first_bytes(tmp_path):
+    """A text file of many chunks is refused after the first: the rest of the body is never read or stored."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from diffusion_studio.api.uploads import receive_model_upload
+    from diffusion_studio.requests import RequestError
+
+    boundary = "studio-test-boundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.safetensors\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    chunks = [head + b"this is not a model " * 50] + [b"more text " * 10_000] * 200
+    pulled = []
+
+    async def receive():
+        pulled.append(1)
+        index = len(pulled) - 1
+        return {"type": "http.request", "body": chunks[index], "more_body": index < len(chunks) - 1}
+
+    request = Request({"type": "http", "method": "POST", "path": "/api/v1/models", "headers": [
+        (b"content-type", f"multipart/form-data; boundary={boundary}".encode())]}, receive)
+    with pytest.raises(RequestError, match="'big.safetensors' is not a safetensors file") as refused:
+        asyncio.run(receive_model_upload(request, tmp_path / "imports", 2**30))
+    assert refused.value.field == "file" and len(pulled) == 1  # of 201 chunks (20 MB)
+    assert list((tmp_path / "imports").iterdir()) == []  # the partial file is gone
+
+
+def test_body_limits_by_route():
+    """BodyLimit: the import route is left to its own limit; a route may be given a larger one (Gradio's upload,
+    for the Models panel); every other route keeps limits.max_body_bytes."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from diffusion_studio.api.bodies import BodyLimit
+
+    async def echo(request):
+        return JSONResponse({"bytes": len(await request.body())})
+
+    app = Starlette(routes=[Route(path, echo, methods=["POST"]) for path in
+                            ("/api/v1/models", "/gradio_api/upload", "/api/v1/jobs")])
+    client = TestClient(BodyLimit(app, max_bytes=1024, route_limits={("POST", "/gradio_api/upload"): 8192}))
+    assert client.post("/api/v1/models", content=b"x" * 100_000).json() == {"bytes": 100_000}
+    assert client.post("/gradio_api/upload", content=b"x" * 5000).json() == {"bytes": 5000}
+    assert client.post("/gradio_api/upload", content=b"x" * 9000).status_code == 413
+    refused = client.post("/api/v1/jobs", content=b"x" * 2000)
+    assert refused.status_code == 413 and "limits.max_body_bytes" in refused.json()["detail"]

@@ -70,18 +70,24 @@ OWN_LIMIT_ROUTES = frozenset({("POST", "/api/v1/models")})
 
 class BodyLimit:
     """ASGI middleware: a body over `max_bytes` is refused with 413 before it is parsed; by its Content-Length
-    when it has one, else as soon as the bytes read pass the limit. `OWN_LIMIT_ROUTES` are left to their own."""
+    when it has one, else as soon as the bytes read pass the limit. `OWN_LIMIT_ROUTES` are left to their own;
+    `route_limits` gives (method, path) routes a limit of their own (e.g. Gradio's upload, for the Models panel's
+    import: {("POST", "/gradio_api/upload"): limits.max_model_upload_bytes})."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, route_limits: dict[tuple[str, str], int] | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.route_limits = dict(route_limits or {})
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or (scope.get("method"), scope.get("path", "").rstrip("/")) in OWN_LIMIT_ROUTES:
+        route = (scope.get("method"), scope.get("path", "").rstrip("/"))
+        if scope["type"] != "http" or route in OWN_LIMIT_ROUTES:
             return await self.app(scope, receive, send)
+        max_bytes = self.route_limits.get(route, self.max_bytes)
+        setting = "limits.max_body_bytes" if route not in self.route_limits else "this route's limit"
         length = dict(scope.get("headers", [])).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            response = error_response(self._too_large())
+        if length is not None and (not length.isdigit() or int(length) > max_bytes):
+            response = error_response(self._too_large(max_bytes, setting))
             return await response(scope, receive, send)
         seen = 0
 
@@ -89,15 +95,16 @@ class BodyLimit:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise self._too_large()
+            if seen > max_bytes:
+                raise self._too_large(max_bytes, setting)
             return message
 
         await self.app(scope, counted, send)
 
-    def _too_large(self) -> StudioError:
+    @staticmethod
+    def _too_large(max_bytes: int, setting: str) -> StudioError:
         return StudioError(JobError(ErrorKind.too_large, f"the request body is larger than the studio's limit of "
-                                                         f"{self.max_bytes} bytes (limits.max_body_bytes)", "body"))
+                                                         f"{max_bytes} bytes ({setting})", "body"))
 
 
 # -- OpenAPI --------------------------------------------------------------------------------------------------
