@@ -51,7 +51,9 @@ def build(studio: Studio, is_admin: Callable[[str], bool], tab: gr.Tab) -> None:
         table = gr.Dataframe(headers=HEADERS, interactive=False, label="Models (built-in, configured, models folders)")
         with gr.Group(visible=False) as admin_box:
             gr.Markdown("**Import a model** (admins): a `.safetensors` checkpoint, ControlNet, LoRA, VAE or "
-                        "embedding; it lands in the studio's own models folder.")
+                        "embedding (or a weights-only `.ckpt`/`.pt`); its header says what it is before it lands in "
+                        "the studio's own models folder. A file already on the server (or one larger than this "
+                        "page may upload): `POST /api/v1/models` with `{\"path\": ...}`.")
             with gr.Row():
                 upload = gr.File(label="Model file", file_types=[".safetensors", ".ckpt", ".pt", ".pth", ".bin"],
                                  type="filepath", scale=3)
