@@ -168,12 +168,15 @@ class JobService:
                  validate: Callable[[dict], GenerationRequest] | None = None,
                  identify: Callable[[GenerationRequest], str] | None = None, cache_entries: int = 1024,
                  time_limit_s: float | None = None, limits: UserLimits | None = None, batch_images: int = 8,
-                 check_storage: Callable[[], None] | None = None):
+                 check_storage: Callable[[], None] | None = None,
+                 check: Callable[[GenerationRequest], None] | None = None):
         """`identify(request)` names the weights a request would use (for cache keys; called off the event loop);
-        without it, no cache. `batch_images`: most images in one cross-user batch (1: every job runs alone).
+        without it, no cache. `check(request)` refuses, before queueing, what the engine can tell from names and
+        file headers (an unknown model or LoRA); it too runs off the event loop. `batch_images`: most images in one cross-user batch (1: every job runs alone).
         `check_storage()` raises while the data dir can't be written (default: the store's own probe)."""
         self.store = store
         self._identify = identify
+        self._check = check
         self.time_limit_s = time_limit_s
         self.limits = limits
         self.cache = ResultCache(cache_entries)
@@ -245,6 +248,8 @@ class JobService:
         """Queue a job. `listener` is subscribed before the job can start, so it misses none of its events."""
         if self.limits is not None:
             self.limits.admit(user, self.active_jobs(user))
+        if self._check is not None:
+            await asyncio.to_thread(self._check, request)
         cache_key = await self._cache_key(request)
         if self.storage_fault:
             raise StudioError(self._storage_error())

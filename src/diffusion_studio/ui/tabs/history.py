@@ -131,7 +131,8 @@ def build(studio: Studio, tabs: gr.Tabs, generate: dict, image_targets: dict[str
                 return None, ""
             text = "\n\n".join(f"{key}: {value}" for key, value in read_png_text(image).items())
             try:
-                return request_from_png(image).parameters(), text
+                # A gradio worker thread, not the event loop: the lookup may list the models folders.
+                return request_from_png(image, studio.hash_lookup()).parameters(), text
             except ValueError as exc:
                 return {"error": str(exc)}, text
 
