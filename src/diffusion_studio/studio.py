@@ -46,7 +46,7 @@ class Studio:
                                cache_entries=config.cache_entries, time_limit_s=config.job_time_limit_s,
                                batch_images=config.batch_images,
                                limits=UserLimits(config.rate_per_minute, config.rate_burst, config.max_active_jobs),
-                               check_storage=self.check_storage)
+                               check_storage=self.check_storage, check=self.engine.check)
         self.training = TrainingService(config)
 
     def validate(self, data: dict) -> GenerationRequest:

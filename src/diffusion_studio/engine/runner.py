@@ -125,8 +125,9 @@ class Engine:
         return "+".join(parts)
 
     def check(self, request: GenerationRequest) -> None:
-        """What can be refused before a request is queued, from names and file headers only: its LoRAs (an
-        unknown name lists those that exist; a LyCORIS LoHa/LoKr file is named as such) and its VAE."""
+        """What can be refused before a request is queued, from names and file headers only: its model, its LoRAs
+        (an unknown name lists those that exist; a LyCORIS LoHa/LoKr file is named as such) and its VAE."""
+        resolve(request.model, self.config)
         for lora in request.loras:
             check_lora_file(lora.name, resolve_lora(lora.name, self.config))
         if request.vae:
