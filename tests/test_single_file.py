@@ -190,3 +190,31 @@ def test_sdxl_file_with_an_explicit_config_folder_loads_the_same_weights(tmp_pat
         expected, got = getattr(original, name).state_dict(), getattr(loaded, name).state_dict()
         assert expected.keys() == got.keys(), name
         assert all(torch.equal(expected[key], got[key]) for key in expected), name
+
+
+def test_refiner_layout_loads_as_sdxl_img2img(tmp_path):
+    """The refiner's layout (bigG alone, under conditioner.embedders.0.model.; no CLIP-L) on a tiny SDXL whose
+    folder says it is a refiner: it loads as StableDiffusionXLImg2ImgPipeline without the first text encoder."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    from diffusion_studio.builtin.architectures import TinySize, build_sdxl_pipeline
+    from diffusion_studio.engine.checkpoint import pipeline_to_ldm
+
+    original = build_sdxl_pipeline(seed=3, size=TinySize(image_px=32))
+    folder = tmp_path / "refiner"
+    original.save_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(_class_name="StableDiffusionXLImg2ImgPipeline", text_encoder=[None, None], tokenizer=[None, None],
+                 requires_aesthetics_score=False)
+    (folder / "model_index.json").write_text(json.dumps(index))
+    tensors = pipeline_to_ldm(original.unet, original.vae, None, original.text_encoder_2)
+    path = tmp_path / "refiner.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+    kind = dataclasses.replace(single_file.configured_kind(path, "base", "sdxl"), variant="xl_refiner")
+    loaded = single_file.load_base(path, kind, None, folder)
+    assert type(loaded).__name__ == "StableDiffusionXLImg2ImgPipeline"
+    assert loaded.text_encoder is None and loaded.tokenizer is None
+    expected, got = original.text_encoder_2.state_dict(), loaded.text_encoder_2.state_dict()
+    assert all(torch.equal(expected[key], got[key]) for key in expected)

@@ -144,7 +144,10 @@ def load_base(path: Path, kind: FileKind, dtype: torch.dtype | None, config_fold
     names = weights.names
     components: dict = {}
     for name, spec in index.items():
-        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[0] is None:
+        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2:
+            continue
+        if spec[0] is None:  # a component this family has not (the refiner's CLIP-L)
+            components[name] = None
             continue
         library, class_name = spec
         cls = getattr(importlib.import_module(library), class_name)
