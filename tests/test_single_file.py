@@ -218,3 +218,27 @@ def test_refiner_layout_loads_as_sdxl_img2img(tmp_path):
     assert loaded.text_encoder is None and loaded.tokenizer is None
     expected, got = original.text_encoder_2.state_dict(), loaded.text_encoder_2.state_dict()
     assert all(torch.equal(expected[key], got[key]) for key in expected)
+
+
+@pytest.mark.parametrize("layout", ["first_stage_model.", "bare", "diffusers"])
+def test_vae_files_load_with_their_familys_config(tmp_path, layout):
+    """A full-size VAE file (83.7M weights) in each layout people have: A1111's vae-ft-mse (first_stage_model. or
+    bare original names) and diffusers' names in one file (sdxl_vae.safetensors)."""
+    from full_size import build_components, random_tensor, write_safetensors
+
+    from diffusion_studio.engine.checkpoint import vae_to_ldm
+
+    vae = build_components("v1")["vae"]
+    if layout == "diffusers":
+        shapes = {name: tuple(t.shape) for name, t in vae.state_dict().items()}
+    else:
+        prefix = "first_stage_model." if layout != "bare" else ""
+        shapes = {prefix + name.removeprefix("first_stage_model."): tuple(t.shape)
+                  for name, t in vae_to_ldm(vae).items()}
+    path = write_safetensors(tmp_path / "vae.safetensors", shapes, torch.float16,
+                             random_tensor(torch.float16, torch.Generator().manual_seed(0), 1 << 22))
+    assert identify_file(path).kind == "vae"
+    sd_vae = single_file.load_vae(path, "sd", None)
+    assert sd_vae.dtype == torch.float16 and sd_vae.config.scaling_factor == 0.18215
+    assert sum(p.numel() for p in sd_vae.parameters()) == 83_653_863
+    assert single_file.load_vae(path, "sdxl", torch.float32).config.scaling_factor == 0.13025
