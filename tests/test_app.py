@@ -9,7 +9,8 @@ from PIL import Image
 
 from diffusion_studio.engine.metadata import request_from_png
 
-PANEL = ["model", "steps", "guidance", "width", "height", "seed", "scheduler", "batch_size", "loras"]
+PANEL = ["model", "steps", "guidance", "width", "height", "seed", "scheduler", "batch_size", "loras", "clip_skip",
+         "vae"]
 ARGUMENTS = {  # the public Gradio API: each endpoint's arguments by name, in the order a positional call gives them
     "/generate": ["prompt", "negative", "count", *PANEL],
     "/batch": ["prompts", "upload", "negative", *PANEL],

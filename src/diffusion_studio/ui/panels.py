@@ -39,6 +39,9 @@ def model_note_for(studio: Studio, name: str) -> str:
     return ""
 
 
+AUTOMATIC_VAE = "Automatic"  # A1111's word for the model's own VAE
+
+
 @dataclass
 class Params:
     """The shared generation parameters of a tab. The order of these fields is the one order of the panel: of
@@ -53,6 +56,8 @@ class Params:
     scheduler: gr.Dropdown
     batch_size: gr.Slider
     loras: gr.Dropdown
+    clip_skip: gr.Slider
+    vae: gr.Dropdown
 
     def named(self) -> dict[str, gr.components.Component]:
         """The components by name, in field order: an event's `inputs_kwargs` (with `named_inputs`) or the
@@ -66,7 +71,9 @@ class Params:
         return {"model": values["model"], "steps": int(values["steps"]), "guidance": float(values["guidance"]),
                 "width": int(values["width"]) or None, "height": int(values["height"]) or None,
                 "seed": None if seed in (None, "") else int(seed), "scheduler": values["scheduler"],
-                "batch_size": int(values["batch_size"]), "loras": parse_loras(values["loras"])}
+                "batch_size": int(values["batch_size"]), "loras": parse_loras(values["loras"]),
+                "clip_skip": int(values["clip_skip"]), "vae": None if values["vae"] in (None, "", AUTOMATIC_VAE)
+                else values["vae"]}
 
 
 def panel_values(parameters: dict[str, Any]) -> dict[str, Any]:
@@ -76,7 +83,8 @@ def panel_values(parameters: dict[str, Any]) -> dict[str, Any]:
             "guidance": parameters.get("guidance"), "width": parameters.get("width") or 0,
             "height": parameters.get("height") or 0, "seed": parameters.get("seed", -1),
             "scheduler": parameters.get("scheduler"), "batch_size": parameters.get("batch_size", 1),
-            "loras": [f"{lora['name']}:{lora['weight']:g}" for lora in parameters.get("loras", [])]}
+            "loras": [f"{lora['name']}:{lora['weight']:g}" for lora in parameters.get("loras", [])],
+            "clip_skip": parameters.get("clip_skip", 1), "vae": parameters.get("vae") or AUTOMATIC_VAE}
 
 
 def named_inputs(own: dict[str, gr.components.Component], params: Params | None = None
@@ -116,7 +124,13 @@ def params_panel(studio: Studio, batch: bool = True) -> Params:
     loras = gr.Dropdown(studio.loras(), value=[], multiselect=True, allow_custom_value=True, label="LoRAs",
                         info="NAME or NAME:WEIGHT (default weight 1); trained LoRAs appear here")
     loras.focus(lambda: gr.Dropdown(choices=studio.loras()), None, loras, api_visibility="private")
-    return Params(model, steps_, guidance, width, height, seed, scheduler, batch_size, loras)
+    with gr.Row():
+        clip_skip = gr.Slider(1, 12, value=default_of("clip_skip"), step=1, label="CLIP skip",
+                              info="A1111's: 1 = the text encoder's last layer, 2 = the one before")
+        vae = gr.Dropdown([AUTOMATIC_VAE, *studio.vaes()], value=AUTOMATIC_VAE, allow_custom_value=True,
+                          label="VAE", info="the model's own, or a VAE file or folder from the models folders")
+    vae.focus(lambda: gr.Dropdown(choices=[AUTOMATIC_VAE, *studio.vaes()]), None, vae, api_visibility="private")
+    return Params(model, steps_, guidance, width, height, seed, scheduler, batch_size, loras, clip_skip, vae)
 
 
 @dataclass
