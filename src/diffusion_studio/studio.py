@@ -20,7 +20,7 @@ from .engine.metadata import HashLookup, image_request, save_png
 from .engine.resources import collect_hashes, hash_lookup, queue_hashes, queue_listed, run_files
 from .engine.runner import CancelFlag, Engine, StepCallback, WorkItem
 from .engine.library import LibraryEntry, import_model, library_for
-from .engine.sources import list_loras, list_models, resolve
+from .engine.sources import list_loras, list_vaes, list_models, resolve
 from .requests import GenerationRequest, GenerationResult, RequestError
 from .service.jobs import JobNotFound, JobService
 from .service.limits import UserLimits
@@ -180,6 +180,9 @@ class Studio:
 
     def loras(self) -> list[str]:
         return list_loras(self.config)
+
+    def vaes(self) -> list[str]:
+        return list_vaes(self.config)
 
     def model_entries(self, kind: str | None = None) -> list[LibraryEntry]:
         """The models folders' entries (with their LoRA metadata and embedding details), for the A1111 listings."""
