@@ -49,7 +49,10 @@ def build_app(config: StudioConfig, studio: Studio | None = None) -> FastAPI:
     app = FastAPI(title="Diffusion Studio", version="0.1.0", lifespan=lifespan)
     app.state.studio = studio
     app.add_middleware(AccessControl, users=users)
-    app.add_middleware(BodyLimit, max_bytes=config.limits.max_body_bytes)  # outermost: before auth reads anything
+    # Outermost: before auth reads anything. Gradio's upload route carries the Models panel's imports (GBs), so it
+    # has the model-upload limit; issue 16 is where uploads get per-user limits.
+    app.add_middleware(BodyLimit, max_bytes=config.limits.max_body_bytes,
+                       route_limits={("POST", "/gradio_api/upload"): config.limits.max_model_upload_bytes})
     app.include_router(build_login_router(users))
     app.include_router(build_router(studio))
     app.include_router(build_share_router(studio))
@@ -86,4 +89,5 @@ def build_app(config: StudioConfig, studio: Studio | None = None) -> FastAPI:
     blocks = build_blocks(studio, (lambda user: True) if users is None else users.is_admin)
     return gr.mount_gradio_app(app, blocks, path="/", theme=THEME,
                                allowed_paths=[str(studio.outputs_dir)], footer_links=["api", "settings"],
+                               max_file_size=config.limits.max_model_upload_bytes,
                                auth_dependency=lambda request: request.state.user)

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from ..engine.metadata import HashLookup, hash_report, png_parameters, read_png_text
-from ..engine.library import KINDS, Kind, ModelConflict
+from ..engine.library import KINDS, Kind
 from ..requests import GenerationRequest, RequestError, decode_image, describe_validation_error, image_to_base64
 from ..service.jobs import JobEvent, JobNotFound, QueueFull
 from ..service.limits import LimitExceeded
@@ -63,13 +63,6 @@ IMPORT_RESPONSES = {409: {"model": ErrorBody, "description": "The name exists (s
                                                              "loaded or in use"},
                     403: {"model": ErrorBody, "description": "Only an admin may import models"}}
 TRUE = ("1", "true", "yes", "on")
-
-
-def conflict_response(exc: ModelConflict) -> JSONResponse:
-    """409: the import would replace a model (or one that is loaded / in use); the outcome table has no such
-    kind, as no job ever ends this way."""
-    body = ErrorBody(detail=f"{exc.field}: {exc.message}", kind="conflict", field=exc.field)
-    return JSONResponse(body.model_dump(), status_code=409)
 
 
 async def import_from(request: Request, studio: Studio) -> dict[str, Any]:
@@ -333,10 +326,7 @@ def build_router(studio: Studio) -> APIRouter:
         """Import a model (admin only): a multipart upload (`file`, optional `name`, `kind`, `replace`) or JSON
         {"path": a file on the server, ...}. Its header says what it is before anything is written; it lands in
         the studio's own models folder, in its kind's folder, and is listed at once (the new row is returned)."""
-        try:
-            return JSONResponse(await import_from(request, studio), status_code=201)
-        except ModelConflict as exc:
-            return conflict_response(exc)
+        return JSONResponse(await import_from(request, studio), status_code=201)
 
     @router.post("/models/refresh", tags=["models"], operation_id="refresh_models")
     def refresh_models(kind: Kind | None = Query(None, description="only this kind in the answer")) -> dict:

@@ -17,12 +17,14 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
+from ..engine.library import ModelConflict
 from ..requests import ModelLoadError, RequestError, describe_validation_error
 
 
 class ErrorKind(str, enum.Enum):
     invalid_request = "invalid_request"  # the client's input: a field is wrong
     not_found = "not_found"  # no such job or image (or another user's)
+    conflict = "conflict"  # an import would replace a model that exists (or one loaded / in use)
     too_large = "too_large"  # the request body is over limits.max_body_bytes
     rate_limited = "rate_limited"  # the user's rate or active-job limit
     queue_full = "queue_full"  # the shared queue is at max_queue
@@ -47,6 +49,7 @@ class KindInfo:
 KINDS: dict[ErrorKind, KindInfo] = {
     ErrorKind.invalid_request: KindInfo(422, "Invalid input"),
     ErrorKind.not_found: KindInfo(404, "Not found"),
+    ErrorKind.conflict: KindInfo(409, "Already there"),
     ErrorKind.too_large: KindInfo(413, "Request too large"),
     ErrorKind.rate_limited: KindInfo(429, "Busy", 5),
     ErrorKind.queue_full: KindInfo(429, "Busy", 5),
@@ -118,6 +121,8 @@ def classify(exc: BaseException) -> JobError:
         if not where and errors and isinstance(errors[0].get("ctx", {}).get("error"), RequestError):
             where = errors[0]["ctx"]["error"].field
         return JobError(ErrorKind.invalid_request, scrub(describe_validation_error(exc)), where or None)
+    if isinstance(exc, ModelConflict):  # a RequestError too: test it first
+        return JobError(ErrorKind.conflict, scrub(exc.message), exc.field)
     if isinstance(exc, RequestError):
         return JobError(ErrorKind.invalid_request, scrub(exc.message), exc.field)
     if isinstance(exc, JobNotFound):
