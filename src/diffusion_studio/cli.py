@@ -57,7 +57,8 @@ def cmd_generate(args) -> int:
               "negative_prompt": args.negative_prompt, "steps": args.steps, "guidance": args.guidance,
               "width": args.width, "height": args.height, "seed": args.seed, "scheduler": args.scheduler,
               "batch_size": args.batch_size, "strength": args.strength, "controlnet": args.controlnet,
-              "control_type": args.control_type, "loras": [_parse_lora(item) for item in args.lora]}
+              "control_type": args.control_type, "loras": [_parse_lora(item) for item in args.lora],
+              "clip_skip": args.clip_skip, "vae": args.vae}
     for field, path in (("init_image", args.init_image), ("mask_image", args.mask),
                         ("control_image", args.control_image)):
         if path:
@@ -219,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--height", type=int)
     generate.add_argument("--scheduler", default="Euler")
     generate.add_argument("--batch-size", type=int, default=1)
+    generate.add_argument("--clip-skip", type=int, help="A1111's CLIP skip: 1 = the last layer (default), 2 = the "
+                                                         "one before, ...")
+    generate.add_argument("--vae", help="a VAE file or folder (by name in the models folders, or a path); default: "
+                                        "the model's own")
     generate.add_argument("--init-image")
     generate.add_argument("--mask")
     generate.add_argument("--control-image")
