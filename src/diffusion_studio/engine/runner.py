@@ -6,12 +6,15 @@ scheduler over the shared modules; LoRA changes are serialised by the base's Ada
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from pathlib import Path
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -20,13 +23,20 @@ from PIL import Image, ImageDraw
 
 from ..builtin.catalog import builtin_controlnet_for, ensure_standins, is_trained
 from ..config import StudioConfig
-from ..requests import GenerationRequest, GenerationResult, Mode, RequestError, StepEvent, Timings
+from ..requests import (
+    GenerationRequest,
+    GenerationResult,
+    Mode,
+    RequestError,
+    StepEvent,
+    Timings,
+)
 from .control import estimator_folder, inpaint_condition, make_control_image
+from .embeddings import available_embeddings, embedding_file, named_in
+from .loras import check_lora_file
 from .memory import MemorySampler, check_fits
 from .pipelines import LoadedModel, PipelineManager, estimator_source
 from .preview import latents_to_preview, preview_map
-from .embeddings import available_embeddings, embedding_file, named_in
-from .loras import check_lora_file
 from .prompts import SYNTAX, PromptEncoder, needs_encoding
 from .sources import ModelSource, resolve, resolve_lora, resolve_vae
 
@@ -263,8 +273,9 @@ class Engine:
         # 4. A pipeline view with its own scheduler; LoRAs through the base's gate.
         pipe = self.manager.view(base, request.mode, request.scheduler,
                                  control_model.controlnet if control_model else None, vae=vae)
-        adapters = tuple((self._adapter_name(lora.name), str(resolve_lora(lora.name, self.config)), lora.weight,
-                          lora.text_encoder_weight) for lora in request.loras)
+        lora_paths = [resolve_lora(lora.name, self.config) for lora in request.loras]
+        adapters = tuple((self._adapter_name(lora.name, path), str(path), lora.weight, lora.text_encoder_weight)
+                         for lora, path in zip(request.loras, lora_paths))
 
         # 5. The step callback: timing, memory, cancel, previews (each request sees its own images).
         timings = Timings(load_s=load_s)
@@ -359,6 +370,9 @@ class Engine:
         return {"image": control_image, **control, "width": width, "height": height}, None, control_image
 
     @staticmethod
-    def _adapter_name(name: str) -> str:
-        # peft adapter names become module attribute names: no dots or slashes.
-        return "lora_" + "".join(ch if ch.isalnum() else "_" for ch in name)[-48:]
+    def _adapter_name(name: str, path: Path) -> str:
+        """peft adapter names become module attribute names: no dots or slashes. The file's size and mtime are in
+        it, so a LoRA file replaced on disk (an import with replace) loads anew instead of keeping the old weights."""
+        stat = path.stat()
+        stamp = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:8]
+        return "lora_" + "".join(ch if ch.isalnum() else "_" for ch in name)[-40:] + "_" + stamp
