@@ -224,7 +224,8 @@ def run_child(loader: str, variant: str, path: Path, args) -> dict:
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     last = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if not last:
-        return {"error": f"exit {done.returncode}: {done.stderr.strip()[-400:]}"}
+        killed = " (killed: out of memory?)" if done.returncode == -9 else ""
+        return {"error": f"exit {done.returncode}{killed}: {done.stderr.strip().splitlines()[-1][-200:]}"}
     result = json.loads(last[-1])
     result.setdefault("exit", done.returncode)
     return result
@@ -280,11 +281,11 @@ def main() -> None:
     rows = []
     paths = {variant: build(args.work, variant) for variant in args.variants}  # all first, so a build can't fail after minutes of measuring
     for variant, path in paths.items():
-        if variant.startswith("xl") and available_gb() < XL_NEEDS_GB:
-            print(f"skipping {variant}: {available_gb():.1f} GB available, a full-size SDXL load needs "
-                  f"{XL_NEEDS_GB} GB", flush=True)
-            continue
         for loader in args.loaders:
+            if variant.startswith("xl") and available_gb() < XL_NEEDS_GB:  # before each: the machine is shared
+                print(f"skipping {variant} with {loader}: {available_gb():.1f} GB available, a full-size SDXL "
+                      f"load and step need {XL_NEEDS_GB} GB", flush=True)
+                continue
             print(f"measuring {variant} with {loader} ({available_gb():.1f} GB available) ...", flush=True)
             row = {"variant": variant, "loader": loader, "file_bytes": path.stat().st_size,
                    **run_child(loader, variant, path, args)}
