@@ -60,6 +60,10 @@ class ModelEntry(BaseModel):
     source: str
     config: str | None = Field(None, description="local diffusers folder giving configs for a single-file checkpoint")
     kind: Literal["base", "controlnet"] = "base"
+    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
+        None, description="SD 2.x files: 512 (epsilon) and 768 (v_prediction) models have the same tensors; unset: "
+                          "v_prediction unless the file says it is the 512 base (as diffusers decides)")
+    vae: str | None = Field(None, description="the VAE this model decodes with by default (a file or folder name)")
 
 
 class StudioConfig(BaseSettings):

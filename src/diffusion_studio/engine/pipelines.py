@@ -5,9 +5,11 @@ budget, and gives each request its own pipeline view of the mode it needs, built
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import inspect
 import logging
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -76,6 +78,16 @@ def pick_dtype(preference: str, device: torch.device, file_dtype: str | None = N
     if device.type == "cpu":
         return torch.float32
     return getattr(torch, file_dtype) if file_dtype in ("float16", "bfloat16") else torch.float16
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS. glibc keeps a dropped model's gigabytes in the process otherwise (a
+    4.3 GB SD 1.5 unloaded left RSS at 4.8 GB; with this, 0.57 GB), and the next model would not fit beside them."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass
 
 
 def estimator_source(kind: EstimatorKind, folder: str) -> ModelSource:
@@ -214,7 +226,9 @@ class PipelineManager:
 
     def _load_vae(self, source: ModelSource) -> LoadedModel:
         try:  # a file (original or diffusers key names) or an AutoencoderKL folder, offline
-            vae = single_file.load_vae(source.location, source.family, self.dtype)
+            file_dtype = source.file_kind.dtype if source.file_kind else None
+            vae = single_file.load_vae(source.location, source.family,
+                                       pick_dtype(self.config.dtype, self.device, file_dtype))
         except (torch.OutOfMemoryError, RequestError, ModelLoadError):
             raise
         except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
@@ -354,6 +368,7 @@ class PipelineManager:
             del self._entries[key]
         del entry
         gc.collect()
+        release_freed_memory()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         log.info("unloaded %s", key)
@@ -382,6 +397,10 @@ class PipelineManager:
             cls = MODE_PIPELINES[base.family].get(mode)
         if cls is None:
             raise RequestError("mode", f"mode '{mode.value}' has no {base.family.upper()} pipeline")
+        if base.pipeline.components.get("text_encoder", False) is None and mode in (Mode.txt2img, Mode.controlnet):
+            # The SDXL refiner has only the OpenCLIP encoder: it refines images, it doesn't start them.
+            raise RequestError("mode", f"'{base.source.name}' is an SDXL refiner: it refines an image (img2img or "
+                                       f"inpaint, strength about 0.3); it can't run {mode.value}")
         shared = {**base.pipeline.components, "controlnet": controlnet,
                   "scheduler": make_scheduler(scheduler, base.pipeline.scheduler.config)}
         if vae is not None:

@@ -77,6 +77,26 @@ def paste_outside_mask(generated: Image.Image, original: Image.Image, mask: Imag
     return Image.fromarray(mixed.round().astype(np.uint8))
 
 
+def is_inpainting_model(base: LoadedModel) -> bool:
+    """A 9-channel UNet (SD 1.5 / SDXL inpainting checkpoints): it also sees the mask and the masked image."""
+    return base.pipeline.unet.config.in_channels == 9
+
+
+def whole_image_inpaint(request: GenerationRequest, inputs: dict, width: int, height: int) -> dict:
+    """txt2img, img2img and ControlNet on an inpainting model, as A1111 runs them: the inpainting pipeline with the
+    whole image masked. txt2img starts from a mid-gray image at strength 1 (A1111's 0.5 "masked image"); img2img
+    from its own image at its strength; a ControlNet keeps its control map."""
+    size = (width, height)
+    if request.mode == Mode.img2img:
+        image, strength = inputs["image"], request.strength
+    else:
+        image, strength = Image.new("RGB", size, (127, 127, 127)), 1.0
+    control = {"control_image": inputs["image"]} if request.mode == Mode.controlnet else {}
+    kept = {k: v for k, v in inputs.items() if k.startswith("control")}
+    return {**kept, **control, "image": image, "mask_image": Image.new("L", size, 255), "strength": strength,
+            "width": width, "height": height}
+
+
 def apply_safety_notices(images: list[Image.Image], flags: list[bool] | None) -> tuple[list[Image.Image], list[int]]:
     """Where the model's safety checker flagged an image, show a notice saying so (never a silent black image)."""
     blocked = [index for index, flag in enumerate(flags or []) if flag]
@@ -269,9 +289,12 @@ class Engine:
         # 3. Refuse what would not fit in memory; mode inputs, at the output size.
         check_fits(base.pipeline, self.device, width, height, len(generators), request.guidance)
         inputs, mask, control_image = self._mode_inputs(request, width, height, control_model is not None)
+        pipeline_mode = request.mode
+        if is_inpainting_model(base) and request.mode != Mode.inpaint:
+            pipeline_mode, inputs = Mode.inpaint, whole_image_inpaint(request, inputs, width, height)
 
         # 4. A pipeline view with its own scheduler; LoRAs through the base's gate.
-        pipe = self.manager.view(base, request.mode, request.scheduler,
+        pipe = self.manager.view(base, pipeline_mode, request.scheduler,
                                  control_model.controlnet if control_model else None, vae=vae)
         lora_paths = [resolve_lora(lora.name, self.config) for lora in request.loras]
         adapters = tuple((self._adapter_name(lora.name, path), str(path), lora.weight, lora.text_encoder_weight)
