@@ -7,7 +7,7 @@ Prints one line per figure (the measurements live in `diffusion_studio.workshop.
 - img2img at strength 0.5: the prompt's colour, with the source's shape and position kept.
 - inpainting (through builtin:shapes-inpaint when trained): pixels outside the mask unchanged (max abs difference),
   the masked region matching the prompt; and the same without the inpainting ControlNet's effect.
-- ControlNet (builtin:shapes-canny): IoU of dilated canny edges of control vs result, and the prompt's colour.
+- ControlNet (builtin:shapes-canny, builtin:shapes-xl-canny): IoU of dilated canny edges of control vs result, and the prompt's colour.
 - builtin:shapes-xl: colour, shape and background all right.
 """
 
@@ -36,7 +36,7 @@ def report(label: str, figures: dict[str, float], note: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--prompts", type=int, default=200)
-    parser.add_argument("--only", default="position_words,txt2img,img2img,inpaint,controlnet,xl")
+    parser.add_argument("--only", default="position_words,txt2img,img2img,inpaint,controlnet,xl,xl_controlnet")
     args = parser.parse_args()
     _quiet_libraries()
     parts, count, quarter = set(args.only.split(",")), args.prompts, max(20, args.prompts // 4)
@@ -55,6 +55,10 @@ def main() -> int:
             "controlnet": lambda: ({**quality.controlnet(engine, quarter), "edge_iou_without_control":
                                     quality.controlnet(engine, quarter, control_scale=0.0)["edge_iou"]},
                                    f"builtin:shapes-canny, {quarter} images; control_scale 0 for the baseline"),
+            "xl_controlnet": lambda: ({**quality.controlnet(engine, quarter, "builtin:shapes-xl"),
+                                       "edge_iou_without_control": quality.controlnet(
+                                           engine, quarter, "builtin:shapes-xl", control_scale=0.0)["edge_iou"]},
+                                      f"builtin:shapes-xl-canny, {quarter} images; control_scale 0 for the baseline"),
             "xl": lambda: (quality.txt2img(engine, count // 2, "builtin:shapes-xl"),
                            f"builtin:shapes-xl, {count // 2} prompts, defaults"),
         }
