@@ -44,8 +44,8 @@ def test_models_command(data_dir, capsys):
     assert main(["models", "--data-dir", str(data_dir)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("builtin:shapes ") and "built-in" in lines[0]
-    xl_canny = next(line for line in lines if line.startswith("builtin:shapes-xl-canny "))
-    assert "untrained stand-in" in xl_canny  # it has no trained weights yet
+    builtins = [line for line in lines if line.startswith("builtin:")]
+    assert len(builtins) == 5 and all(line.endswith("built-in") for line in builtins)  # every one trained
 
 
 def test_serve_refuses_a_network_address_without_users(tmp_path, capsys):

@@ -120,8 +120,8 @@ def test_sdxl_modes(engine, shape_image, center_mask, monkeypatch):
     classes = {}
     original_view = engine.manager.view
 
-    def spy(base, mode, scheduler, controlnet=None):
-        view = original_view(base, mode, scheduler, controlnet)
+    def spy(base, mode, scheduler, controlnet=None, vae=None):
+        view = original_view(base, mode, scheduler, controlnet, vae=vae)
         classes[mode.value] = type(view).__name__
         return view
 
@@ -151,8 +151,8 @@ def test_all_modes_share_one_base(make_config, shape_image, center_mask):
     unet_storage = {}
     original_view = engine.manager.view
 
-    def spy(base, mode, scheduler, controlnet=None):
-        view = original_view(base, mode, scheduler, controlnet)
+    def spy(base, mode, scheduler, controlnet=None, vae=None):
+        view = original_view(base, mode, scheduler, controlnet, vae=vae)
         unet_storage[mode.value] = [p.data_ptr() for p in view.unet.parameters()]
         return view
 

@@ -55,7 +55,7 @@ def test_models_list(make_config, sd_folder):
     rows = {row["name"]: row for row in list_models(config)}
     assert list(rows)[:5] == ["builtin:shapes", "builtin:shapes-xl", "builtin:shapes-canny", "builtin:shapes-inpaint",
                               "builtin:shapes-xl-canny"]
-    assert rows["builtin:shapes-xl-canny"]["origin"] == "built-in (untrained stand-in)"
+    assert all(rows[name]["origin"] == "built-in" for name in list(rows)[:5])  # all trained and committed
     assert rows["found-sd"]["role"] == "base" and rows["found-sd"]["family"] == "sd"
     assert "notes.txt" not in rows
     assert generate(Engine(config), "found-sd").shape == (32, 32, 3)  # names in the models folder resolve
@@ -89,3 +89,10 @@ def test_engine_builds_the_missing_standins_at_start(engine, data_dir):
         folder = builtin_folder(name, data_dir)
         assert folder.is_dir() and is_standin(folder) != is_trained(name), name
     assert ensure_standins(data_dir) == []  # built once per data dir; later calls only look
+
+
+def test_a_builtin_without_committed_weights_says_it_is_a_stand_in(monkeypatch, tmp_path):
+    from diffusion_studio.engine import sources
+
+    monkeypatch.setattr(sources, "COMMITTED_DIR", tmp_path)  # as in a checkout where one is not trained yet
+    assert sources.builtin_origin("shapes-xl-canny") == "built-in (untrained stand-in)"
