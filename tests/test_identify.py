@@ -19,25 +19,8 @@ from safetensors.torch import save_file
 from diffusion_studio.engine.checkpoint import unet_to_ldm, vae_to_ldm
 from diffusion_studio.engine.identify import FileKind, expect_kind, identify_file
 from diffusion_studio.requests import RequestError
+from full_size import write_sparse_safetensors
 
-DTYPE_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64"}
-
-
-def write_sparse_safetensors(path, tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]):
-    """A safetensors file whose header describes `tensors`; the data is a sparse hole of the right size."""
-    header, offset = {}, 0
-    for name, (shape, dtype) in tensors.items():
-        size = dtype.itemsize
-        for n in shape:
-            size *= n
-        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        f.truncate(8 + len(raw) + offset)
-    return path
 
 
 def shapes(state: dict[str, torch.Tensor], dtype=torch.float16, prefix="") -> dict:

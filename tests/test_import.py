@@ -2,8 +2,6 @@
 refusals leave the folders as they were; an accepted file is listed at once and usable; a taken name, a loaded
 model and a model in use are 409; uploads are bounded by their own limit, not max_body_bytes."""
 
-import json
-import struct
 
 import numpy as np
 import pytest
@@ -15,24 +13,15 @@ from diffusion_studio.config import StudioConfig
 from diffusion_studio.requests import GenerationRequest
 from diffusion_studio.server import build_app
 from diffusion_studio.service.auth import Users
-from full_size import checkpoint_shapes
+from full_size import checkpoint_shapes, write_sparse_safetensors
 from model_trees import a1111_tree, kohya_lora, tree_state
 
 
 def sparse_checkpoint(path, variant="v1"):
     """A full-size fp16 checkpoint's header with its data left as a hole: identified exactly like the real file
     (2.1 GB long) while taking no disk space."""
-    header, offset = {}, 0
-    for name, shape in checkpoint_shapes(variant).items():
-        size = 2 * int(torch.Size(shape).numel())
-        header[name] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(raw)) + raw)
-        handle.truncate(8 + len(raw) + offset)
-    return path
+    return write_sparse_safetensors(path, {name: (shape, torch.float16)
+                                           for name, shape in checkpoint_shapes(variant).items()})
 
 
 @pytest.fixture(scope="module")
