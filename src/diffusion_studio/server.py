@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .api.a1111 import build_router as build_a1111_router
+from .api.openai_images import build_router as build_openai_router
 from .api.access import AccessControl, build_login_router
 from .api.bodies import BodyLimit, add_body_schemas
 from .api.routes import build_router, build_share_router, install_error_handlers
@@ -57,6 +58,7 @@ def build_app(config: StudioConfig, studio: Studio | None = None) -> FastAPI:
     app.include_router(build_router(studio))
     app.include_router(build_share_router(studio))
     app.include_router(build_a1111_router(studio))
+    app.include_router(build_openai_router(studio))
     install_error_handlers(app)
 
     @app.get("/metrics", tags=["system"], response_class=Response,
