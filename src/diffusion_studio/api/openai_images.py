@@ -10,6 +10,7 @@ ignored, as documented in the README: `quality`, `style`, `background`, `moderat
 from __future__ import annotations
 
 import base64
+import logging
 import time
 from typing import Any, Literal
 
@@ -25,6 +26,8 @@ from ..service.outcomes import StudioError, classify
 from ..studio import Studio
 from .access import current_user
 from .bodies import json_body, json_object
+
+log = logging.getLogger(__name__)
 
 OPENAI_MODELS = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini")
 # What a variation keeps of its image: enough to be recognisably the same picture, changed in the details.
@@ -198,7 +201,10 @@ def build_router(studio: Studio) -> APIRouter:
         try:
             return JSONResponse(await handler())
         except Exception as exc:  # every refusal and fault, through the outcome table, in OpenAI's error shape
-            return openai_error(exc).response()
+            error = openai_error(exc)
+            if error.status >= 500 and not isinstance(exc, StudioError):  # a fault of ours: the log keeps why
+                log.exception("OpenAI images route failed")
+            return error.response()
 
     @router.post("/images/generations", operation_id="openai_images_generations",
                  openapi_extra=json_body(GenerationsBody))
