@@ -209,6 +209,65 @@ def take_lora_tags(text: str, field_name: str) -> tuple[str, list[LoraSpec]]:
     return stripped, specs
 
 
+# A1111's upscaler names. Latent ones resize the latents before the second pass (torch's interpolate modes);
+# pixel ones resize the decoded image; any other name is an upscaler model file (ESRGAN family, through spandrel)
+# in the models folders' upscaler folder.
+LATENT_UPSCALERS = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+PIXEL_UPSCALERS = ("None", "Lanczos", "Nearest")  # "None": a plain resize, as in A1111
+
+
+class HiresFix(BaseModel):
+    """A1111's hires fix: generate at the base size, upscale, then a second img2img pass at `denoising_strength`
+    over the upscaled image (txt2img, img2img and ControlNet requests)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scale: float = Field(2.0, ge=1.0, le=4.0, description="A1111's hr_scale: the final size over the base size")
+    width: int | None = Field(None, ge=8, description="A1111's hr_resize_x: the final width (overrides scale)")
+    height: int | None = Field(None, ge=8, description="A1111's hr_resize_y: the final height (overrides scale)")
+    upscaler: str = Field("Latent", min_length=1, description="a latent mode (" + ", ".join(LATENT_UPSCALERS) +
+                                                              "), a pixel one (" + ", ".join(PIXEL_UPSCALERS) +
+                                                              ") or an upscaler model file by name")
+    steps: int = Field(0, ge=0, description="the second pass's steps; 0: as many as the first pass")
+    denoising_strength: float = Field(0.7, gt=0.0, le=1.0, description="how much the second pass repaints")
+
+    def target_size(self, width: int, height: int) -> tuple[int, int]:
+        """The final size: hr_resize_x/y when given (one alone keeps the aspect ratio), else the base size times
+        the scale; rounded down to a multiple of 8, as the VAE needs."""
+        if self.width or self.height:
+            target_w = self.width or round(width * self.height / height)
+            target_h = self.height or round(height * self.width / width)
+        else:
+            target_w, target_h = round(width * self.scale), round(height * self.scale)
+        return max(8, target_w // 8 * 8), max(8, target_h // 8 * 8)
+
+
+class Outpaint(BaseModel):
+    """Extend the canvas by these many pixels on each side (multiples of 8): the new area is masked, pre-filled
+    from the edge (edge pixels stretched outwards, blurred and noised) and inpainted; the old pixels are kept."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    left: int = Field(0, ge=0, multiple_of=8)
+    right: int = Field(0, ge=0, multiple_of=8)
+    top: int = Field(0, ge=0, multiple_of=8)
+    bottom: int = Field(0, ge=0, multiple_of=8)
+
+    @property
+    def extends(self) -> bool:
+        return bool(self.left or self.right or self.top or self.bottom)
+
+
+INPAINT_FILLS = ("original", "fill", "latent noise", "latent nothing")  # A1111's inpainting_fill 1, 0, 2, 3
+
+
 class GenerationRequest(BaseModel):
     """Everything needed to produce images, for every mode. Unset sizes mean the model's native size."""
 
@@ -240,6 +299,17 @@ class GenerationRequest(BaseModel):
     mask_image: InputImage | None = None
     mask_blur: int = Field(4, ge=0, le=64)
     mask_grow: int = Field(0, ge=0, le=128)
+    mask_invert: bool = Field(False, description="repaint the black area instead of the white")
+    inpaint_area: Literal["whole", "masked"] = Field(
+        "whole", description="'masked': crop the mask's box plus inpaint_padding, inpaint that crop at the output "
+                             "size and paste it back (A1111's 'only masked', to fix a small part of a big image)")
+    inpaint_padding: int = Field(32, ge=0, le=512, description="pixels around the mask's box ('masked' area)")
+    inpaint_fill: Literal["original", "fill", "latent noise", "latent nothing"] = Field(
+        "original", description="what the masked area starts from: the original pixels, the surroundings' colours, "
+                                "noise latents or zero latents")
+    outpaint: Outpaint | None = Field(None, description="inpaint mode: extend the canvas (the mask is then optional)")
+
+    hires: HiresFix | None = Field(None, description="a second pass at a larger size (A1111's hires fix)")
 
     control_image: InputImage | None = None
     control_type: Literal["canny", "depth", "pose"] = "canny"
@@ -306,9 +376,10 @@ class GenerationRequest(BaseModel):
             if (term.lower() in words) if " " not in term else (term.lower() in self.prompt.lower()):
                 raise RequestError("prompt", f"contains the blocked term '{term}' (the studio's content filter)")
         # 3. Each mode's own inputs.
+        outpainting = self.outpaint is not None and self.outpaint.extends
         needs = {
             Mode.img2img: ("init_image",),
-            Mode.inpaint: ("init_image", "mask_image"),
+            Mode.inpaint: ("init_image",) if outpainting else ("init_image", "mask_image"),
             Mode.controlnet: ("control_image",),
         }.get(self.mode, ())
         require_images = (info.context or {}).get("require_images", True)  # False: parameters read from a PNG
@@ -318,11 +389,36 @@ class GenerationRequest(BaseModel):
         if self.mode in (Mode.img2img, Mode.inpaint) and int(self.steps * self.strength) < 1:
             raise RequestError("strength", f"with {self.steps} steps, strength {self.strength:g} runs no denoising "
                                            f"step (steps x strength < 1); raise steps or strength")
+        if self.outpaint is not None and self.mode != Mode.inpaint:
+            raise RequestError("outpaint", f"extends the canvas in mode 'inpaint' only (got '{self.mode.value}')")
+        if self.hires is not None:
+            self._check_hires(limits)
         if self.control_start >= self.control_end:
             raise RequestError("control_end", f"must be greater than control_start ({self.control_start})")
         if self.control_preprocess and self.control_type == "canny" and self.canny_low > self.canny_high:
             raise RequestError("canny_low", f"must not exceed canny_high ({self.canny_high})")
         return self
+
+    def _check_hires(self, limits: Limits) -> None:
+        if self.mode == Mode.inpaint:
+            raise RequestError("hires", "is for txt2img, img2img and controlnet; to inpaint a big image in detail, "
+                                        "use inpaint_area 'masked'")
+        upscaler = self.hires.upscaler
+        if not upscaler.strip() or any(ch in upscaler for ch in "\\\0") or ".." in upscaler.split("/"):
+            raise RequestError("hires.upscaler", f"choose one of {', '.join([*LATENT_UPSCALERS, *PIXEL_UPSCALERS])} "
+                                                 "or an upscaler model's name")
+        if self.width is not None and self.height is not None:
+            width, height = self.hires.target_size(self.width, self.height)
+            for name, value, maximum in (("width", width, limits.max_width), ("height", height, limits.max_height)):
+                if value > maximum:
+                    raise RequestError(f"hires.{name}", f"the final {name} {value} is more than the allowed "
+                                                        f"{maximum}; lower hires.scale")
+        steps = self.hires.steps or self.steps
+        if steps > limits.max_steps:
+            raise RequestError("hires.steps", f"must be between 0 and {limits.max_steps} (got {steps})")
+        if int(steps * self.hires.denoising_strength) < 1:
+            raise RequestError("hires.denoising_strength", f"with {steps} steps, strength "
+                                                           f"{self.hires.denoising_strength:g} runs no denoising step")
 
     def _take_lora_tags(self) -> None:
         self.prompt, from_prompt = take_lora_tags(self.prompt, "prompt")
