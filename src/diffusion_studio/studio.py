@@ -21,6 +21,7 @@ from .engine.resources import collect_hashes, hash_lookup, queue_hashes, queue_l
 from .engine.runner import CancelFlag, Engine, StepCallback, WorkItem
 from .engine.library import LibraryEntry, import_model, library_for
 from .engine.sources import list_loras, list_vaes, list_models, resolve
+from .engine.upscale import list_upscalers, upscale_image
 from .requests import GenerationRequest, GenerationResult, RequestError
 from .service.jobs import JobNotFound, JobService
 from .service.limits import UserLimits
@@ -183,6 +184,26 @@ class Studio:
 
     def vaes(self) -> list[str]:
         return list_vaes(self.config)
+
+    def upscalers(self) -> list[dict]:
+        """Every upscaler name a request (hires.upscaler) or an upscale may use: rows of name, kind (latent |
+        pixel | model), scale (a model file's factor once loaded) and path (a model file's, relative)."""
+        return list_upscalers(self.config)
+
+    def upscale(self, image: Image.Image, upscaler: str, scale: float = 2.0,
+                size: tuple[int, int] | None = None) -> Image.Image:
+        """One image upscaled by a pixel upscaler or an upscaler model file (A1111's extra-single-image), to `size`
+        or by `scale` (1-8). Blocking, on the engine's device: call it off the event loop. Bad input raises
+        RequestError naming `upscaler`, `scale` or `image`."""
+        if size is None:
+            if not 1.0 <= scale <= 8.0:
+                raise RequestError("scale", f"must be between 1 and 8 (got {scale:g})")
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        limit = self.config.limits.max_input_pixels
+        if size[0] * size[1] > limit:
+            raise RequestError("scale", f"the result would be {size[0]}x{size[1]}, more than the allowed {limit} "
+                                        "pixels (limits.max_input_pixels)")
+        return upscale_image(image, upscaler, size, self.config, self.engine.device)
 
     def model_entries(self, kind: str | None = None) -> list[LibraryEntry]:
         """The models folders' entries (with their LoRA metadata and embedding details), for the A1111 listings."""

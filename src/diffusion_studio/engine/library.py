@@ -32,21 +32,24 @@ from .identify import FileKind, identify_file, load_weights_only, misplaced_mess
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["checkpoint", "controlnet", "lora", "vae", "embedding"]
-KINDS: tuple[Kind, ...] = ("checkpoint", "controlnet", "lora", "vae", "embedding")
+Kind = Literal["checkpoint", "controlnet", "lora", "vae", "embedding", "upscaler"]
+KINDS: tuple[Kind, ...] = ("checkpoint", "controlnet", "lora", "vae", "embedding", "upscaler")
 
 # Each layout's kind folders, relative to the configured root; the first is where an import of that kind lands.
 LAYOUTS: dict[str, dict[Kind, tuple[str, ...]]] = {
     "a1111": {"checkpoint": ("models/Stable-diffusion",), "controlnet": ("models/ControlNet",),
-              "lora": ("models/Lora", "models/LyCORIS"), "vae": ("models/VAE",), "embedding": ("embeddings",)},
+              "lora": ("models/Lora", "models/LyCORIS"), "vae": ("models/VAE",), "embedding": ("embeddings",),
+              "upscaler": ("models/ESRGAN", "models/RealESRGAN", "models/SwinIR", "models/DAT", "models/HAT")},
     "a1111-models": {"checkpoint": ("Stable-diffusion",), "controlnet": ("ControlNet",), "lora": ("Lora", "LyCORIS"),
-                     "vae": ("VAE",), "embedding": ("embeddings", "../embeddings")},
+                     "vae": ("VAE",), "embedding": ("embeddings", "../embeddings"),
+                     "upscaler": ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT")},
     "comfyui": {"checkpoint": ("models/checkpoints", "models/diffusers"), "controlnet": ("models/controlnet",),
-                "lora": ("models/loras",), "vae": ("models/vae",), "embedding": ("models/embeddings",)},
+                "lora": ("models/loras",), "vae": ("models/vae",), "embedding": ("models/embeddings",),
+                "upscaler": ("models/upscale_models",)},
     "comfyui-models": {"checkpoint": ("checkpoints", "diffusers"), "controlnet": ("controlnet",), "lora": ("loras",),
-                       "vae": ("vae",), "embedding": ("embeddings",)},
+                       "vae": ("vae",), "embedding": ("embeddings",), "upscaler": ("upscale_models",)},
     "flat": {"checkpoint": ("",), "controlnet": ("controlnet",), "lora": ("loras",), "vae": ("vae",),
-             "embedding": ("embeddings",)},
+             "embedding": ("embeddings",), "upscaler": ("upscalers",)},
 }
 # The sub-folder that tells each layout (checked in this order; anything else is the flat layout).
 LAYOUT_MARKERS = (("a1111", "models/Stable-diffusion"), ("comfyui", "models/checkpoints"),
@@ -57,6 +60,7 @@ SUFFIXES: dict[Kind, tuple[str, ...]] = {
     "lora": (".safetensors", ".pt", ".ckpt", ".bin"),
     "vae": (".safetensors", ".pt", ".ckpt", ".bin"),
     "embedding": (".pt", ".safetensors", ".bin"),
+    "upscaler": (".pth", ".safetensors", ".pt"),
 }
 MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 # A1111 clients send a checkpoint's title, "anime/foo.safetensors [abcdef1234]": the hash part is not the name.
@@ -324,6 +328,8 @@ class ModelLibrary:
                             reason=reason)
 
     def _file_entry(self, index, layout, root, kind, base, path, stat, flat_root) -> LibraryEntry:
+        if kind == "upscaler":  # its architecture is spandrel's to detect, from the weights, when first used
+            return LibraryEntry(kind, _name(base, path), path, index, _relative(root, path), layout, stat.st_size)
         file_kind, reason = self.identify(path, stat)
         entry_kind: Kind = kind
         family = file_kind.family if file_kind else None
