@@ -1,4 +1,5 @@
-"""The studio's page: every tab, one module each, in one gr.Blocks (the server mounts it beside the API)."""
+"""The studio's page: every tab, one module each, in one gr.Blocks (the server mounts it beside the API, with
+THEME, CSS and PAGE_JS)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,34 @@ from ..studio import Studio
 from .tabs import batch, compare, controlnet, generate, history, img2img, inpaint, system, training
 
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate")
+
+# A small image (the built-ins make 64 px ones) drawn larger than it is shows its pixels crisp, nearest neighbour,
+# not smeared. Only enlarged ones: Chromium applies `pixelated` when shrinking too, which would alias big images in
+# thumbnails. Which are enlarged only the page knows (frames follow the window), so PAGE_JS marks them.
+CSS = """
+.gradio-container img.ds-enlarged { image-rendering: pixelated; }
+"""
+
+PAGE_JS = """
+() => {
+  const enlarged = (img) => {
+    const sx = img.clientWidth / img.naturalWidth, sy = img.clientHeight / img.naturalHeight;
+    const fit = getComputedStyle(img).objectFit;
+    if (fit === "none" || fit === "scale-down") return false;
+    return (fit === "cover" ? Math.max(sx, sy) : Math.min(sx, sy)) > 1;
+  };
+  const mark = (img) => {
+    if (!img.isConnected) { resized.unobserve(img); return; }
+    if (img.naturalWidth && img.clientWidth) img.classList.toggle("ds-enlarged", enlarged(img));
+  };
+  const resized = new ResizeObserver((entries) => entries.forEach((entry) => mark(entry.target)));
+  const follow = (img) => { mark(img); resized.observe(img); };
+  document.addEventListener("load", (event) => {
+    if (event.target instanceof HTMLImageElement) follow(event.target);
+  }, true);
+  document.querySelectorAll("img").forEach(follow);
+}
+"""
 
 
 def build_blocks(studio: Studio, is_admin=lambda user: True) -> gr.Blocks:

@@ -1,16 +1,19 @@
-"""Building blocks every generating tab shares: the parameter panel, the result panel, and the handler that turns
-their values into a job and streams its progress. A tab adds only its own inputs (an image, a mask, a strength).
+"""Building blocks every generating tab shares: the parameter panel, the hires fix section, the result panel (with
+its upscale action), and the handler that turns their values into a job and streams its progress. A tab adds only its
+own inputs (an image, a mask, a strength).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from PIL import Image
 
-from ..requests import default_of
+from ..requests import HiresFix, default_of
 from ..samplers import SAMPLERS
 from ..studio import Studio
 from .runs import follow_job, user_error
@@ -87,15 +90,19 @@ def panel_values(parameters: dict[str, Any]) -> dict[str, Any]:
             "clip_skip": parameters.get("clip_skip", 1), "vae": parameters.get("vae") or AUTOMATIC_VAE}
 
 
-def named_inputs(own: dict[str, gr.components.Component], params: Params | None = None
-                 ) -> dict[str, gr.components.Component]:
-    """A tab's own inputs by name, then the panel's: an event's `inputs_kwargs`. Gradio passes each value as the
-    keyword argument of that name, and the endpoint takes its arguments in this dict's order (gradio_client may
-    call it positionally or by these names). A name in both is a mistake, not an override."""
-    panel = params.named() if params is not None else {}
-    if clash := own.keys() & panel.keys():
-        raise ValueError(f"inputs named like the parameter panel's: {sorted(clash)}")
-    return {**own, **panel}
+def named_inputs(own: dict[str, gr.components.Component], *panels) -> dict[str, gr.components.Component]:
+    """A tab's own inputs by name, then each panel's (`Params`, then sections such as `Hires`, each with
+    `named()`): an event's `inputs_kwargs`. Gradio passes each value as the keyword argument of that name, and the
+    endpoint takes its arguments in this dict's order (gradio_client may call it positionally or by these names);
+    sections come after the parameter panel, so older positional calls keep working. A name twice is a mistake,
+    not an override."""
+    inputs = dict(own)
+    for panel in panels:
+        named = panel.named()
+        if clash := inputs.keys() & named.keys():
+            raise ValueError(f"inputs named like another panel's: {sorted(clash)}")
+        inputs.update(named)
+    return inputs
 
 
 def prompt_boxes(value: str = "", placeholder: str = "a red circle on a white background"):
@@ -133,6 +140,75 @@ def params_panel(studio: Studio, batch: bool = True) -> Params:
     return Params(model, steps_, guidance, width, height, seed, scheduler, batch_size, loras, clip_skip, vae)
 
 
+HIRES_DEFAULTS = HiresFix()  # the request's defaults are the section's
+
+
+@dataclass
+class Hires:
+    """The "Hires fix" section (A1111's): generate at the base size, upscale, then a second pass. Its values by
+    name follow the parameter panel's in an endpoint's arguments; `fields` gives the request's `hires` (None while
+    the section is off)."""
+
+    hires_enable: gr.Checkbox
+    hires_upscaler: gr.Dropdown
+    hires_scale: gr.Slider
+    hires_width: gr.Slider
+    hires_height: gr.Slider
+    hires_steps: gr.Slider
+    hires_denoising_strength: gr.Slider
+
+    def named(self) -> dict[str, gr.components.Component]:
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+    @staticmethod
+    def fields(values: dict[str, Any]) -> dict[str, Any]:
+        """The request's `hires` from the section's values by name (a handler's `**panel`); others are ignored."""
+        if not values.get("hires_enable"):
+            return {"hires": None}
+        return {"hires": {"upscaler": values["hires_upscaler"], "scale": float(values["hires_scale"]),
+                          "width": int(values["hires_width"] or 0) or None,
+                          "height": int(values["hires_height"] or 0) or None,
+                          "steps": int(values["hires_steps"] or 0),
+                          "denoising_strength": float(values["hires_denoising_strength"])}}
+
+
+def hires_values(parameters: dict[str, Any]) -> dict[str, Any]:
+    """The section's values by name from a request's parameters (the inverse of `Hires.fields`)."""
+    hires = parameters.get("hires")
+    if not hires:
+        return {"hires_enable": False}
+    return {"hires_enable": True, "hires_upscaler": hires.get("upscaler", HIRES_DEFAULTS.upscaler),
+            "hires_scale": hires.get("scale", HIRES_DEFAULTS.scale), "hires_width": hires.get("width") or 0,
+            "hires_height": hires.get("height") or 0, "hires_steps": hires.get("steps", 0),
+            "hires_denoising_strength": hires.get("denoising_strength", HIRES_DEFAULTS.denoising_strength)}
+
+
+def upscaler_names(studio: Studio, kinds: tuple[str, ...] = ("latent", "pixel", "model")) -> list[str]:
+    """The studio's upscalers of these kinds, in its order (latent ones first, then pixel, then model files)."""
+    return [row["name"] for row in studio.upscalers() if row["kind"] in kinds]
+
+
+def hires_panel(studio: Studio) -> Hires:
+    limits = studio.config.limits
+    with gr.Accordion("Hires fix", open=False, elem_classes=["hires-fix"]):
+        enable = gr.Checkbox(False, label="Enable hires fix",
+                             info="generate at the base size, upscale, then repaint the details in a second pass")
+        with gr.Row():
+            upscaler = gr.Dropdown(upscaler_names(studio), value=HIRES_DEFAULTS.upscaler, label="Upscaler",
+                                   info="latent ones resize the latents; others the decoded image")
+            scale = gr.Slider(1, 4, value=HIRES_DEFAULTS.scale, step=0.05, label="Upscale by")
+        with gr.Row():
+            width = gr.Slider(0, limits.max_width, value=0, step=8, label="Resize width to", info="0 = from the scale")
+            height = gr.Slider(0, limits.max_height, value=0, step=8, label="Resize height to",
+                               info="0 = from the scale")
+        with gr.Row():
+            steps = gr.Slider(0, limits.max_steps, value=0, step=1, label="Hires steps", info="0 = same as Steps")
+            denoising = gr.Slider(0.05, 1.0, value=HIRES_DEFAULTS.denoising_strength, step=0.05,
+                                  label="Denoising strength", info="how much the second pass repaints")
+    upscaler.focus(lambda: gr.Dropdown(choices=upscaler_names(studio)), None, upscaler, api_visibility="private")
+    return Hires(enable, upscaler, scale, width, height, steps, denoising)
+
+
 @dataclass
 class Results:
     preview: gr.Image
@@ -144,12 +220,77 @@ class Results:
         return [self.preview, self.gallery, self.status, self.last_seed]
 
 
-def results_panel(label: str = "Result") -> Results:
+def results_panel(studio: Studio, label: str = "Result", upscale_api: str | None = None) -> Results:
+    """The live preview, the gallery (each image captioned with its real size) and the status line, with the
+    Upscale section under them; `upscale_api`: the upscale action's public endpoint name (one tab has it)."""
     preview = gr.Image(label="Live preview", type="pil", height=160, interactive=False)
     gallery = gr.Gallery(label=label, columns=4, height="auto", format="png", object_fit="contain", preview=False,
                          interactive=False)
     status = gr.Markdown()
+    upscale_panel(studio, gallery, upscale_api)
     return Results(preview, gallery, status, gr.State(None))
+
+
+def size_caption(path: str | Path) -> str:
+    """An image's real size (a small one is shown enlarged, pixel for pixel, so the frame does not tell it)."""
+    with Image.open(path) as image:  # reads the header only
+        return f"{image.width}×{image.height} px"
+
+
+def sized(paths: list) -> list[tuple[str, str]]:
+    """Gallery items: each image path with its size as the caption."""
+    return [(str(path), size_caption(path)) for path in paths]
+
+
+def gallery_path(item) -> str:
+    """The file of a gallery item as Gradio hands it over: (path, caption), or a path."""
+    return str(item[0] if isinstance(item, (list, tuple)) else item)
+
+
+def upscale_selected(studio: Studio, gallery: list | None, index: int | None, upscaler: str, scale: float):
+    """The selected gallery image upscaled (blocking: Gradio runs this sync handler in a worker thread, off the
+    event loop) and a line with its size."""
+    if not gallery:
+        raise gr.Error("gallery: generate something first", title="Nothing to upscale")
+    path = gallery_path(gallery[min(max(int(index or 0), 0), len(gallery) - 1)])
+    with Image.open(path) as opened:
+        source = opened.convert("RGB")
+    try:
+        result = studio.upscale(source, upscaler, float(scale))
+    except Exception as exc:
+        raise user_error(exc) from None
+    return result, (f"**{result.width}×{result.height} px** · {float(scale):g}× with {upscaler}, from "
+                    f"{source.width}×{source.height} px ({Path(path).name})")
+
+
+def upscale_panel(studio: Studio, gallery: gr.Gallery, api_name: str | None = None) -> None:
+    """"Upscale" under a gallery: the selected image (the first until one is clicked) by a pixel upscaler or an
+    upscaler model file (latent ones need the generation's latents, so they are not offered here)."""
+    kinds = ("pixel", "model")
+    with gr.Accordion("Upscale", open=False, elem_classes=["upscale"]):
+        with gr.Row():
+            upscaler = gr.Dropdown(upscaler_names(studio, kinds), value="Lanczos", label="Upscaler",
+                                   info="upscaler model files (ESRGAN family) from the models folders appear here")
+            scale = gr.Slider(1, 8, value=2, step=0.5, label="Scale")
+        button = gr.Button("Upscale the selected image", size="sm")
+        image = gr.Image(label="Upscaled", type="pil", format="png", interactive=False)
+        size = gr.Markdown()
+    selected = gr.State(0)
+
+    def choose(event: gr.SelectData) -> int:
+        return event.index
+
+    gallery.select(choose, None, selected, api_visibility="private")
+    gallery.change(lambda: 0, None, selected, api_visibility="private", show_progress="hidden")
+    upscaler.focus(lambda: gr.Dropdown(choices=upscaler_names(studio, kinds)), None, upscaler,
+                   api_visibility="private")
+
+    def upscale(gallery, selected, upscaler, scale):
+        return upscale_selected(studio, gallery, selected, upscaler, scale)
+
+    inputs = {"gallery": gallery, "selected": selected, "upscaler": upscaler, "scale": scale}
+    button.click(upscale, inputs_kwargs=inputs, outputs=[image, size], api_name=api_name or None,
+                 api_visibility="public" if api_name else "private")
 
 
 def status_line(outcome) -> str:
@@ -181,8 +322,8 @@ async def stream_job(studio: Studio, fields: dict[str, Any], request: gr.Request
         elif not value.result.get("image_ids"):  # cancelled before it started
             yield gr.skip(), gr.skip(), "Cancelled before it started", gr.skip()
         else:
-            paths = [str(p) for p in studio.image_paths(value.result["image_ids"])]
-            yield paths[0], paths, status_line(value), value.result["seeds"][0]
+            paths = sized(studio.image_paths(value.result["image_ids"]))
+            yield paths[0][0], paths, status_line(value), value.result["seeds"][0]
 
 
 def run_buttons(label: str = "Generate") -> tuple[gr.Button, gr.Button]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import gradio as gr
 
 from ...studio import Studio
-from ..panels import Params, named_inputs, params_panel, run_buttons
+from ..panels import Hires, Params, hires_panel, named_inputs, params_panel, run_buttons, sized, upscale_panel
 from ..runs import user_error
 
 EXAMPLE = "a red circle on a white background\na blue star on a black background\na green square on a gray background"
@@ -51,6 +51,7 @@ def build(studio: Studio) -> None:
                 upload = gr.File(label="…or a .txt / .csv of prompts", file_types=[".txt", ".csv"], type="filepath")
                 negative = gr.Textbox(label="Negative prompt (all)", lines=1)
                 params = params_panel(studio)
+                hires = hires_panel(studio)
                 run, cancel = run_buttons("Run batch")
             with gr.Column(scale=3):
                 overall = gr.Markdown()
@@ -58,6 +59,7 @@ def build(studio: Studio) -> None:
                                      interactive=False, label="Progress per prompt")
                 gallery = gr.Gallery(label="Results", columns=4, height=320, format="png", preview=False,
                                      interactive=False)
+                upscale_panel(studio, gallery)
                 archive = gr.File(label="Download all (zip)", interactive=False)
 
         gr.Examples([[EXAMPLE], ["a red star on a white background at the top left\na red star on a white background "
@@ -68,7 +70,7 @@ def build(studio: Studio) -> None:
             if not lines:
                 raise gr.Error("prompts: give at least one prompt (a line each, or a file)", title="Invalid input")
             try:
-                shared = {"mode": "txt2img", "negative_prompt": negative, **Params.fields(panel)}
+                shared = {"mode": "txt2img", "negative_prompt": negative, **Params.fields(panel), **Hires.fields(panel)}
                 requests = [studio.validate({**shared, "prompt": line}) for line in lines]
             except Exception as exc:
                 raise user_error(exc) from None
@@ -96,16 +98,16 @@ def build(studio: Studio) -> None:
                         if outcome.ok:
                             images[index] = studio.image_paths(outcome.result["image_ids"])
                     progress((done, len(lines)), desc="Batch")
-                    paths = [str(p) for i in sorted(images) for p in images[i]]
+                    paths = sized([p for i in sorted(images) for p in images[i]])
                     yield f"**{done}/{len(lines)}** prompts finished", table_rows(), paths, gr.skip()
             except Exception as exc:
                 raise user_error(exc) from None
             all_paths = [p for i in sorted(images) for p in images[i]]
             archive_path = zip_images(all_paths, studio.outputs_dir / "batches") if all_paths else None
             yield (f"**{done}/{len(lines)}** prompts finished · {len(all_paths)} images", table_rows(),
-                   [str(p) for p in all_paths], str(archive_path) if archive_path else None)
+                   sized(all_paths), str(archive_path) if archive_path else None)
 
-        inputs = named_inputs({"prompts": prompts, "upload": upload, "negative": negative}, params)
+        inputs = named_inputs({"prompts": prompts, "upload": upload, "negative": negative}, params, hires)
         event = run.click(run_batch, inputs_kwargs=inputs, outputs=[overall, table, gallery, archive],
                           api_name="batch")
         cancel.click(None, None, None, cancels=[event])

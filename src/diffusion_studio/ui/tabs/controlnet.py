@@ -7,7 +7,8 @@ import gradio as gr
 
 from ...builtin.shapes import ShapeSpec, render
 from ...studio import Studio
-from ..panels import Params, named_inputs, params_panel, prompt_boxes, results_panel, run_buttons, stream_job
+from ..panels import (Hires, Params, hires_panel, named_inputs, params_panel, prompt_boxes, results_panel, run_buttons,
+                      stream_job)
 from ..runs import user_error
 
 
@@ -34,9 +35,10 @@ def build(studio: Studio) -> dict:
                     start = gr.Slider(0, 1, value=0.0, step=0.05, label="Start")
                     end = gr.Slider(0, 1, value=1.0, step=0.05, label="End")
                 params = params_panel(studio)
+                hires = hires_panel(studio)
                 run, cancel = run_buttons()
             with gr.Column(scale=3):
-                results = results_panel()
+                results = results_panel(studio)
 
         gr.Examples([[render(ShapeSpec("red", "star", "white", "center")), "a blue star on a black background"],
                      [render(ShapeSpec("green", "triangle", "gray", "top left")),
@@ -66,12 +68,12 @@ def build(studio: Studio) -> dict:
                 raise gr.Error("control_image: add a control input first", title="Invalid input")
             fields = {**control_fields(source, control_type, preprocess, low, high), "prompt": prompt,
                       "negative_prompt": negative, "control_scale": float(scale), "control_start": float(start),
-                      "control_end": float(end), **Params.fields(panel)}
+                      "control_end": float(end), **Params.fields(panel), **Hires.fields(panel)}
             async for update in stream_job(studio, fields, request, progress):
                 yield update
 
         inputs = named_inputs({**control_inputs, "prompt": prompt, "negative": negative, "scale": scale, "start": start,
-                               "end": end}, params)
+                               "end": end}, params, hires)
         event = run.click(generate, inputs_kwargs=inputs, outputs=results.outputs(), api_name="controlnet")
         cancel.click(None, None, None, cancels=[event])
     return {"image": source}

@@ -6,7 +6,8 @@ import gradio as gr
 
 from ...builtin.shapes import ShapeSpec, render
 from ...studio import Studio
-from ..panels import Params, named_inputs, params_panel, prompt_boxes, results_panel, run_buttons, stream_job
+from ..panels import (Hires, Params, hires_panel, named_inputs, params_panel, prompt_boxes, results_panel, run_buttons,
+                      stream_job)
 
 
 def example_images() -> list[list]:
@@ -25,9 +26,10 @@ def build(studio: Studio) -> dict:
                 strength = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="Strength",
                                      info="how far to depart from the input: 0 keeps it, 1 ignores it")
                 params = params_panel(studio)
+                hires = hires_panel(studio)
                 run, cancel = run_buttons()
             with gr.Column(scale=3):
-                results = results_panel()
+                results = results_panel(studio)
                 before_after = gr.ImageSlider(label="Before / after", type="pil", height=260)
         gr.Examples(example_images(), [source, prompt, strength])
 
@@ -36,12 +38,13 @@ def build(studio: Studio) -> dict:
             if source is None:
                 raise gr.Error("init_image: drop an input image first", title="Invalid input")
             fields = {"mode": "img2img", "init_image": source, "prompt": prompt, "negative_prompt": negative,
-                      "strength": float(strength), **Params.fields(panel)}
+                      "strength": float(strength), **Params.fields(panel), **Hires.fields(panel)}
             async for preview, paths, status, seed in stream_job(studio, fields, request, progress):
-                after = (source, paths[0]) if isinstance(paths, list) else gr.skip()
+                after = (source, paths[0][0]) if isinstance(paths, list) else gr.skip()
                 yield preview, paths, status, seed, after
 
-        inputs = named_inputs({"source": source, "prompt": prompt, "negative": negative, "strength": strength}, params)
+        inputs = named_inputs({"source": source, "prompt": prompt, "negative": negative, "strength": strength}, params,
+                              hires)
         event = run.click(transform, inputs_kwargs=inputs, outputs=[*results.outputs(), before_after],
                           api_name="img2img")
         cancel.click(None, None, None, cancels=[event])

@@ -1,15 +1,69 @@
-"""Inpaint tab: paint the region to repaint in the browser; everything outside it is kept pixel for pixel."""
+"""Inpaint tab: paint the region to repaint in the browser; everything outside it is kept pixel for pixel. Also
+A1111's inpaint options (only-masked area, masked content, mask mode) and outpainting (extend the canvas)."""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
 import gradio as gr
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from ...builtin.shapes import ShapeSpec, render
 from ...engine.runner import prepare_mask
+from ...requests import INPAINT_FILLS, GenerationRequest
 from ...studio import Studio
 from ..panels import Params, named_inputs, params_panel, prompt_boxes, results_panel, run_buttons, stream_job
+
+AREAS = [("Whole picture", "whole"), ("Only masked", "masked")]  # A1111's labels, the request's values
+MASK_MODES = ["Inpaint masked", "Inpaint not masked"]
+SIDES = ("left", "right", "top", "bottom")
+DEFAULTS = GenerationRequest.model_fields
+
+
+@dataclass
+class InpaintOptions:
+    """The tab's A1111 inpaint options and the Outpaint section; in the endpoint's arguments after the parameter
+    panel (so older positional calls keep working). `fields` gives the request's fields."""
+
+    inpaint_area: gr.Radio
+    inpaint_padding: gr.Slider
+    inpaint_fill: gr.Radio
+    mask_mode: gr.Radio
+    outpaint_left: gr.Slider
+    outpaint_right: gr.Slider
+    outpaint_top: gr.Slider
+    outpaint_bottom: gr.Slider
+
+    def named(self) -> dict[str, gr.components.Component]:
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+    @staticmethod
+    def fields(values: dict[str, Any]) -> dict[str, Any]:
+        """Request fields from the options' values by name (a handler's `**panel`); other names are ignored."""
+        sides = {side: int(values[f"outpaint_{side}"] or 0) for side in SIDES}
+        return {"inpaint_area": values["inpaint_area"], "inpaint_padding": int(values["inpaint_padding"]),
+                "inpaint_fill": values["inpaint_fill"], "mask_invert": values["mask_mode"] == MASK_MODES[1],
+                "outpaint": sides if any(sides.values()) else None}
+
+
+def inpaint_options() -> InpaintOptions:
+    with gr.Row():
+        area = gr.Radio(AREAS, value=DEFAULTS["inpaint_area"].default, label="Inpaint area",
+                        info="only masked: repaint the mask's box (plus padding) at the model's size, paste it back")
+        padding = gr.Slider(0, 256, value=DEFAULTS["inpaint_padding"].default, step=4,
+                            label="Only masked padding (px)")
+    with gr.Row():
+        fill = gr.Radio(list(INPAINT_FILLS), value=DEFAULTS["inpaint_fill"].default, label="Masked content",
+                        info="what the masked area starts from")
+        mask_mode = gr.Radio(MASK_MODES, value=MASK_MODES[0], label="Mask mode")
+    with gr.Accordion("Outpaint", open=False, elem_classes=["outpaint"]):
+        gr.Markdown("Extend the canvas: the new area is filled from the edges and painted; the mask may stay empty.")
+        with gr.Row():
+            sides = [gr.Slider(0, 256, value=0, step=8, label=f"{side.capitalize()} (px)") for side in SIDES]
+    return InpaintOptions(area, padding, fill, mask_mode, *sides)
 
 
 def split_editor(value: dict | None) -> tuple[Image.Image | None, Image.Image | None]:
@@ -26,14 +80,30 @@ def split_editor(value: dict | None) -> tuple[Image.Image | None, Image.Image | 
     return background.convert("RGB"), mask
 
 
-def mask_preview(value: dict | None, blur: int, grow: int) -> Image.Image | None:
-    """What the engine will repaint: the image with the grown, feathered mask tinted over it."""
+def mask_preview(value: dict | None, blur: int, grow: int, invert: bool = False, area: str = "whole",
+                 padding: int = 0, outpaint: dict | None = None) -> Image.Image | None:
+    """What the engine will repaint: the image (on its extended canvas when outpainting; the new area from the
+    edges, as a rough stand-in for the engine's fill) with the grown, feathered mask tinted over it, and the box an
+    only-masked run crops outlined."""
     image, mask = split_editor(value)
     if image is None:
         return None
+    if invert:
+        mask = mask.point(lambda v: 255 - v)
+    if outpaint:
+        widths = ((outpaint["top"], outpaint["bottom"]), (outpaint["left"], outpaint["right"]))
+        image = Image.fromarray(np.pad(np.asarray(image), (*widths, (0, 0)), mode="edge"))
+        mask = Image.fromarray(np.pad(np.asarray(mask), widths, constant_values=255))
     prepared = prepare_mask(mask, image.size, int(blur), int(grow))
     tint = Image.new("RGB", image.size, (255, 0, 128))
-    return Image.composite(tint, image, prepared.point(lambda v: v * 0.6))
+    shown = Image.composite(tint, image, prepared.point(lambda v: v * 0.6))
+    box = prepared.getbbox()
+    if area == "masked" and box is not None:
+        left, top, right, bottom = box
+        crop = (max(left - padding, 0), max(top - padding, 0), min(right + padding, image.width) - 1,
+                min(bottom + padding, image.height) - 1)
+        ImageDraw.Draw(shown).rectangle(crop, outline=(0, 160, 255), width=1)
+    return shown
 
 
 def build(studio: Studio) -> dict:
@@ -52,11 +122,12 @@ def build(studio: Studio) -> dict:
                     strength = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Strength")
                     blur = gr.Slider(0, 32, value=2, step=1, label="Mask blur (px)")
                     grow = gr.Slider(0, 32, value=0, step=1, label="Mask grow (px)")
+                options = inpaint_options()
                 params = params_panel(studio)
                 run, cancel = run_buttons()
             with gr.Column(scale=3):
                 masked = gr.Image(label="Mask preview", type="pil", height=160, interactive=False)
-                results = results_panel()
+                results = results_panel(studio)
                 before_after = gr.ImageSlider(label="Before / after", type="pil", height=260)
                 reuse = gr.Button("Use result as input", size="sm")
 
@@ -64,27 +135,36 @@ def build(studio: Studio) -> dict:
                      ["a green circle on a white background", 0.9, 4, 2]],
                     [prompt, strength, blur, grow], label="Examples (paint a mask over the shape first)")
 
-        mask_inputs = {"value": editor, "blur": blur, "grow": grow}
-        for trigger in (editor.change, blur.change, grow.change):
-            trigger(mask_preview, inputs_kwargs=mask_inputs, outputs=masked, api_visibility="private",
-                    show_progress="hidden")
+        mask_inputs = {"value": editor, "blur": blur, "grow": grow, **options.named()}
+
+        def preview_of(value, blur, grow, **chosen):
+            fields = InpaintOptions.fields(chosen)
+            return mask_preview(value, blur, grow, fields["mask_invert"], fields["inpaint_area"],
+                                fields["inpaint_padding"], fields["outpaint"])
+
+        for component in mask_inputs.values():
+            component.change(preview_of, inputs_kwargs=mask_inputs, outputs=masked, api_visibility="private",
+                             show_progress="hidden")
 
         async def inpaint(request: gr.Request, progress=gr.Progress(), *, editor, prompt, negative, strength, blur,
                           grow, **panel):
             image, mask = split_editor(editor)
             if image is None:
                 raise gr.Error("init_image: upload an image first", title="Invalid input")
-            if not np.asarray(mask).any():
-                raise gr.Error("mask_image: paint over the region to repaint first", title="Invalid input")
-            fields = {"mode": "inpaint", "init_image": image, "mask_image": mask, "prompt": prompt,
-                      "negative_prompt": negative, "strength": float(strength), "mask_blur": int(blur),
-                      "mask_grow": int(grow), **Params.fields(panel)}
+            chosen = InpaintOptions.fields(panel)
+            painted = bool(np.asarray(mask).any())
+            if not painted and chosen["outpaint"] is None:
+                raise gr.Error("mask_image: paint over the region to repaint first (or extend the canvas under "
+                               "Outpaint)", title="Invalid input")
+            fields = {"mode": "inpaint", "init_image": image, "mask_image": mask if painted else None,
+                      "prompt": prompt, "negative_prompt": negative, "strength": float(strength),
+                      "mask_blur": int(blur), "mask_grow": int(grow), **Params.fields(panel), **chosen}
             async for preview, paths, status, seed in stream_job(studio, fields, request, progress):
-                after = (image, paths[0]) if isinstance(paths, list) else gr.skip()
+                after = (image, paths[0][0]) if isinstance(paths, list) else gr.skip()
                 yield preview, paths, status, seed, after
 
         inputs = named_inputs({"editor": editor, "prompt": prompt, "negative": negative, "strength": strength,
-                               "blur": blur, "grow": grow}, params)
+                               "blur": blur, "grow": grow}, params, options)
         event = run.click(inpaint, inputs_kwargs=inputs, outputs=[*results.outputs(), before_after],
                           api_name="inpaint")
         cancel.click(None, None, None, cancels=[event])
