@@ -1,191 +1,179 @@
-"""/sdapi/v1: the AUTOMATIC1111-compatible subset, so existing clients work unchanged. Same field names and
-response shapes (`images` as base64 PNG, `parameters`, `info` as a JSON string); A1111's many other fields are
-accepted and ignored, as A1111 itself ignores what a script doesn't use. Work goes through the same job service.
+"""/sdapi/v1: AUTOMATIC1111's API as its clients (webuiapi, SillyTavern, Open WebUI, scripts) call it. Same field
+names and response shapes (`images` as base64 PNG, `parameters`, `info` as a JSON string with A1111's keys and
+`infotexts`); what the studio can't honour is accepted and named in `info["unhonoured"]`. Work goes through the
+same job service as every other front end.
+
+A1111 has one model, one set of options and one progress bar for the whole server; here each user has their own:
+`POST /options` sets that user's default model, VAE and CLIP skip (kept in the data dir), `/progress`,
+`/interrupt` and `/skip` act on that user's current request. This module holds the generation, progress and
+options routes; listings and extras are in a1111_listings.py and a1111_extras.py, the body fields and their
+translation in a1111_fields.py, A1111's names for models in a1111_options.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import json
-import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
-from ..engine.hashes import autov2
-from ..engine.library import TITLE_HASH
-from ..engine.metadata import a1111_fields, find_hashes, hash_report, read_png_text
-from ..engine.resources import listed_files
-from ..requests import GenerationRequest, Mode, RequestError, decode_image, image_to_base64
-from ..samplers import KARRAS_SUFFIX, SAMPLERS
-from ..service.outcomes import JobError, StudioError, classify
+from ..engine.metadata import hires_base_size, read_png_text
+from ..requests import GenerationRequest, RequestError, image_to_base64
+from ..samplers import KARRAS_SUFFIX
+from ..service.outcomes import StudioError, classify
+from ..service.preferences import Preferences
 from ..studio import Studio
+from .a1111_extras import build_extras_router
+from .a1111_fields import (  # noqa: F401 (Txt2ImgBody, to_request_fields: this module's public names)
+    A1111Body, Img2ImgBody, Translation, Txt2ImgBody, in_a1111_names, to_request_fields, translate,
+)
+from .a1111_listings import build_listings_router, studio_version
+from .a1111_options import Catalog, OptionsBody, defaults_of, option_changes, options_of
 from .access import current_user
 from .bodies import ERROR_RESPONSES, json_body, json_object
 
-
-class OverrideSettings(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    sd_model_checkpoint: str | None = Field(None, description="the model for this request")
-    CLIP_stop_at_last_layers: int | None = Field(None, description="A1111's CLIP skip (1: last layer)")
-    sd_vae: str | None = Field(None, description="the VAE for this request ('Automatic'/'None': the model's)")
+PREFERENCES_FILE = "preferences.json"
 
 
-class Txt2ImgBody(BaseModel):
-    """A1111's txt2img fields as its clients send them; other A1111 fields are accepted and ignored."""
+@dataclass
+class Progress:
+    """One user's A1111 progress bar: the iteration (job_no of job_count, A1111's n_iter) and its job's steps."""
 
-    model_config = ConfigDict(extra="allow")
+    active: bool = False
+    job_id: str | None = None
+    job_no: int = 0
+    job_count: int = 0
+    step: int = 0
+    total: int = 0
+    eta_s: float = 0.0
+    started: float = 0.0  # when this iteration's job began running (monotonic)
+    position: int | None = None  # in the queue, while waiting
+    preview: Image.Image | None = None
+    interrupted: bool = False
+    skipped: bool = False
+    job_timestamp: str = "0"
 
-    prompt: str = ""
-    negative_prompt: str = ""
-    steps: int = 20
-    cfg_scale: float = 7.0  # A1111's own default (the studio's is 5)
-    seed: int = -1
-    sampler_name: str | None = None
-    sampler_index: str | None = None
-    scheduler: str | None = Field(None, description="A1111 1.9+: 'Karras' picks the sampler's Karras variant")
-    batch_size: int = 1
-    n_iter: int = Field(1, ge=1, description="batch count: successive batches, seeds continuing")
-    width: int | None = None
-    height: int | None = None
-    override_settings: OverrideSettings = OverrideSettings()
+    def start(self, iterations: int) -> None:
+        self.active, self.job_count, self.job_no, self.interrupted = True, iterations, 0, False
+        self.job_timestamp = time.strftime("%Y%m%d%H%M%S")
 
+    def begin(self, index: int, steps: int) -> None:
+        self.job_no, self.job_id, self.step, self.total, self.eta_s = index, None, 0, steps, 0.0
+        self.started, self.position, self.preview, self.skipped = time.monotonic(), None, None, False
 
-class Img2ImgBody(Txt2ImgBody):
-    """A1111's img2img; with `mask`, inpainting (white = repaint)."""
+    def finish(self) -> None:
+        self.active, self.job_id, self.preview, self.position = False, None, None, None
 
-    init_images: list[str] = Field(default_factory=list, description="base64 images (or data URLs)")
-    denoising_strength: float = 0.75
-    mask: str | None = None
-    mask_blur: int = 4
+    def fraction(self) -> float:
+        if not self.active or not self.job_count:
+            return 0.0
+        return min(1.0, (self.job_no + (self.step / self.total if self.total else 0.0)) / self.job_count)
 
-
-class A1111PngInfoBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    image: str = Field(description="base64 PNG (or a data URL)")
-
-
-def to_request_fields(body: Txt2ImgBody, default_model: str) -> dict[str, Any]:
-    """A1111 payload -> GenerationRequest fields."""
-    sampler = body.sampler_name or body.sampler_index or "Euler"
-    if body.scheduler == "Karras" and sampler + KARRAS_SUFFIX in SAMPLERS:
-        sampler += KARRAS_SUFFIX
-    fields: dict[str, Any] = {
-        "model": checkpoint_name(body.override_settings.sd_model_checkpoint) or default_model,
-        "prompt": body.prompt, "negative_prompt": body.negative_prompt, "steps": body.steps,
-        "guidance": body.cfg_scale, "seed": body.seed, "scheduler": sampler, "batch_size": body.batch_size,
-        "width": body.width, "height": body.height,
-        "clip_skip": body.override_settings.CLIP_stop_at_last_layers,
-    }
-    if body.override_settings.sd_vae not in (None, "Automatic", "None"):
-        fields["vae"] = body.override_settings.sd_vae
-    if isinstance(body, Img2ImgBody):
-        if not body.init_images:
-            raise RequestError("init_images", "needs one base64 image for img2img")
-        fields.update(init_image=body.init_images[0], strength=body.denoising_strength)
-        fields["mode"] = Mode.inpaint.value if body.mask else Mode.img2img.value
-        if body.mask:
-            fields.update(mask_image=body.mask, mask_blur=body.mask_blur)
-    return {k: v for k, v in fields.items() if v is not None}
-
-
-def checkpoint_name(title: str | None) -> str | None:
-    """A1111 clients name a checkpoint by its sd-models title, "name.safetensors [abcdef1234]": the name part."""
-    return TITLE_HASH.sub("", title).strip() if title else title
-
-
-def sd_model(row: dict, file: Path | None, sha256: str | None) -> dict[str, Any]:
-    """One checkpoint as A1111's sd-models lists it. A1111's title is the file name relative to its folder plus
-    the AUTOV2 hash once known; `filename` is relative to its models folder here (A1111 gives the absolute path,
-    which is the server's business)."""
-    name = row["name"] + file.suffix if file else row["name"]
-    short = autov2(sha256) if sha256 else None
-    return {"title": f"{name} [{short}]" if short else name,
-            "model_name": os.path.splitext(name.replace("/", "_").replace("\\", "_"))[0] if file else name,
-            "hash": short, "sha256": sha256, "filename": row.get("path") or name, "config": None}
-
-
-# GenerationRequest fields -> the A1111 fields they came from, so a refusal names what the client sent.
-A1111_NAMES = {"init_image": "init_images", "mask_image": "mask", "guidance": "cfg_scale",
-               "scheduler": "sampler_name", "strength": "denoising_strength", "model": "sd_model_checkpoint",
-               "clip_skip": "CLIP_stop_at_last_layers", "vae": "sd_vae"}
-
-
-def in_a1111_names(error: JobError) -> JobError:
-    name = A1111_NAMES.get(error.field or "")
-    if name is None:
-        return error
-    message = error.message
-    if message.startswith(f"{error.field}:"):
-        message = name + message[len(error.field):]
-    return dataclasses.replace(error, field=name, message=message)
+    def eta(self) -> float:
+        """This job's remaining time plus, for each iteration still to come, one like it."""
+        if not self.active or not self.step:
+            return 0.0
+        per_iteration = time.monotonic() - self.started + self.eta_s
+        return self.eta_s + per_iteration * (self.job_count - self.job_no - 1)
 
 
 def build_router(studio: Studio) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], responses=ERROR_RESPONSES)
-    # A1111 has one progress bar for the whole server; here each user has their own.
-    progress_by_user: dict[str, dict[str, Any]] = {}
+    router.include_router(build_listings_router(studio))
+    router.include_router(build_extras_router(studio))
+    preferences = Preferences(Path(studio.config.data_dir) / PREFERENCES_FILE)
+    progress_by_user: dict[str, Progress] = {}
     limits = studio.config.limits
 
-    def progress_of(user: str) -> dict[str, Any]:
-        return progress_by_user.setdefault(user, {"job_id": None, "step": 0, "total": 0, "eta_s": 0.0,
-                                                  "preview": None})
+    def progress_of(user: str) -> Progress:
+        return progress_by_user.setdefault(user, Progress())
 
-    async def generate(request: Request, body_model: type[Txt2ImgBody], user: str) -> dict[str, Any]:
+    async def generate(request: Request, body_model: type[A1111Body], user: str) -> dict[str, Any]:
         raw = await json_object(request)
         body = body_model.model_validate(raw)
+        catalog = await asyncio.to_thread(Catalog, studio)  # reads the models folders' listing
+        translation = translate(body, defaults_of(preferences.get(user), studio), catalog.names())
         try:
-            job_request = studio.validate(to_request_fields(body, studio.config.default_model))
+            job_request = studio.validate(translation.fields)
         except (ValidationError, RequestError) as exc:
             raise StudioError(in_a1111_names(classify(exc))) from None
-        if body.n_iter * job_request.batch_size > limits.max_images_per_request:
-            raise RequestError("n_iter", f"n_iter x batch_size is {body.n_iter * job_request.batch_size} images; at "
+        iterations = body.n_iter or 1
+        if iterations * job_request.batch_size > limits.max_images_per_request:
+            raise RequestError("n_iter", f"n_iter x batch_size is {iterations * job_request.batch_size} images; at "
                                          f"most {limits.max_images_per_request} per request "
                                          "(limits.max_images_per_request)")
-        images, infotexts, seeds = [], [], []
-        for index in range(body.n_iter):  # A1111's batch count: successive batches, seeds continuing
-            if index and job_request.seed is not None:
-                job_request = job_request.model_copy(update={"seed": job_request.seed + job_request.batch_size})
-            outcome = await _run(job_request, user)
-            paths = studio.image_paths(outcome.result.get("image_ids", []))
-            images += [base64.b64encode(path.read_bytes()).decode() for path in paths]
-            seeds += outcome.result.get("seeds", [])
-            infotexts += [_infotext(path) for path in paths]  # as the PNG has it, hashes included
-            if not outcome.ok:  # interrupted: A1111 returns what was made so far
-                break
-        info = {"prompt": job_request.prompt, "negative_prompt": job_request.negative_prompt,
-                "seed": seeds[0] if seeds else None, "all_seeds": seeds, "steps": job_request.steps,
-                "cfg_scale": job_request.guidance, "sampler_name": job_request.scheduler,
-                "sd_model_name": job_request.model, "infotexts": infotexts}
-        return {"images": images, "parameters": raw, "info": json.dumps(info)}
+        _report_resize(body, job_request, translation)
+        if translation.kept:  # override_settings_restore_afterwards false: they become the user's options
+            changes, _ = option_changes(OptionsBody(**translation.kept), translation.kept, {}, catalog)
+            await asyncio.to_thread(preferences.update, user, changes)
 
-    async def _run(request: GenerationRequest, user: str):
-        """One job, followed to its outcome; a failure is raised with its kind (HTTP status from the table)."""
         progress = progress_of(user)
-        progress.update(step=0, total=request.steps, eta_s=0.0, preview=None)
+        progress.start(iterations)
+        images: list[str] = []
+        seeds: list[int] = []
+        infotexts: list[str] = []
+        sizes: list[tuple[int, int]] = []
+        skipped: list[int] = []
         try:
-            async for event in studio.jobs.follow(request, user):
-                progress["job_id"] = event.job_id
-                if event.kind == "step":
-                    progress.update(step=event.data["step"], total=event.data["total"], eta_s=event.data["eta_s"],
-                                    preview=event.data["preview"])
-                if event.final:
-                    outcome = event.outcome
+            for index in range(iterations):  # A1111's batch count: successive batches, seeds continuing
+                if progress.interrupted:
+                    break
+                if index:
+                    next_seed = job_request.seed + job_request.batch_size if job_request.seed is not None else \
+                        (seeds[-1] + 1 if seeds else None)
+                    job_request = job_request.model_copy(update={"seed": next_seed})
+                progress.begin(index, job_request.steps)
+                outcome = await _run(job_request, user, progress)
+                made = await asyncio.to_thread(_read_images, studio.image_paths(outcome.result.get("image_ids", [])))
+                images += [data for data, _, _ in made]
+                infotexts += [text for _, text, _ in made]  # as the PNG has it, hashes included
+                sizes += [size for _, _, size in made]
+                seeds += outcome.result.get("seeds", [])
+                if not outcome.ok:  # A1111 returns what was made so far; a skip goes on with the next batch
+                    if progress.skipped and not progress.interrupted:
+                        skipped.append(index)
+                        continue
+                    break
         finally:
-            progress["job_id"] = None
+            progress.finish()
+        info = _info(body, job_request, translation, catalog, seeds, infotexts, sizes, progress, skipped)
+        parameters = {key: value for key, value in raw.items() if key in body_model.model_fields}
+        if isinstance(body, Img2ImgBody) and not body.include_init_images:  # as A1111: not echoed back
+            parameters.update({key: None for key in ("init_images", "mask") if key in parameters})
+        return {"images": images if body.send_images is not False else [], "parameters": parameters,
+                "info": json.dumps(info)}
+
+    async def _run(request: GenerationRequest, user: str, progress: Progress):
+        """One job, followed to its outcome; a failure is raised with its kind (HTTP status from the table)."""
+        outcome = None
+        async for event in studio.jobs.follow(request, user):
+            if progress.job_id is None:
+                progress.job_id = event.job_id
+                if progress.interrupted or progress.skipped:  # asked for before the job had an id
+                    await studio.jobs.cancel(event.job_id, user)
+            if event.kind in ("queued", "position"):
+                progress.position = event.data.get("position")
+            elif event.kind == "running":
+                progress.position, progress.started = None, time.monotonic()
+            elif event.kind == "step":
+                progress.step, progress.total = event.data["step"], event.data["total"]
+                progress.eta_s, progress.preview = event.data["eta_s"], event.data["preview"]
+            if event.final:
+                outcome = event.outcome
         if not outcome.ok and outcome.status != "cancelled":
-            raise StudioError(outcome.error)
+            raise StudioError(in_a1111_names(outcome.error))
         return outcome
 
     @router.post("/txt2img", operation_id="a1111_txt2img", openapi_extra=json_body(Txt2ImgBody))
     async def txt2img(request: Request, user: str = Depends(current_user)) -> dict:
+        """txt2img; `enable_hr` adds hires fix."""
         return await generate(request, Txt2ImgBody, user)
 
     @router.post("/img2img", operation_id="a1111_img2img", openapi_extra=json_body(Img2ImgBody))
@@ -194,93 +182,121 @@ def build_router(studio: Studio) -> APIRouter:
         return await generate(request, Img2ImgBody, user)
 
     @router.get("/progress", operation_id="a1111_progress")
-    def get_progress(user: str = Depends(current_user)) -> dict:
+    def get_progress(skip_current_image: bool = False, user: str = Depends(current_user)) -> dict:
+        """This user's progress. `state.job_count`: iterations of the running request, or (idle) the user's jobs
+        queued or running from other front ends; 0 means nothing of theirs is pending."""
         progress = progress_of(user)
-        active = progress["job_id"] is not None
-        done = progress["step"] / progress["total"] if active and progress["total"] else 0.0
-        preview = progress["preview"]
-        return {"progress": done, "eta_relative": progress["eta_s"] if active else 0.0,
-                "state": {"job": progress["job_id"] or "", "job_count": studio.jobs.queue_length() + active,
-                          "sampling_step": progress["step"] if active else 0,
-                          "sampling_steps": progress["total"] if active else 0, "interrupted": False},
-                "current_image": image_to_base64(preview) if active and preview is not None else None,
-                "textinfo": None}
+        active = progress.active
+        preview = progress.preview if active and not skip_current_image else None
+        return {"progress": progress.fraction(), "eta_relative": progress.eta(),
+                "state": {"skipped": progress.skipped, "interrupted": progress.interrupted,
+                          "stopping_generation": False,
+                          "job": f"Batch {progress.job_no + 1} out of {progress.job_count}" if active else "",
+                          "job_count": progress.job_count if active else studio.jobs.active_jobs(user),
+                          "job_timestamp": progress.job_timestamp, "job_no": progress.job_no if active else 0,
+                          "sampling_step": progress.step if active else 0,
+                          "sampling_steps": progress.total if active else 0},
+                "current_image": image_to_base64(preview) if preview is not None else None,
+                "textinfo": f"In the queue: position {progress.position}" if active and progress.position else None,
+                "current_task": progress.job_id if active else None}
 
     @router.post("/interrupt", operation_id="a1111_interrupt")
     async def interrupt(user: str = Depends(current_user)) -> dict:
+        """Stop this user's current request: the running batch ends within a step, no further batch starts."""
         progress = progress_of(user)
-        if progress["job_id"]:
-            await studio.jobs.cancel(progress["job_id"], user)
+        if progress.active:
+            progress.interrupted = True
+            if progress.job_id:
+                await studio.jobs.cancel(progress.job_id, user)
         return {}
 
-    @router.post("/png-info", operation_id="a1111_png_info", openapi_extra=json_body(A1111PngInfoBody))
-    async def png_info(request: Request) -> dict:
-        body = A1111PngInfoBody.model_validate(await json_object(request))
-        try:
-            image = decode_image(body.image, limits.max_input_pixels)
-        except ValueError as exc:
-            raise RequestError("image", str(exc)) from None
-        text = read_png_text(image)
-        info = text.get("parameters", "")
-        # The hashes it names are looked up among the listed models' known hashes (reads folders: off the loop).
-        matches = await asyncio.to_thread(find_hashes, info, studio.hash_lookup()) if info else []
-        parameters = a1111_fields(info) if info else {}
-        found = next((match.local for match in matches if match.kind == "checkpoint" and match.local), None)
-        if found:
-            parameters["Model"] = found
-        return {"info": info, "items": text, "parameters": parameters, **hash_report(matches)}
+    @router.post("/skip", operation_id="a1111_skip")
+    async def skip(user: str = Depends(current_user)) -> dict:
+        """Skip the current batch of this user's request (n_iter): it stops within a step, the next one runs."""
+        progress = progress_of(user)
+        if progress.active:
+            progress.skipped = True
+            if progress.job_id:
+                await studio.jobs.cancel(progress.job_id, user)
+        return {}
 
-    @router.get("/sd-models", operation_id="a1111_sd_models")
-    def sd_models() -> list[dict]:
-        """Checkpoints as A1111 lists them; a file not hashed yet shows hash null and is queued (never hashed on
-        the request)."""
-        rows = [row for row in studio.models("checkpoint") if row["usable"]]  # as A1111: the ones it can load
-        files = listed_files(studio.config, "checkpoint")
-        models = []
-        for row in rows:
-            file = files.get(("checkpoint", row["name"]))
-            models.append(sd_model(row, file, studio.hasher.known(file) if file else None))
-        return models
+    @router.get("/options", operation_id="a1111_get_options")
+    def get_options(user: str = Depends(current_user)) -> dict:
+        """A1111's options as this user's requests run (their model, VAE and CLIP skip)."""
+        return options_of(defaults_of(preferences.get(user), studio), Catalog(studio), studio)
 
-    @router.get("/loras", operation_id="a1111_loras")
-    def loras() -> list[dict]:
-        """LoRAs as A1111's Lora extension lists them (`metadata`: the file's kohya training notes); `path` is
-        relative to its models folder."""
-        return [{"name": entry.name, "alias": entry.details.get("metadata", {}).get("ss_output_name") or entry.stem,
-                 "path": entry.relative, "metadata": entry.details.get("metadata", {})}
-                for entry in studio.model_entries("lora") if entry.usable]
-
-    @router.get("/sd-vae", operation_id="a1111_sd_vae")
-    def sd_vae() -> list[dict]:
-        return [{"model_name": entry.name, "filename": entry.relative}
-                for entry in studio.model_entries("vae") if entry.usable]
-
-    @router.get("/embeddings", operation_id="a1111_embeddings")
-    def embeddings() -> dict:
-        """Textual-inversion embeddings as A1111 reports them; unusable files are `skipped`."""
-        found: dict[str, dict] = {"loaded": {}, "skipped": {}}
-        for entry in studio.model_entries("embedding"):
-            details = {key: entry.details.get(key) for key in ("step", "sd_checkpoint", "sd_checkpoint_name",
-                                                                 "shape", "vectors")}
-            found["loaded" if entry.usable else "skipped"][entry.name] = details
-        return found
-
-    def refresh() -> None:
-        studio.refresh_models()
-
-    for route, operation in (("/refresh-checkpoints", "a1111_refresh_checkpoints"),
-                             ("/refresh-loras", "a1111_refresh_loras"), ("/refresh-vae", "a1111_refresh_vae"),
-                             ("/refresh-embeddings", "a1111_refresh_embeddings")):
-        router.add_api_route(route, refresh, methods=["POST"], operation_id=operation,
-                             summary="Read the models folders again")
-
-    @router.get("/samplers", operation_id="a1111_samplers")
-    def samplers() -> list[dict]:
-        return [{"name": name, "aliases": [], "options": options} for name, (_, options) in SAMPLERS.items()]
+    @router.post("/options", operation_id="a1111_set_options", openapi_extra=json_body(OptionsBody))
+    async def set_options(request: Request, user: str = Depends(current_user)) -> dict:
+        """Set this user's default model (sd_model_checkpoint), VAE (sd_vae) and CLIP skip; the whole dict from GET
+        may be posted back. Other keys are accepted; the answer names those ignored and why."""
+        raw = await json_object(request)
+        body = OptionsBody.model_validate(raw)
+        catalog = await asyncio.to_thread(Catalog, studio)
+        current = options_of(defaults_of(preferences.get(user), studio), catalog, studio)
+        changes, ignored = option_changes(body, raw, current, catalog)
+        if changes:
+            await asyncio.to_thread(preferences.update, user, changes)
+        return {"updated": sorted(changes), "ignored": ignored}
 
     return router
 
 
-def _infotext(path) -> str:
-    with Image.open(path) as image:
-        return read_png_text(image).get("parameters", "")
+def _read_images(paths: list[Path]) -> list[tuple[str, str, tuple[int, int]]]:
+    """(base64 PNG, its infotext, its size) of each saved image (file reads: call off the loop)."""
+    made = []
+    for path in paths:
+        with Image.open(path) as image:
+            made.append((base64.b64encode(path.read_bytes()).decode(), read_png_text(image).get("parameters", ""),
+                         image.size))
+    return made
+
+
+def _report_resize(body: A1111Body, request: GenerationRequest, translation: Translation) -> None:
+    if not isinstance(body, Img2ImgBody) or not body.resize_mode or request.init_image is None:
+        return
+    size = (request.width or request.init_image.width, request.height or request.init_image.height)
+    if request.init_image.size != size:
+        translation.unhonoured["resize_mode"] = f"the image was resized to {size[0]}x{size[1]} (just resize)"
+
+
+def _info(body: A1111Body, request: GenerationRequest, translation: Translation, catalog: Catalog,
+          seeds: list[int], infotexts: list[str], sizes: list[tuple[int, int]], progress: Progress,
+          skipped: list[int]) -> dict[str, Any]:
+    """A1111's `info` (Processed.js()) for what ran, plus `unhonoured` (and `skipped` batches, if any)."""
+    row = catalog.row(request.model) or {}
+    width, height = request.width, request.height
+    if sizes and (width is None or height is None):
+        width, height = hires_base_size(request.hires, *sizes[0]) if request.hires else sizes[0]
+    sampler = request.scheduler
+    extra: dict[str, Any] = {}
+    if sampler.endswith(KARRAS_SUFFIX):
+        extra["Schedule type"] = "Karras"
+    if request.hires is not None:
+        extra.update({"Hires upscale": request.hires.scale, "Hires upscaler": request.hires.upscaler,
+                      "Hires steps": request.hires.steps or None})
+        if request.hires.width or request.hires.height:
+            extra["Hires resize"] = f"{request.hires.width or 0}x{request.hires.height or 0}"
+    count = len(seeds)
+    subseed = body.subseed if body.subseed is not None else -1
+    vae = request.vae
+    info = {
+        "prompt": request.prompt, "all_prompts": [request.prompt] * count,
+        "negative_prompt": request.negative_prompt, "all_negative_prompts": [request.negative_prompt] * count,
+        "seed": seeds[0] if seeds else None, "all_seeds": seeds, "subseed": subseed, "all_subseeds": [subseed] * count,
+        "subseed_strength": body.subseed_strength or 0, "width": width, "height": height, "sampler_name": sampler,
+        "cfg_scale": request.guidance, "steps": request.steps, "batch_size": request.batch_size,
+        "restore_faces": False, "face_restoration_model": None,
+        "sd_model_name": row.get("model_name", request.model), "sd_model_hash": row.get("hash"),
+        "sd_vae_name": vae, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": request.hires.denoising_strength if request.hires else
+        (request.strength if request.init_image is not None else None),
+        "extra_generation_params": {key: value for key, value in extra.items() if value is not None},
+        "index_of_first_image": 0, "infotexts": infotexts, "styles": body.styles or [],
+        "job_timestamp": progress.job_timestamp, "clip_skip": request.clip_skip,
+        "is_using_inpainting_conditioning": "inpaint" in str(row.get("title", "")).lower(),
+        "version": f"diffusion-studio {studio_version()}",
+        "unhonoured": translation.unhonoured,
+    }
+    if skipped:
+        info["skipped"] = skipped
+    return info

@@ -6,12 +6,21 @@ pause/resume, model unload) depend on `require_admin`.
 
 Public on purpose: /login, /logout, /health (for probes; it says only that the server is up) and /share/<token>
 (one shared image, by its unguessable token).
+
+On /sdapi (A1111's API, whose clients send A1111's --api-auth credentials) HTTP Basic is accepted too: a user name
+with that user's password or one of their API tokens; a refusal there says `WWW-Authenticate: Basic`. A verified
+Basic header is remembered for a minute (clients send it on every progress poll; a password check costs a scrypt),
+and forgotten as soon as the users file changes.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import html
 import json
+import time
 from http.cookies import SimpleCookie
 from urllib.parse import quote
 
@@ -24,6 +33,9 @@ SESSION_COOKIE = "ds_session"
 LOCAL_USER = "local"
 PUBLIC_PATHS = {"/login", "/logout", "/health"}
 PUBLIC_PREFIXES = ("/share/",)
+BASIC_PREFIX = "/sdapi/"  # where HTTP Basic credentials are accepted, as A1111's --api-auth
+BASIC_REMEMBER_S = 60.0
+BASIC_REMEMBERED = 256  # verified headers kept at most
 
 
 def is_public(path: str) -> bool:
@@ -34,6 +46,7 @@ class AccessControl:
     def __init__(self, app, users: Users | None):
         self.app = app
         self.users = users  # None: auth off
+        self._verified: dict[str, tuple[str, float, int | None]] = {}  # header digest -> (user, expiry, file mtime)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
@@ -50,23 +63,58 @@ class AccessControl:
         scheme, _, token = headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and token:
             return self.users.user_for_token(token.strip())
+        if scheme.lower() == "basic" and token and scope["path"].startswith(BASIC_PREFIX):
+            return self._basic_user(token.strip())
         cookie = SimpleCookie(headers.get("cookie", ""))
         if SESSION_COOKIE in cookie:
             return self.users.user_for_session(cookie[SESSION_COOKIE].value)
         return None
 
+    def _basic_user(self, credentials: str) -> str | None:
+        """The user of a Basic header: a user name and that user's password or API token (checked in that order)."""
+        digest = hashlib.sha256(credentials.encode()).hexdigest()
+        stamp = self._users_stamp()
+        remembered = self._verified.get(digest)
+        if remembered and remembered[1] > time.monotonic() and remembered[2] == stamp:
+            return remembered[0]
+        try:
+            name, colon, secret = base64.b64decode(credentials, validate=True).decode().partition(":")
+        except (binascii.Error, ValueError):  # not base64, or not UTF-8
+            return None
+        if not colon or not name:
+            return None
+        user = name if self.users.user_for_token(secret) == name or self.users.check_password(name, secret) \
+            else None
+        if user is not None:
+            if len(self._verified) >= BASIC_REMEMBERED:
+                self._verified.clear()
+            self._verified[digest] = (user, time.monotonic() + BASIC_REMEMBER_S, stamp)
+        return user
+
+    def _users_stamp(self) -> int | None:
+        try:
+            return self.users.path.stat().st_mtime_ns
+        except OSError:
+            return None
+
     async def _refuse(self, scope, receive, send):
         if scope["type"] == "websocket":
             return await send({"type": "websocket.close", "code": 1008, "reason": "authentication required"})
         headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
-        if scope["method"] == "GET" and "text/html" in headers.get("accept", ""):
+        if scope["method"] == "GET" and "text/html" in headers.get("accept", "") and \
+                not scope["path"].startswith(BASIC_PREFIX):
             target = "/login?next=" + quote(scope["path"], safe="")
             response = RedirectResponse(target, status_code=303)
         else:
             body = {"detail": "authentication required: log in, or send 'Authorization: Bearer <token>' "
                               "(diffusion-studio users token NAME)"}
+            challenge = "Bearer"
+            if scope["path"].startswith(BASIC_PREFIX):
+                body = {"detail": "authentication required: send HTTP Basic credentials (a user name and its "
+                                  "password or API token), or 'Authorization: Bearer <token>'"}
+                challenge = 'Basic realm="diffusion-studio", charset="UTF-8"'
             response = HTMLResponse(json.dumps(body), status_code=401, media_type="application/json",
-                                    headers={"WWW-Authenticate": "Bearer"})
+                                    headers={"WWW-Authenticate": challenge})
         await response(scope, receive, send)
 
 
