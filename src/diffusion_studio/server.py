@@ -1,8 +1,10 @@
 """The server's composition root: one FastAPI app with the API routers, the access gate, /metrics and /health,
-and the Gradio page (ui/) mounted at the root path. The only module that knows both api/ and ui/."""
+/docs and /redoc (offline), the metrics sampler behind the System charts, and the Gradio page (ui/) mounted at
+the root path. The only module that knows both api/ and ui/."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 import gradio as gr
@@ -16,6 +18,7 @@ from .api.a1111 import build_router as build_a1111_router
 from .api.openai_images import build_router as build_openai_router
 from .api.access import AccessControl, build_login_router
 from .api.bodies import BodyLimit, add_body_schemas
+from .api.docs import install_docs
 from .api.routes import build_router, build_share_router, install_error_handlers
 from .config import StudioConfig
 from .requests import RequestError
@@ -42,12 +45,14 @@ def build_app(config: StudioConfig, studio: Studio | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await studio.jobs.start()  # on the server's own event loop
+        sampler = asyncio.create_task(studio.jobs.metrics.keep_sampling(), name="metrics-sampler")  # System charts
         try:
             yield
         finally:
+            sampler.cancel()
             await studio.jobs.stop()
 
-    app = FastAPI(title="Diffusion Studio", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="Diffusion Studio", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.studio = studio
     app.add_middleware(AccessControl, users=users)
     # Outermost: before auth reads anything. Gradio's upload route carries the Models panel's imports (GBs), so it
@@ -60,6 +65,7 @@ def build_app(config: StudioConfig, studio: Studio | None = None) -> FastAPI:
     app.include_router(build_a1111_router(studio))
     app.include_router(build_openai_router(studio))
     install_error_handlers(app)
+    install_docs(app)  # /docs and /redoc with local assets: no CDN
 
     @app.get("/metrics", tags=["system"], response_class=Response,
              responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})

@@ -1,11 +1,23 @@
-"""Prometheus metrics for jobs and the service, in the studio's own registry (served at /metrics)."""
+"""Prometheus metrics for jobs and the service, in the studio's own registry (served at /metrics), and the last
+hour of them as a ring buffer of samples (`MetricsHistory`) for the System tab's charts: Prometheus keeps only
+totals and the current value, a chart needs the values over time."""
 
 from __future__ import annotations
 
-from typing import Callable
+import asyncio
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
+import psutil
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SECONDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -38,8 +50,13 @@ class StudioMetrics:
         if self._gpu is not None:
             Gauge("studio_gpu_utilisation_percent", "GPU utilisation (nvidia-ml-py)", registry=r).set_function(
                 self._gpu)
+        self._queue_length, self._running = queue_length, running
+        self.history = MetricsHistory()
 
     def observe(self, status: str, queue_wait_s: float | None, result: dict, error_kind: str | None) -> None:
+        timings = result.get("timings") if status == "done" else None
+        self.history.record_job(status, queue_wait_s, timings["it_per_s"] if timings else None,
+                                result.get("peak_memory_bytes") if timings else None)
         self.jobs.labels(status).inc()
         if status == "failed":
             self.errors.labels(error_kind or "internal").inc()
@@ -57,6 +74,24 @@ class StudioMetrics:
     def gpu_utilisation(self) -> float | None:
         return self._gpu() if self._gpu is not None else None
 
+    @property
+    def has_gpu(self) -> bool:
+        """Whether nvidia-ml-py found a GPU whose utilisation can be read."""
+        return self._gpu is not None
+
+    def sample(self) -> None:
+        """Read the gauges (queue, running, memory, GPU) into the history's current interval."""
+        self.history.record_gauges(
+            queue_length=self._queue_length(), running=self._running(), rss_bytes=psutil.Process().memory_info().rss,
+            gpu_memory_bytes=torch.cuda.memory_reserved() if torch.cuda.is_available() else None,
+            gpu_percent=self.gpu_utilisation())
+
+    async def keep_sampling(self) -> None:
+        """Sample once per interval until cancelled (the server runs this for its lifetime)."""
+        while True:
+            self.sample()
+            await asyncio.sleep(self.history.every_s)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -70,3 +105,114 @@ def _gpu_utilisation() -> Callable[[], float] | None:
     except Exception:  # no nvidia-ml-py, no driver, or no GPU: the metric is simply absent
         return None
     return lambda: float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+
+
+SAMPLE_EVERY_S = 10.0
+HISTORY_S = 3600.0
+GIB = 2**30
+
+
+@dataclass
+class Sample:
+    """One interval of the history: the jobs that ended in it (recorded as they end, so exact) and the gauges read
+    in it (None where no reading fell in the interval: a gap, not a made-up value)."""
+
+    at: float  # the interval's start, unix seconds
+    ended: dict[str, int] = field(default_factory=dict)  # status -> jobs
+    it_per_s: list[float] = field(default_factory=list)  # of the jobs done in it
+    waits_s: list[float] = field(default_factory=list)  # queue wait of the jobs that ended in it
+    peak_memory_bytes: int | None = None  # the largest peak of the jobs done in it
+    queue_length: int | None = None  # the most seen in it
+    running: int | None = None
+    rss_bytes: int | None = None  # the last reading
+    gpu_memory_bytes: int | None = None
+    gpu_percent: float | None = None
+
+
+class MetricsHistory:
+    """A ring buffer of one `Sample` per `every_s` over the last `window_s`. Written on the event loop (job ends,
+    the sampler) and read from Gradio's worker threads, hence the lock."""
+
+    def __init__(self, every_s: float = SAMPLE_EVERY_S, window_s: float = HISTORY_S,
+                 clock: Callable[[], float] = time.time):
+        self.every_s, self.window_s, self._clock = every_s, window_s, clock
+        self._samples: deque[Sample] = deque(maxlen=math.ceil(window_s / every_s) + 1)
+        self._lock = threading.Lock()
+        self.started_at = clock()
+
+    def _current(self) -> Sample:
+        at = math.floor(self._clock() / self.every_s) * self.every_s
+        if not self._samples or self._samples[-1].at < at:
+            self._samples.append(Sample(at))
+        return self._samples[-1]
+
+    def record_job(self, status: str, queue_wait_s: float | None, it_per_s: float | None,
+                   peak_memory_bytes: int | None) -> None:
+        with self._lock:
+            sample = self._current()
+            sample.ended[status] = sample.ended.get(status, 0) + 1
+            if queue_wait_s is not None:
+                sample.waits_s.append(queue_wait_s)
+            if it_per_s:
+                sample.it_per_s.append(it_per_s)
+            if peak_memory_bytes:
+                sample.peak_memory_bytes = max(sample.peak_memory_bytes or 0, peak_memory_bytes)
+
+    def record_gauges(self, *, queue_length: int, running: int, rss_bytes: int, gpu_memory_bytes: int | None,
+                      gpu_percent: float | None) -> None:
+        with self._lock:
+            sample = self._current()
+            sample.queue_length = max(sample.queue_length or 0, queue_length)
+            sample.running = max(sample.running or 0, running)
+            sample.rss_bytes, sample.gpu_memory_bytes = rss_bytes, gpu_memory_bytes
+            if gpu_percent is not None:
+                sample.gpu_percent = gpu_percent
+
+    def samples(self) -> list[Sample]:
+        """The intervals of the last window that have anything in them, oldest first."""
+        with self._lock:
+            since = self._clock() - self.window_s
+            return [Sample(s.at, dict(s.ended), list(s.it_per_s), list(s.waits_s), s.peak_memory_bytes,
+                           s.queue_length, s.running, s.rss_bytes, s.gpu_memory_bytes, s.gpu_percent)
+                    for s in self._samples if s.at + self.every_s > since]
+
+    def frames(self) -> dict[str, "pd.DataFrame"]:
+        """One long-format DataFrame per chart, `time` (UTC datetimes) first: jobs (jobs_per_minute by outcome, the
+        jobs that ended in the minute up to each interval), speed (it_per_s), queue (jobs waiting / running), wait
+        (queue_wait_s), memory (gib by series) and gpu (gpu_percent: empty without a GPU)."""
+        samples = self.samples()
+        now = self._clock()
+        start, end = (math.floor(t / self.every_s) * self.every_s for t in (max(self.started_at, now - self.window_s),
+                                                                              now))
+        slots = [start + i * self.every_s for i in range(round((end - start) / self.every_s) + 1)]
+        by_slot = {s.at: s for s in samples}
+        per_minute = max(1, round(60 / self.every_s))
+        jobs = []
+        for index, at in enumerate(slots):  # every interval since the start: no job ended in an empty one
+            window = [by_slot[slot] for slot in slots[max(0, index - per_minute + 1):index + 1] if slot in by_slot]
+            for outcome in ("done", "failed"):
+                jobs.append((at, outcome, sum(s.ended.get(outcome, 0) for s in window)))
+        speed = [(s.at, sum(s.it_per_s) / len(s.it_per_s)) for s in samples if s.it_per_s]
+        wait = [(s.at, sum(s.waits_s) / len(s.waits_s)) for s in samples if s.waits_s]
+        queue = [(s.at, series, value) for s in samples if s.queue_length is not None
+                 for series, value in (("waiting", s.queue_length), ("running", s.running))]
+        memory = [(s.at, series, value / GIB) for s in samples
+                  for series, value in (("process RSS", s.rss_bytes), ("GPU reserved", s.gpu_memory_bytes),
+                                        ("job peak", s.peak_memory_bytes)) if value is not None]
+        gpu = [(s.at, s.gpu_percent) for s in samples if s.gpu_percent is not None]
+        return {"jobs": _frame(jobs, ["outcome", "jobs_per_minute"]), "speed": _frame(speed, ["it_per_s"]),
+                "queue": _frame(queue, ["series", "jobs"]), "wait": _frame(wait, ["queue_wait_s"]),
+                "memory": _frame(memory, ["series", "gib"]), "gpu": _frame(gpu, ["gpu_percent"])}
+
+
+def _frame(rows: list[tuple], columns: list[str]) -> "pd.DataFrame":
+    import pandas as pd  # here, not at the top: the CLI's generate imports the service but draws no chart
+
+    frame = pd.DataFrame(rows, columns=["time", *columns])
+    frame["time"] = pd.to_datetime(frame["time"], unit="s")  # naive UTC: the browser shows it in local time
+    for column in columns:
+        if column in ("outcome", "series"):
+            frame[column] = frame[column].astype(str)
+        else:
+            frame[column] = frame[column].astype(float)
+    return frame

@@ -1,5 +1,6 @@
 """System tab: the device, loaded models and their memory (unload), the queue, throughput, error rate, GPU
-utilisation where available, recent errors, and the Models panel (ui/tabs/models.py)."""
+utilisation where available, live charts of the last hour (the service's MetricsHistory, redrawn by a timer while
+the tab has been opened), recent errors, and the Models panel (ui/tabs/models.py)."""
 
 from __future__ import annotations
 
@@ -42,10 +43,44 @@ def service_text(studio: Studio, window_s: float = 3600) -> str:
             f"error rate {rate:.1%}")
 
 
+# chart -> (y column, colour column or None, title, y axis title)
+CHARTS = {"jobs": ("jobs_per_minute", "outcome", "Jobs per minute", "jobs ended in the minute"),
+          "speed": ("it_per_s", None, "Speed", "it/s (mean of the jobs done)"),
+          "queue": ("jobs", "series", "Queue", "jobs"),
+          "wait": ("queue_wait_s", None, "Queue wait", "seconds"),
+          "memory": ("gib", "series", "Memory", "GiB"),
+          "gpu": ("gpu_percent", None, "GPU utilisation", "%")}
+
+
+def chart_frames(studio: Studio) -> dict:
+    """The charts' DataFrames; no "gpu" where nvidia-ml-py finds no GPU (no chart rather than a line at zero)."""
+    metrics = studio.jobs.metrics
+    frames = metrics.history.frames()
+    return frames if metrics.has_gpu else {name: frame for name, frame in frames.items() if name != "gpu"}
+
+
+def build_charts(studio: Studio) -> dict[str, gr.LinePlot]:
+    plots, names = {}, list(CHARTS)
+    for row in (names[:3], names[3:]):
+        with gr.Row():
+            for name in row:
+                if name == "gpu" and not studio.jobs.metrics.has_gpu:
+                    gr.Markdown("**GPU utilisation:** no chart: nvidia-ml-py finds no NVIDIA GPU on this machine.",
+                                elem_id="system-chart-gpu")
+                    continue
+                y, color, title, y_title = CHARTS[name]
+                plots[name] = gr.LinePlot(x="time", y=y, color=color, title=title, x_title="time", y_title=y_title,
+                                          height=200, elem_id=f"system-chart-{name}")
+    return plots
+
+
 def build(studio: Studio, is_admin: Callable[[str], bool]) -> None:
     with gr.Tab("System", id="system", elem_id="tab-system") as tab:
         device = gr.Markdown()
         service = gr.Markdown()
+        with gr.Accordion(f"Last hour (one sample per {studio.jobs.metrics.history.every_s:g} s)", open=True):
+            plots = build_charts(studio)
+        timer = gr.Timer(studio.jobs.metrics.history.every_s, active=False)  # started when the tab is first opened
         loaded = gr.Dataframe(headers=["name", "role", "weights (MB)", "in use"], interactive=False,
                               label="Loaded models")
         with gr.Row():
@@ -75,7 +110,17 @@ def build(studio: Studio, is_admin: Callable[[str], bool]) -> None:
                 gr.Warning(f"'{name}' is not loaded, or a job is using it")
             return snapshot(request)
 
+        def charts():
+            now = time.time()
+            window = [now - studio.jobs.metrics.history.window_s, now]  # the whole hour, also while it fills
+            frames = chart_frames(studio)
+            return [gr.LinePlot(frames[name], x_lim=window) for name in plots]
+
         outputs = [device, service, loaded, unload_name, errors]
         refresh.click(snapshot, None, outputs, api_name="system")
+        refresh.click(charts, None, list(plots.values()), api_visibility="private")
         tab.select(snapshot, None, outputs, api_visibility="private")
+        tab.select(lambda: gr.Timer(active=True), None, timer, api_visibility="private").then(
+            charts, None, list(plots.values()), api_visibility="private")
+        timer.tick(charts, None, list(plots.values()), api_name="system_charts", show_progress="hidden")
         unload.click(unload_model, unload_name, outputs, api_visibility="private")
