@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import threading
+import time
 
 import httpx
 import pytest
@@ -142,3 +144,36 @@ def test_open_webui_sequence(secured):
         info = json.loads(res["info"])  # kept as the file's metadata
         assert info["sd_model_name"] == "builtin:shapes-xl" and len(info["all_seeds"]) == 2
         assert info["all_seeds"][1] == info["all_seeds"][0] + 1 and info["unhonoured"] == {}
+
+
+def test_one_account_running_two_requests(secured):
+    """Open WebUI sends every chat's images under its one A1111 account: progress counts both, interrupt stops
+    both, and each answers with what it made."""
+    url, tokens, _ = secured
+    auth = {"Authorization": basic("alice", tokens["alice"])}
+    replies = {}
+
+    def generate(name):
+        replies[name] = httpx.post(f"{url}/sdapi/v1/txt2img", headers=auth, timeout=120, json={
+            "prompt": name, "width": 128, "height": 128, "steps": 150, "seed": 1})
+
+    workers = [threading.Thread(target=generate, args=(name,)) for name in ("first", "second")]
+    for worker in workers:
+        worker.start()
+    try:
+        deadline = time.time() + 90
+        while True:
+            state = httpx.get(f"{url}/sdapi/v1/progress", headers=auth).json()["state"]
+            if state["job_count"] == 2 and state["sampling_step"] >= 2:
+                break
+            assert time.time() < deadline, state
+            time.sleep(0.05)
+        assert httpx.post(f"{url}/sdapi/v1/interrupt", headers=auth).json() == {}
+    finally:
+        for worker in workers:
+            worker.join(120)
+    assert [replies[name].status_code for name in ("first", "second")] == [200, 200]
+    made = sorted(len(replies[name].json()["images"]) for name in ("first", "second"))
+    assert made in ([0, 1], [1, 1])  # the running one stops within a step, with its image; the queued one is
+    # cancelled before it starts (or just after, with its image)
+    assert httpx.get(f"{url}/sdapi/v1/progress", headers=auth).json()["state"]["job_count"] == 0

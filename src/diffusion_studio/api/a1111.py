@@ -16,7 +16,7 @@ import asyncio
 import base64
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,16 +84,31 @@ class Progress:
         return self.eta_s + per_iteration * (self.job_count - self.job_no - 1)
 
 
+@dataclass
+class UserProgress:
+    """A user's A1111 requests in progress, oldest first (a client such as Open WebUI may run several at once
+    under one account), and the last one to finish (its interrupted flag
+    stays visible until the next request starts, as in A1111)."""
+
+    calls: list[Progress] = field(default_factory=list)
+    last: Progress = field(default_factory=Progress)
+
+    def shown(self) -> Progress:
+        """The oldest running request, else the oldest waiting one, else the last finished."""
+        running = [call for call in self.calls if call.job_id is not None and call.position is None]
+        return (running or self.calls or [self.last])[0]
+
+
 def build_router(studio: Studio) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1", tags=["a1111"], responses=ERROR_RESPONSES)
     router.include_router(build_listings_router(studio))
     router.include_router(build_extras_router(studio))
     preferences = Preferences(Path(studio.config.data_dir) / PREFERENCES_FILE)
-    progress_by_user: dict[str, Progress] = {}
+    progress_by_user: dict[str, UserProgress] = {}
     limits = studio.config.limits
 
-    def progress_of(user: str) -> Progress:
-        return progress_by_user.setdefault(user, Progress())
+    def progress_of(user: str) -> UserProgress:
+        return progress_by_user.setdefault(user, UserProgress())
 
     async def generate(request: Request, body_model: type[A1111Body], user: str) -> dict[str, Any]:
         raw = await json_object(request)
@@ -114,8 +129,9 @@ def build_router(studio: Studio) -> APIRouter:
             changes, _ = option_changes(OptionsBody(**translation.kept), translation.kept, {}, catalog)
             await asyncio.to_thread(preferences.update, user, changes)
 
-        progress = progress_of(user)
+        progress, running = Progress(), progress_of(user)
         progress.start(iterations)
+        running.calls.append(progress)
         images: list[str] = []
         seeds: list[int] = []
         infotexts: list[str] = []
@@ -143,6 +159,8 @@ def build_router(studio: Studio) -> APIRouter:
                     break
         finally:
             progress.finish()
+            running.calls.remove(progress)
+            running.last = progress
         info = _info(body, job_request, translation, catalog, seeds, infotexts, sizes, progress, skipped)
         parameters = {key: value for key, value in raw.items() if key in body_model.model_fields}
         if isinstance(body, Img2ImgBody) and not body.include_init_images:  # as A1111: not echoed back
@@ -185,14 +203,16 @@ def build_router(studio: Studio) -> APIRouter:
     def get_progress(skip_current_image: bool = False, user: str = Depends(current_user)) -> dict:
         """This user's progress. `state.job_count`: iterations of the running request, or (idle) the user's jobs
         queued or running from other front ends; 0 means nothing of theirs is pending."""
-        progress = progress_of(user)
+        running = progress_of(user)
+        progress = running.shown()
         active = progress.active
         preview = progress.preview if active and not skip_current_image else None
         return {"progress": progress.fraction(), "eta_relative": progress.eta(),
                 "state": {"skipped": progress.skipped, "interrupted": progress.interrupted,
                           "stopping_generation": False,
                           "job": f"Batch {progress.job_no + 1} out of {progress.job_count}" if active else "",
-                          "job_count": progress.job_count if active else studio.jobs.active_jobs(user),
+                          "job_count": progress.job_count + len(running.calls) - 1 if active else
+                          studio.jobs.active_jobs(user),
                           "job_timestamp": progress.job_timestamp, "job_no": progress.job_no if active else 0,
                           "sampling_step": progress.step if active else 0,
                           "sampling_steps": progress.total if active else 0},
@@ -202,9 +222,8 @@ def build_router(studio: Studio) -> APIRouter:
 
     @router.post("/interrupt", operation_id="a1111_interrupt")
     async def interrupt(user: str = Depends(current_user)) -> dict:
-        """Stop this user's current request: the running batch ends within a step, no further batch starts."""
-        progress = progress_of(user)
-        if progress.active:
+        """Stop this user's running requests: their batches end within a step, no further batch starts."""
+        for progress in list(progress_of(user).calls):
             progress.interrupted = True
             if progress.job_id:
                 await studio.jobs.cancel(progress.job_id, user)
@@ -213,7 +232,7 @@ def build_router(studio: Studio) -> APIRouter:
     @router.post("/skip", operation_id="a1111_skip")
     async def skip(user: str = Depends(current_user)) -> dict:
         """Skip the current batch of this user's request (n_iter): it stops within a step, the next one runs."""
-        progress = progress_of(user)
+        progress = progress_of(user).shown()
         if progress.active:
             progress.skipped = True
             if progress.job_id:
