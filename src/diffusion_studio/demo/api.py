@@ -19,6 +19,7 @@ from ..service.store import JobRecord
 from ..service.training import TrainingService
 from ..studio import Studio
 from .comparison import (
+    PARAMETER_FIELDS,
     ParameterComparison,
     base_fields,
     cell_fields,
@@ -213,6 +214,7 @@ class DiffusionDemo:
         if advanced and not self.config.enable_advanced_controls:
             raise ValueError(f"{next(iter(advanced))}: advanced controls are off "
                              "(DemoConfig.enable_advanced_controls=False)")
+        advanced = {PARAMETER_FIELDS.get(name, name): value for name, value in advanced.items()}  # num_steps too
         field = parameter_field(parameter_name)
         limit = self.studio.config.limits.max_images_per_request
         if len(values) > limit:
