@@ -43,13 +43,16 @@ def service_text(studio: Studio, window_s: float = 3600) -> str:
             f"error rate {rate:.1%}")
 
 
-# chart -> (y column, colour column or None, title, y axis title)
-CHARTS = {"jobs": ("jobs_per_minute", "outcome", "Jobs per minute", "jobs ended in the minute"),
-          "speed": ("it_per_s", None, "Speed", "it/s (mean of the jobs done)"),
+# chart -> (y column, colour column or None, title, y axis title). Jobs' own measurements (speed, queue wait) exist
+# only in the intervals where jobs ended, so they are points (a line needs two neighbours to show anything); rates
+# and gauges, read every interval, are lines.
+CHARTS = {"jobs": ("jobs_per_minute", "outcome", "Jobs per minute", "jobs/min"),
+          "speed": ("it_per_s", None, "Speed (jobs done)", "it/s"),
           "queue": ("jobs", "series", "Queue", "jobs"),
-          "wait": ("queue_wait_s", None, "Queue wait", "seconds"),
+          "wait": ("queue_wait_s", None, "Queue wait (jobs ended)", "s"),
           "memory": ("gib", "series", "Memory", "GiB"),
           "gpu": ("gpu_percent", None, "GPU utilisation", "%")}
+POINTS = {"speed", "wait"}
 
 
 def chart_frames(studio: Studio) -> dict:
@@ -69,8 +72,10 @@ def build_charts(studio: Studio) -> dict[str, gr.LinePlot]:
                                 elem_id="system-chart-gpu")
                     continue
                 y, color, title, y_title = CHARTS[name]
-                plots[name] = gr.LinePlot(x="time", y=y, color=color, title=title, x_title="time", y_title=y_title,
-                                          height=200, elem_id=f"system-chart-{name}")
+                plot = gr.ScatterPlot if name in POINTS else gr.LinePlot
+                plots[name] = plot(x="time", y=y, color=color, title=title, x_title="time", y_title=y_title,
+                                   y_lim=[0, 100] if name == "gpu" else [0, None], height=220,
+                                   elem_id=f"system-chart-{name}")
     return plots
 
 
@@ -111,10 +116,10 @@ def build(studio: Studio, is_admin: Callable[[str], bool]) -> None:
             return snapshot(request)
 
         def charts():
-            now = time.time()
-            window = [now - studio.jobs.metrics.history.window_s, now]  # the whole hour, also while it fills
+            history, now = studio.jobs.metrics.history, time.time()
+            window = [max(history.started_at, now - history.window_s), now]  # the hour, or since the start
             frames = chart_frames(studio)
-            return [gr.LinePlot(frames[name], x_lim=window) for name in plots]
+            return [type(plot)(frames[name], x_lim=window) for name, plot in plots.items()]
 
         outputs = [device, service, loaded, unload_name, errors]
         refresh.click(snapshot, None, outputs, api_name="system")
