@@ -207,6 +207,9 @@ def test_extras_upscale(api, served):
     ({"scheduler": "no-such-schedule"}, "scheduler"),
     ({"steps": "many"}, "steps"),
     ({"enable_hr": True, "hr_scale": 9}, "hr_scale"),
+    ({"enable_hr": True, "hr_upscaler": webuiapi.HiResUpscaler.ESRGAN_4x}, "hr_upscaler"),  # no such file here
+    ({"enable_hr": True, "hr_resize_x": 4}, "hr_resize_x"),
+    ({"override_settings": {"sd_vae": "missing"}}, "sd_vae"),
     ({"script_name": "x/y plot"}, "script_name"),
     ({"override_settings": {"sd_model_checkpoint": "missing"}}, "sd_model_checkpoint"),
 ])
@@ -214,7 +217,7 @@ def test_a_bad_field_is_a_4xx_naming_it(served, change, field):
     url, _ = served
     reply = httpx.post(f"{url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "width": 64, "height": 64,
                                                         **change}, timeout=60)
-    assert reply.status_code == 422 and field in (reply.json()["field"] or "") + reply.json()["detail"], reply.text
+    assert reply.status_code == 422 and reply.json()["field"] == field and field in reply.json()["detail"], reply.text
 
 
 def test_inpainting_fill_out_of_range(served):
