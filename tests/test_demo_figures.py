@@ -83,3 +83,25 @@ def test_series_skip_missing_values_and_keep_their_steps():
                               {"step": 3, "loss": float("nan")}, {"step": 4, "loss": 0.25}])
     assert series["losses"] == ([1.0, 4.0], [0.5, 0.25]) and series["learning_rates"] == ([2.0], [1e-4])
     assert training_series({"losses": np.array([3.0, 2.0])})["losses"] == ([0, 1], [3.0, 2.0])  # arrays too
+
+
+def test_the_current_training_run_is_drawn(tmp_path):
+    """enable_training_demo: demo.training runs the studio's LoRA trainer; training_stats and the figure read it."""
+    import time
+
+    from diffusion_studio.training.config import TrainConfig
+
+    demo = DiffusionDemo(DemoConfig(data_dir=tmp_path / "data", models_dir=tmp_path / "models"))  # its own loras
+    run = demo.training.start("demo-run", TrainConfig(
+        dataset="shapes", resolution=32, steps=6, batch_size=4, pool_size=16, checkpoint_every=6,
+        learning_rate=1e-3, output_dir=tmp_path / "run", lora_rank=4))
+    deadline = time.monotonic() + 240
+    while not run.finished and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert run.state == "done", run.messages
+    stats = demo.training_stats
+    assert stats["steps"] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0] and len(stats["losses"]) == 6
+    assert set(stats) == {"steps", "losses", "grad_norms", "learning_rates", "stability_scores"}
+    image = demo.create_training_visualization()
+    assert np.array_equal(np.asarray(image), np.asarray(demo.create_training_visualization(run.events)))
+    assert all(line_pixels(panel) > 20 for panel in panels(image))

@@ -15,7 +15,6 @@ from ..engine.pipelines import pick_device
 from ..requests import MAX_SEED, GenerationRequest, describe_validation_error
 from ..service.compare import draw_grid
 from ..service.outcomes import Outcome
-from ..service.store import JobRecord
 from ..service.training import TrainingService
 from ..studio import Studio
 from .comparison import (
@@ -28,6 +27,7 @@ from .comparison import (
 )
 from .config import DemoConfig, studio_config
 from .figures import SERIES, STEPS_KEY, training_figure, training_series
+from .history import history_entry
 
 PIPELINES = {  # the seed's pipeline types; the mode comes from the method, the model from the type
     "stable_diffusion": "default_model",
@@ -248,27 +248,8 @@ class DiffusionDemo:
         ran), timestamp (when it finished); and ours: id, status, mode, model, seeds, images (paths), error,
         created_at. Every session's jobs, kept across restarts: `demo.studio.history(config.user)`."""
         records = self.studio.history(self.config.user, since=self._since, limit=100_000)
-        return [self._history_entry(record) for record in reversed(records)]
-
-    def _history_entry(self, record: JobRecord) -> dict[str, Any]:
-        request, result = record.request, record.result
-        seeds = result.get("seeds", [])
-        images = self.studio.image_paths(result.get("image_ids", []))
-        width, height = request.get("width"), request.get("height")
-        if images and (width is None or height is None):  # the model's native size: the image says it
-            with Image.open(images[0]) as image:
-                width, height = image.size
-        ran = (record.finished_at - record.started_at) if record.finished_at and record.started_at else None
-        return {
-            "prompt": request.get("prompt"), "negative_prompt": request.get("negative_prompt"),
-            "parameters": {"steps": request.get("steps"), "guidance_scale": request.get("guidance"),
-                           "height": height, "width": width,
-                           "seed": seeds[0] if seeds else request.get("seed")},
-            "generation_time": ran, "timestamp": record.finished_at or record.created_at,
-            "id": record.id, "status": record.status.value, "mode": request.get("mode"),
-            "model": request.get("model"), "seeds": seeds, "images": [str(path) for path in images],
-            "error": record.error.text() if record.error else None, "created_at": record.created_at,
-        }
+        return [history_entry(record, self.studio.image_paths(record.result.get("image_ids", [])))
+                for record in reversed(records)]
 
     @property
     def training(self) -> TrainingService:
