@@ -50,6 +50,7 @@ def build_app(config: StudioConfig, studio: Studio | None = None) -> FastAPI:
             yield
         finally:
             sampler.cancel()
+            await asyncio.gather(sampler, return_exceptions=True)
             await studio.jobs.stop()
 
     app = FastAPI(title="Diffusion Studio", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
