@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from PIL import Image
 
 from diffusion_studio.api.a1111_fields import Defaults, Img2ImgBody, Txt2ImgBody, translate
-from diffusion_studio.requests import GenerationRequest, RequestError
+from diffusion_studio.requests import GenerationRequest, RequestError, image_to_base64
 from diffusion_studio.service.preferences import MAX_KEYS_PER_USER, Preferences
 
-IMAGE = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+IMAGE = "data:image/png;base64," + image_to_base64(Image.new("RGB", (8, 8), "red"))  # as webuiapi sends it
 
 
 @pytest.mark.parametrize("fill, studio_fill", [(0, "fill"), (1, "original"), (2, "latent noise"),

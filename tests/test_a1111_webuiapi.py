@@ -61,7 +61,8 @@ def test_constructor_and_listings(served, api):
     assert "badhands" in {**embeddings["loaded"], **embeddings["skipped"]}
     models = api.util_get_model_names()
     assert "builtin:shapes" in models and any(title.startswith("anime/tiny.safetensors") for title in models)
-    assert {row["name"] for row in api.get_samplers()} >= {"Euler", "Euler a", "DPM++ 2M"}
+    samplers = {row["name"]: row for row in api.get_samplers()}
+    assert {"Euler", "Euler a", "DPM++ 2M"} <= set(samplers) and samplers["Euler a"]["aliases"] == ["k_euler_a"]
     flags = api.get_cmd_flags()
     assert flags["api"] is True and flags["listen"] is False and flags["port"] == int(url.rsplit(":", 1)[1])
     memory = api.get_memory()
@@ -89,7 +90,8 @@ def test_options_round_trip_and_model_switch(served, api):
                              "CLIP_stop_at_last_layers": 2, "samples_format": "jpg", "made_up_setting": 3})
     assert set(reply["ignored"]) == {"samples_format", "made_up_setting"}  # accepted, and said so
     after = api.get_options()
-    assert (after["sd_model_checkpoint"], after["sd_vae"], after["CLIP_stop_at_last_layers"]) == (tiny, "tiny-vae-folder", 2)
+    assert (after["sd_model_checkpoint"], after["sd_vae"], after["CLIP_stop_at_last_layers"]) == \
+        (tiny, "tiny-vae-folder", 2)
     assert after["samples_format"] == "png" and "made_up_setting" not in after
     # kept in the data dir: a studio started again on it reads the same options for this user
     assert Preferences(studio.config.data_dir / "preferences.json").get("local") == {

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 
 from ..samplers import SAMPLERS
 from ..studio import Studio
-from .a1111_fields import A1111_SCHEDULES, HONOURED_SCHEDULES
+from .a1111_fields import A1111_SCHEDULES, HONOURED_SCHEDULES, SAMPLER_ALIASES
 from .a1111_options import Catalog
 
 
@@ -35,7 +35,9 @@ def build_listings_router(studio: Studio) -> APIRouter:
 
     @router.get("/samplers", operation_id="a1111_samplers")
     def samplers() -> list[dict]:
-        return [{"name": name, "aliases": [], "options": options} for name, (_, options) in SAMPLERS.items()]
+        """The studio's samplers (a Karras schedule is its own entry here), with A1111's old aliases."""
+        return [{"name": name, "aliases": [alias for alias, target in SAMPLER_ALIASES.items() if target == name],
+                 "options": options} for name, (_, options) in SAMPLERS.items()]
 
     @router.get("/schedulers", operation_id="a1111_schedulers")
     def schedulers() -> list[dict]:
