@@ -205,3 +205,24 @@ def test_only_masked_inverted_inpainting_keeps_the_masked_pixels(client, source_
     result = np.asarray(image_of(gallery[0]).convert("RGB"), dtype=int)
     original = np.asarray(Image.open(source_png).convert("RGB"), dtype=int)
     assert np.abs(result[20:44, 20:44] - original[20:44, 20:44]).max() == 0  # inverted: the painted box is kept
+
+
+def test_mask_preview_shows_the_inverted_mask_the_new_canvas_and_the_crop():
+    from diffusion_studio.ui.tabs.inpaint import mask_preview
+
+    background = np.zeros((64, 64, 4), np.uint8)
+    background[..., :3], background[..., 3] = 255, 255  # white
+    stroke = np.zeros((64, 64, 4), np.uint8)
+    stroke[24:40, 24:40] = 255
+    value = {"background": background, "layers": [stroke]}
+    plain = np.asarray(mask_preview(value, 0, 0), dtype=int)
+    assert plain.shape == (64, 64, 3) and (plain[32, 32] != 255).any() and (plain[2, 2] == 255).all()
+    inverted = np.asarray(mask_preview(value, 0, 0, invert=True), dtype=int)
+    assert (inverted[32, 32] == 255).all() and (inverted[2, 2] != 255).any()
+    extended = np.asarray(mask_preview(value, 0, 0, outpaint={"left": 16, "right": 0, "top": 0, "bottom": 8}))
+    assert extended.shape == (72, 80, 3)
+    assert (extended[70, 40] != 255).any() and (extended[30, 4] != 255).any()  # the new strips are repainted
+    assert (extended[2, 18] == 255).all()  # the old canvas, unmasked, as it was
+    cropped = np.asarray(mask_preview(value, 0, 0, area="masked", padding=8))
+    assert tuple(cropped[16, 30]) == (0, 160, 255) and tuple(cropped[30, 16]) == (0, 160, 255)  # the crop's outline
+    assert (cropped[10, 30] == 255).all()  # outside it

@@ -15,6 +15,9 @@ THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="slate")
 # thumbnails. Which are enlarged only the page knows (frames follow the window), so PAGE_JS marks them.
 CSS = """
 .gradio-container img.ds-enlarged { image-rendering: pixelated; }
+/* A result gallery's lone image fills the width as a square, taller than the gallery's 55vh: keep it whole, so its
+   size caption (bottom right) shows. */
+.gradio-container .ds-results .thumbnail-item { max-height: 50vh; }
 """
 
 PAGE_JS = """

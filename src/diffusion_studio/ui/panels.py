@@ -225,7 +225,7 @@ def results_panel(studio: Studio, label: str = "Result", upscale_api: str | None
     Upscale section under them; `upscale_api`: the upscale action's public endpoint name (one tab has it)."""
     preview = gr.Image(label="Live preview", type="pil", height=160, interactive=False)
     gallery = gr.Gallery(label=label, columns=4, height="auto", format="png", object_fit="contain", preview=False,
-                         interactive=False)
+                         interactive=False, elem_classes=["ds-results"])
     status = gr.Markdown()
     upscale_panel(studio, gallery, upscale_api)
     return Results(preview, gallery, status, gr.State(None))
@@ -273,7 +273,7 @@ def upscale_panel(studio: Studio, gallery: gr.Gallery, api_name: str | None = No
                                    info="upscaler model files (ESRGAN family) from the models folders appear here")
             scale = gr.Slider(1, 8, value=2, step=0.5, label="Scale")
         button = gr.Button("Upscale the selected image", size="sm")
-        image = gr.Image(label="Upscaled", type="pil", format="png", interactive=False)
+        image = gr.Image(label="Upscaled", type="pil", format="png", interactive=False, height=320)
         size = gr.Markdown()
     selected = gr.State(0)
 

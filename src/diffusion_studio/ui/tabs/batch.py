@@ -58,7 +58,7 @@ def build(studio: Studio) -> None:
                 table = gr.Dataframe(headers=["#", "prompt", "state"], datatype=["number", "str", "str"],
                                      interactive=False, label="Progress per prompt")
                 gallery = gr.Gallery(label="Results", columns=4, height=320, format="png", preview=False,
-                                     interactive=False)
+                                     interactive=False, elem_classes=["ds-results"])
                 upscale_panel(studio, gallery)
                 archive = gr.File(label="Download all (zip)", interactive=False)
 

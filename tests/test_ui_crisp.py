@@ -1,0 +1,76 @@
+"""Small images in a real browser (Playwright in Debian's Chromium, as tests/test_browser.py): a 64 px result drawn
+larger than it is shows crisp pixels (`image-rendering: pixelated`) with its real size in the caption; an image
+drawn smaller than it is keeps the browser's smooth scaling (pixelated would alias it); Upscale states the size."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from diffusion_studio.ui.app import CSS
+
+playwright = pytest.importorskip("playwright.sync_api")
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+if not Path(CHROMIUM).exists():
+    if os.environ.get("DS_REQUIRE_BROWSER"):
+        raise RuntimeError("DS_REQUIRE_BROWSER is set but Debian's chromium is not installed")
+    pytest.skip("Debian's chromium is not installed (./studio test installs it)", allow_module_level=True)
+
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+LONG = 180_000  # ms: CPU machines are slow when busy
+IMAGES = """(selector) => [...document.querySelectorAll(selector)].map((img) => ({
+    natural: [img.naturalWidth, img.naturalHeight], shown: [img.clientWidth, img.clientHeight],
+    rendering: getComputedStyle(img).imageRendering}))"""
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        page.goto(server[0] + "/")
+        page.get_by_role("tab", name="Generate").wait_for()
+        yield page
+        browser.close()
+
+
+def test_the_page_carries_the_studios_css(server):
+    import httpx
+
+    config = httpx.get(f"{server[0]}/config").json()
+    assert CSS.strip() in (config.get("css") or ""), "server.py should pass ui.app's CSS (and PAGE_JS) at mount"
+
+
+def test_a_small_result_is_shown_crisp_with_its_size(page):
+    tab = page.locator("#tab-generate")
+    tab.get_by_label("Prompt", exact=True).fill("a red circle on a white background")
+    tab.get_by_label("Seed", exact=True).fill("11")
+    steps = tab.get_by_label("number input for Steps")
+    steps.fill("2")
+    steps.press("Enter")
+    tab.get_by_role("button", name="Generate", exact=True).click()
+    tab.get_by_text("Done in").wait_for(timeout=LONG)
+    gallery = tab.locator(".ds-results .thumbnail-item img").first
+    gallery.wait_for()
+    page.wait_for_function("() => document.querySelector('#tab-generate .ds-results img.ds-enlarged') !== null")
+    [shown] = page.evaluate(IMAGES, "#tab-generate .ds-results .thumbnail-item img")
+    assert shown["natural"] == [64, 64] and min(shown["shown"]) > 64  # drawn larger than it is...
+    assert shown["rendering"] == "pixelated"  # ...so pixel for pixel, not smeared
+    caption = tab.locator(".ds-results .caption-label").first
+    assert caption.inner_text() == "64×64 px" and caption.is_visible()  # the whole thumbnail fits: caption shows
+
+    tab.get_by_text("Upscale", exact=True).click()
+    scale = tab.get_by_label("number input for Scale")
+    scale.wait_for()
+    scale.fill("8")
+    scale.press("Enter")
+    playwright.expect(tab.get_by_role("slider", name="range slider for Scale")).to_have_value("8")
+    tab.get_by_role("button", name="Upscale the selected image").click()
+    tab.get_by_text("512×512 px").wait_for(timeout=LONG)
+    page.wait_for_function("() => [...document.querySelectorAll('#tab-generate .upscale img')]"
+                           ".some((img) => img.naturalWidth === 512 && img.clientWidth > 0)")
+    [upscaled] = [img for img in page.evaluate(IMAGES, "#tab-generate .upscale img") if img["natural"][0] == 512]
+    assert max(upscaled["shown"]) < 512 and upscaled["rendering"] == "auto"  # shrunk to fit: smooth, not aliased
