@@ -15,6 +15,7 @@ and forgotten as soon as the users file changes.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -51,27 +52,28 @@ class AccessControl:
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
-        user = LOCAL_USER if self.users is None else self._identify(scope)
+        user = LOCAL_USER if self.users is None else await self._identify(scope)
         if user is None and not is_public(scope["path"]):
             return await self._refuse(scope, receive, send)
         admin = self.users is None or (user is not None and self.users.is_admin(user))
         scope["state"] = {**scope.get("state", {}), "user": user, "admin": admin}
         await self.app(scope, receive, send)
 
-    def _identify(self, scope) -> str | None:
+    async def _identify(self, scope) -> str | None:
         headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
         scheme, _, token = headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and token:
             return self.users.user_for_token(token.strip())
         if scheme.lower() == "basic" and token and scope["path"].startswith(BASIC_PREFIX):
-            return self._basic_user(token.strip())
+            return await self._basic_user(token.strip())
         cookie = SimpleCookie(headers.get("cookie", ""))
         if SESSION_COOKIE in cookie:
             return self.users.user_for_session(cookie[SESSION_COOKIE].value)
         return None
 
-    def _basic_user(self, credentials: str) -> str | None:
-        """The user of a Basic header: a user name and that user's password or API token (checked in that order)."""
+    async def _basic_user(self, credentials: str) -> str | None:
+        """The user of a Basic header: a user name and that user's API token or password (the password's scrypt
+        runs off the event loop: it takes tens of milliseconds)."""
         digest = hashlib.sha256(credentials.encode()).hexdigest()
         stamp = self._users_stamp()
         remembered = self._verified.get(digest)
@@ -83,8 +85,9 @@ class AccessControl:
             return None
         if not colon or not name:
             return None
-        user = name if self.users.user_for_token(secret) == name or self.users.check_password(name, secret) \
-            else None
+        verified = self.users.user_for_token(secret) == name or \
+            await asyncio.to_thread(self.users.check_password, name, secret)
+        user = name if verified else None
         if user is not None:
             if len(self._verified) >= BASIC_REMEMBERED:
                 self._verified.clear()
