@@ -34,7 +34,8 @@ def distinct(images) -> bool:
 def test_comparing_a_generated_image_reruns_its_request_per_value(data_dir, tmp_path):
     async def body(demo):
         base, _ = await demo.generate_image("a red circle on a white background", num_steps=2, seed=11)
-        return base, await demo.create_parameter_comparison(base, "guidance_scale", [1.0, 5.0, 12.0])
+        return base, await demo.create_parameter_comparison(  # the seed's keyword names
+            base_image=base, parameter_name="guidance_scale", values=[1.0, 5.0, 12.0])
 
     demo, (base, compared) = session(data_dir, tmp_path, "compare", body)
     assert isinstance(compared, ParameterComparison) and isinstance(compared, list) and len(compared) == 3
@@ -97,7 +98,7 @@ def test_what_a_comparison_refuses(data_dir, tmp_path):
             await demo.create_parameter_comparison({"prompt": "x"}, "seed", list(range(17)))
         with pytest.raises(ValueError, match="steps: must be between 1 and 150"):
             await demo.create_parameter_comparison({"prompt": "x"}, "num_steps", [2, 999])
-        with pytest.raises(TypeError, match="base_image_or_request: give an image"):
+        with pytest.raises(TypeError, match="base_image: give an image"):
             await demo.create_parameter_comparison("a prompt", "seed", [1])
 
     demo, _ = session(data_dir, tmp_path, "compare-refused", body)

@@ -203,7 +203,7 @@ class DiffusionDemo:
         return self.studio.control_preview({"mode": "controlnet", "control_image": image,
                                             "control_type": control_type})
 
-    async def create_parameter_comparison(self, base_image_or_request: Image.Image | GenerationRequest | dict,
+    async def create_parameter_comparison(self, base_image: Image.Image | GenerationRequest | dict,
                                           parameter_name: str, values: list, prompt: str | None = None,
                                           **advanced: Any) -> ParameterComparison:
         """One real generation per value of `parameter_name` (the seed's names num_steps, guidance_scale,
@@ -219,7 +219,7 @@ class DiffusionDemo:
         limit = self.studio.config.limits.max_images_per_request
         if len(values) > limit:
             raise ValueError(f"values: at most {limit} in one comparison (limits.max_images_per_request)")
-        fields = {"mode": "txt2img", **base_fields(base_image_or_request, prompt), **advanced, "batch_size": 1}
+        fields = {"mode": "txt2img", **base_fields(base_image, prompt), **advanced, "batch_size": 1}
         if fields.get("seed") is None and field != "seed":  # one seed for every cell, or it compares noise
             fields["seed"] = secrets.randbelow(MAX_SEED)
         requests = [self._validate(cell) for cell in cell_fields(fields, parameter_name, field, list(values))]

@@ -67,7 +67,7 @@ def base_fields(base: Any, prompt: str | None) -> dict[str, Any]:
     elif isinstance(base, Image.Image):
         fields = _image_fields(base)
     else:
-        raise TypeError(f"base_image_or_request: give an image, a GenerationRequest or a dict of its fields (got "
+        raise TypeError(f"base_image: give an image, a GenerationRequest or a dict of its fields (got "
                         f"{type(base).__name__})")
     if prompt is not None:
         fields["prompt"] = prompt
