@@ -74,7 +74,7 @@ def test_hires_section_gives_the_request_hires(studio):
                                      denoising_strength=0.45)
     assert request.hires.target_size(64, 64) == (96, 96)  # a width alone keeps the aspect ratio
     assert hires_values(request.model_dump()) == {name: chosen[name] for name in HIRES}  # the inverse
-    assert hires_values({"hires": None}) == {"hires_enable": False}
+    assert hires_values({"hires": None}) == values  # off, at the section's defaults: every component has a value
 
 
 def test_the_hires_upscalers_are_all_the_studios_latent_ones_first(studio):
@@ -144,6 +144,17 @@ def test_img2img_with_hires_fix_by_a_pixel_upscaler(client, source_png):
                                            api_name="/img2img")
     assert status.startswith("Done") and image_of(gallery[0]).size == (96, 96)
 
+
+def test_controlnet_and_batch_with_hires_fix(client, source_png):
+    _, gallery, status = client.predict(handle_file(str(source_png)), "canny", True, 100, 200,
+                                        "a blue circle on a black background", "", 1.0, 0.0, 1.0, *panel(steps=2),
+                                        *hires(upscaler="Latent (nearest)", scale=1.5), api_name="/controlnet")
+    assert status.startswith("Done") and image_of(gallery[0]).size == (96, 96)
+    overall, table, gallery, _ = client.predict("a red circle on a white background\na blue star", None, "",
+                                                *panel(steps=2), *hires(scale=2.0, steps=2, denoising=0.5),
+                                                api_name="/batch")
+    assert overall.startswith("**2/2**") and [image_of(item).size for item in gallery] == [(128, 128)] * 2
+    assert [item["caption"] for item in gallery] == ["128×128 px"] * 2
 
 def test_upscale_under_a_result_doubles_it(client, source_png):
     _, gallery, _ = client.predict("a green square on a gray background", "", 1, *panel(seed=4),

@@ -173,14 +173,13 @@ class Hires:
 
 
 def hires_values(parameters: dict[str, Any]) -> dict[str, Any]:
-    """The section's values by name from a request's parameters (the inverse of `Hires.fields`)."""
+    """The section's values by name from a request's parameters (the inverse of `Hires.fields`); without hires,
+    the section off at its defaults. Every name has a value, as for `panel_values`."""
     hires = parameters.get("hires")
-    if not hires:
-        return {"hires_enable": False}
-    return {"hires_enable": True, "hires_upscaler": hires.get("upscaler", HIRES_DEFAULTS.upscaler),
-            "hires_scale": hires.get("scale", HIRES_DEFAULTS.scale), "hires_width": hires.get("width") or 0,
-            "hires_height": hires.get("height") or 0, "hires_steps": hires.get("steps", 0),
-            "hires_denoising_strength": hires.get("denoising_strength", HIRES_DEFAULTS.denoising_strength)}
+    chosen = HiresFix.model_validate(hires) if hires else HIRES_DEFAULTS
+    return {"hires_enable": bool(hires), "hires_upscaler": chosen.upscaler, "hires_scale": chosen.scale,
+            "hires_width": chosen.width or 0, "hires_height": chosen.height or 0, "hires_steps": chosen.steps,
+            "hires_denoising_strength": chosen.denoising_strength}
 
 
 def upscaler_names(studio: Studio, kinds: tuple[str, ...] = ("latent", "pixel", "model")) -> list[str]:
