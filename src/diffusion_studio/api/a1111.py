@@ -31,13 +31,15 @@ from ..service.outcomes import StudioError, classify
 from ..service.preferences import Preferences
 from ..studio import Studio
 from .a1111_extras import build_extras_router
-from .a1111_fields import (  # noqa: F401 (Txt2ImgBody, to_request_fields: this module's public names)
+from .a1111_fields import (
     A1111Body, Img2ImgBody, Translation, Txt2ImgBody, in_a1111_names, to_request_fields, translate,
 )
 from .a1111_listings import build_listings_router, studio_version
 from .a1111_options import Catalog, OptionsBody, defaults_of, option_changes, options_of
 from .access import current_user
 from .bodies import ERROR_RESPONSES, json_body, json_object
+
+__all__ = ["Img2ImgBody", "Txt2ImgBody", "build_router", "to_request_fields"]
 
 PREFERENCES_FILE = "preferences.json"
 
@@ -147,7 +149,7 @@ def build_router(studio: Studio) -> APIRouter:
                     job_request = job_request.model_copy(update={"seed": next_seed})
                 progress.begin(index, job_request.steps)
                 outcome = await _run(job_request, user, progress)
-                made = await asyncio.to_thread(_read_images, studio.image_paths(outcome.result.get("image_ids", [])))
+                made = await asyncio.to_thread(_read_images, studio, outcome.result.get("image_ids", []))
                 images += [data for data, _, _ in made]
                 infotexts += [text for _, text, _ in made]  # as the PNG has it, hashes included
                 sizes += [size for _, _, size in made]
@@ -263,10 +265,10 @@ def build_router(studio: Studio) -> APIRouter:
     return router
 
 
-def _read_images(paths: list[Path]) -> list[tuple[str, str, tuple[int, int]]]:
-    """(base64 PNG, its infotext, its size) of each saved image (file reads: call off the loop)."""
+def _read_images(studio: Studio, image_ids: list[str]) -> list[tuple[str, str, tuple[int, int]]]:
+    """(base64 PNG, its infotext, its size) of each saved image (history and file reads: call off the loop)."""
     made = []
-    for path in paths:
+    for path in studio.image_paths(image_ids):
         with Image.open(path) as image:
             made.append((base64.b64encode(path.read_bytes()).decode(), read_png_text(image).get("parameters", ""),
                          image.size))
