@@ -9,6 +9,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 import webuiapi
 from PIL import Image, ImageDraw
@@ -144,6 +145,10 @@ def test_img2img_data_url_and_only_masked_inpainting(api):
                          inpainting_fill=1, denoising_strength=0.75, prompt="a blue square", width=64, height=64,
                          steps=4, seed=3)  # webuiapi sends both as data:image/png;base64 URLs
     assert result.images[0].size == (64, 64) and result.info["denoising_strength"] == 0.75
+    changed = np.abs(np.asarray(result.images[0].convert("RGB"), int) - np.asarray(source, int)).max(axis=2)
+    far = np.ones((64, 64), bool)
+    far[12:53, 12:53] = False  # the mask, its blur and its padding
+    assert changed[far].max() == 0 and changed[24:41, 24:41].mean() > 20  # repainted there, untouched elsewhere
     infotext = result.info["infotexts"][0]
     assert "Inpaint area: Only masked" in infotext and "Masked area padding: 8" in infotext
     assert "Masked content" not in infotext  # 1 is "original", A1111's infotext names only the others
