@@ -139,10 +139,11 @@ def test_generate_with_hires_fix_doubles_the_size(client):
 
 
 def test_img2img_with_hires_fix_by_a_pixel_upscaler(client, source_png):
-    _, gallery, status, _ = client.predict(handle_file(str(source_png)), "a blue circle on a white background", "",
-                                           0.6, *panel(seed=2), *hires(upscaler="Lanczos", width=96, height=96),
-                                           api_name="/img2img")
+    _, gallery, status, before_after = client.predict(
+        handle_file(str(source_png)), "a blue circle on a white background", "", 0.6, *panel(seed=2),
+        *hires(upscaler="Lanczos", width=96, height=96), api_name="/img2img")
     assert status.startswith("Done") and image_of(gallery[0]).size == (96, 96)
+    assert [Image.open(item["path"]).size for item in before_after] == [(96, 96)] * 2  # the slider lines up
 
 
 def test_controlnet_and_batch_with_hires_fix(client, source_png):
@@ -192,10 +193,12 @@ def inpaint_options_values(area="whole", padding=32, fill="original", mode="Inpa
 
 
 def test_outpaint_extends_the_canvas_with_an_empty_mask(client, source_png, tmp_path):
-    _, gallery, status, _ = client.predict(
+    _, gallery, status, before_after = client.predict(
         editor_of(source_png, tmp_path), "a red circle on a white background", "", 1.0, 0, 0, *panel(seed=6),
         *inpaint_options_values(left=16, bottom=8), api_name="/inpaint")
-    assert status.startswith("Done")
+    assert status.startswith("Done") and gallery[0]["caption"] == "80×72 px"
+    before, after = (Image.open(item["path"]) for item in before_after)
+    assert before.size == after.size == (80, 72)  # Before / after compares the same canvas
     result = np.asarray(image_of(gallery[0]).convert("RGB"), dtype=int)
     assert result.shape[:2] == (64 + 8, 64 + 16)
     original = np.asarray(Image.open(source_png).convert("RGB"), dtype=int)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gradio as gr
+from PIL import Image
 
 from ...builtin.shapes import ShapeSpec, render
 from ...studio import Studio
@@ -14,6 +15,13 @@ def example_images() -> list[list]:
     red_circle = render(ShapeSpec("red", "circle", "white", "center"))
     return [[red_circle, "a blue circle on a white background in the center", 0.5],
             [red_circle, "a red square on a black background in the center", 0.7]]
+
+
+def at_size_of(source: Image.Image, result_path: str) -> Image.Image:
+    """The input at the result's size (hires fix enlarges the result), so Before / after lines up."""
+    with Image.open(result_path) as result:  # the header only
+        size = result.size
+    return source if source.size == size else source.resize(size, Image.LANCZOS)
 
 
 def build(studio: Studio) -> dict:
@@ -40,7 +48,7 @@ def build(studio: Studio) -> dict:
             fields = {"mode": "img2img", "init_image": source, "prompt": prompt, "negative_prompt": negative,
                       "strength": float(strength), **Params.fields(panel), **Hires.fields(panel)}
             async for preview, paths, status, seed in stream_job(studio, fields, request, progress):
-                after = (source, paths[0][0]) if isinstance(paths, list) else gr.skip()
+                after = (at_size_of(source, paths[0][0]), paths[0][0]) if isinstance(paths, list) else gr.skip()
                 yield preview, paths, status, seed, after
 
         inputs = named_inputs({"source": source, "prompt": prompt, "negative": negative, "strength": strength}, params,

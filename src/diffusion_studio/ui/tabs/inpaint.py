@@ -106,6 +106,17 @@ def mask_preview(value: dict | None, blur: int, grow: int, invert: bool = False,
     return shown
 
 
+def on_canvas(image: Image.Image, outpaint: dict | None) -> Image.Image:
+    """The input where it sits on an outpainted result's extended canvas (the new area grey), so Before / after
+    compares the same pixels."""
+    if not outpaint:
+        return image
+    canvas = Image.new("RGB", (image.width + outpaint["left"] + outpaint["right"],
+                               image.height + outpaint["top"] + outpaint["bottom"]), (128, 128, 128))
+    canvas.paste(image, (outpaint["left"], outpaint["top"]))
+    return canvas
+
+
 def build(studio: Studio) -> dict:
     with gr.Tab("Inpaint", id="inpaint", elem_id="tab-inpaint"):
         with gr.Row():
@@ -160,7 +171,7 @@ def build(studio: Studio) -> dict:
                       "prompt": prompt, "negative_prompt": negative, "strength": float(strength),
                       "mask_blur": int(blur), "mask_grow": int(grow), **Params.fields(panel), **chosen}
             async for preview, paths, status, seed in stream_job(studio, fields, request, progress):
-                after = (image, paths[0][0]) if isinstance(paths, list) else gr.skip()
+                after = (on_canvas(image, chosen["outpaint"]), paths[0][0]) if isinstance(paths, list) else gr.skip()
                 yield preview, paths, status, seed, after
 
         inputs = named_inputs({"editor": editor, "prompt": prompt, "negative": negative, "strength": strength,
