@@ -246,3 +246,14 @@ def test_unhonoured_fields_are_named_in_info(served):
     assert set(unhonoured) == {"tiling", "subseed_strength", "scheduler", "styles", "not_a1111",
                                "alwayson_scripts.ADetailer"}  # ControlNet with no units is no request for it
     assert "Exponential" in unhonoured["scheduler"]
+
+
+def test_lora_tags_in_the_prompt(api):
+    tiny = next(title for title in api.util_get_model_names() if title.startswith("anime/tiny"))
+    plain = api.txt2img(prompt="a circle", width=32, height=32, steps=2, seed=4,
+                        override_settings={"sd_model_checkpoint": tiny})
+    tagged = api.txt2img(prompt="a circle <lora:style/inkwash:0.8>", width=32, height=32, steps=2, seed=4,
+                         override_settings={"sd_model_checkpoint": tiny})
+    assert tagged.info["prompt"] == "a circle <lora:style/inkwash:0.8>"  # as sent, as A1111's info has it
+    assert "<lora:style/inkwash:0.8>" in tagged.info["infotexts"][0]
+    assert np.abs(np.asarray(tagged.images[0], int) - np.asarray(plain.images[0], int)).mean() > 1  # it applied

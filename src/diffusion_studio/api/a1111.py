@@ -301,11 +301,12 @@ def _info(body: A1111Body, request: GenerationRequest, translation: Translation,
         if request.hires.width or request.hires.height:
             extra["Hires resize"] = f"{request.hires.width or 0}x{request.hires.height or 0}"
     count = len(seeds)
+    prompt, negative = body.prompt or "", body.negative_prompt or ""
     subseed = body.subseed if body.subseed is not None else -1
     vae = request.vae
     info = {
-        "prompt": request.prompt, "all_prompts": [request.prompt] * count,
-        "negative_prompt": request.negative_prompt, "all_negative_prompts": [request.negative_prompt] * count,
+        "prompt": prompt, "all_prompts": [prompt] * count,  # as sent, <lora:...> tags included (as A1111's)
+        "negative_prompt": negative, "all_negative_prompts": [negative] * count,
         "seed": seeds[0] if seeds else None, "all_seeds": seeds, "subseed": subseed, "all_subseeds": [subseed] * count,
         "subseed_strength": body.subseed_strength or 0, "width": width, "height": height, "sampler_name": sampler,
         "cfg_scale": request.guidance, "steps": request.steps, "batch_size": request.batch_size,
