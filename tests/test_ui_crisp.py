@@ -74,3 +74,26 @@ def test_a_small_result_is_shown_crisp_with_its_size(page):
                            ".some((img) => img.naturalWidth === 512 && img.clientWidth > 0)")
     [upscaled] = [img for img in page.evaluate(IMAGES, "#tab-generate .upscale img") if img["natural"][0] == 512]
     assert max(upscaled["shown"]) < 512 and upscaled["rendering"] == "auto"  # shrunk to fit: smooth, not aliased
+
+
+def test_upscale_takes_the_clicked_image(page):
+    tab = page.locator("#tab-generate")
+    batch = tab.get_by_label("number input for Batch size")
+    batch.fill("2")
+    batch.press("Enter")
+    steps = tab.get_by_label("number input for Steps")
+    steps.fill("2")
+    steps.press("Enter")
+    tab.get_by_role("button", name="Generate", exact=True).click()
+    thumbnails = tab.locator(".ds-results .thumbnail-item")
+    playwright.expect(thumbnails).to_have_count(2, timeout=LONG)
+    second = thumbnails.nth(1).locator("img").get_attribute("src").rsplit("/", 1)[-1]
+    thumbnails.nth(1).click()
+    button = tab.get_by_role("button", name="Upscale the selected image")
+    if not button.is_visible():
+        tab.get_by_text("Upscale", exact=True).click()
+    page.wait_for_timeout(500)  # the selection reaches the server before the upscale asks for it
+    button.click()
+    line = tab.get_by_text(second)
+    line.wait_for(timeout=LONG)
+    assert "from 64×64 px" in line.inner_text()
