@@ -411,8 +411,10 @@ class GenerationRequest(BaseModel):
             width, height = self.hires.target_size(self.width, self.height)
             for name, value, maximum in (("width", width, limits.max_width), ("height", height, limits.max_height)):
                 if value > maximum:
-                    raise RequestError(f"hires.{name}", f"the final {name} {value} is more than the allowed "
-                                                        f"{maximum}; lower hires.scale")
+                    given = [side for side in ("width", "height") if getattr(self.hires, side)]
+                    field_name = f"hires.{name if len(given) != 1 else given[0]}" if given else "hires.scale"
+                    raise RequestError(field_name, f"the final {name} {value} is more than the allowed {maximum}; "
+                                                   f"lower {field_name}")
         steps = self.hires.steps or self.steps
         if steps > limits.max_steps:
             raise RequestError("hires.steps", f"must be between 0 and {limits.max_steps} (got {steps})")

@@ -87,6 +87,9 @@ def a1111_parameters(request: GenerationRequest, seed: int, width: int, height: 
     """A1111's infotext, in its key order. LoRAs go back into the prompt as <lora:name:weight> tags (the request
     keeps them in `loras`), which is where A1111 reads them from."""
     hashes = hashes or ResourceHashes()
+    if request.hires is not None:  # A1111's Size is the first pass's; the image is the hires one
+        width, height = ((request.width, request.height) if request.width and request.height
+                         else hires_base_size(request.hires, width, height))
     pairs: dict[str, Any] = {
         "Steps": request.steps,
         "Sampler": request.scheduler,
@@ -107,6 +110,19 @@ def a1111_parameters(request: GenerationRequest, seed: int, width: int, height: 
         pairs["Clip skip"] = request.clip_skip
     if request.mode == Mode.inpaint:
         pairs["Mask blur"] = request.mask_blur
+        pairs |= _inpaint_pairs(request)
+    if request.hires is not None:
+        hires = request.hires
+        # A1111 (txt2img only) writes the second pass's strength as Denoising strength; img2img has its own there.
+        strength_key = "Hires denoising strength" if request.mode == Mode.img2img else "Denoising strength"
+        pairs[strength_key] = hires.denoising_strength
+        if hires.width or hires.height:
+            pairs["Hires resize"] = f"{hires.width or 0}x{hires.height or 0}"
+        else:
+            pairs["Hires upscale"] = f"{hires.scale:g}"
+        if hires.steps:
+            pairs["Hires steps"] = hires.steps
+        pairs["Hires upscaler"] = hires.upscaler
     lora_hashes = [f"{_hash_label(lora.name)}: {hashes.loras[lora.name]}" for lora in request.loras
                    if lora.name in hashes.loras]
     if lora_hashes:
@@ -119,6 +135,30 @@ def a1111_parameters(request: GenerationRequest, seed: int, width: int, height: 
         text += f"\nNegative prompt: {request.negative_prompt}"
     quoted = {key: a1111_quote(value, ",:\n" if key in HASH_LISTS else ",\n") for key, value in pairs.items()}
     return text + "\n" + ", ".join(f"{key}: {value}" for key, value in quoted.items())
+
+
+def hires_base_size(hires, width: int, height: int) -> tuple[int, int]:
+    """The first pass's size from the final one: the final size over the scale, as the runner's rounding gives it
+    (hr_resize_x/y: the base size is not recoverable from the image, so the final one is written)."""
+    if hires.width or hires.height:
+        return width, height
+    return max(8, round(width / hires.scale) // 8 * 8), max(8, round(height / hires.scale) // 8 * 8)
+
+
+def _inpaint_pairs(request: GenerationRequest) -> dict[str, Any]:
+    """A1111's inpainting keys (it writes the area and padding only when they differ from its defaults)."""
+    pairs: dict[str, Any] = {}
+    if request.inpaint_area == "masked":
+        pairs["Inpaint area"] = "Only masked"
+        pairs["Masked area padding"] = request.inpaint_padding
+    if request.mask_invert:
+        pairs["Mask mode"] = "Inpaint not masked"
+    if request.inpaint_fill != "original":
+        pairs["Masked content"] = request.inpaint_fill
+    if request.outpaint is not None and request.outpaint.extends:
+        o = request.outpaint
+        pairs["Outpaint"] = f"{o.left} {o.right} {o.top} {o.bottom}"  # left right top bottom, in pixels
+    return pairs
 
 
 def png_bytes(image: Image.Image, request: GenerationRequest, seed: int, model_label: str,
@@ -246,7 +286,40 @@ def parse_a1111(text: str) -> dict[str, Any]:
         fields["scheduler"] = sampler
     if pairs.get("Mode") in {m.value for m in Mode}:
         fields["mode"] = pairs["Mode"]
+    fields |= _parse_hires(pairs, fields)
+    if pairs.get("Inpaint area") == "Only masked":
+        fields["inpaint_area"] = "masked"
+        if "Masked area padding" in pairs:
+            fields["inpaint_padding"] = int(pairs["Masked area padding"])
+    if pairs.get("Mask mode") == "Inpaint not masked":
+        fields["mask_invert"] = True
+    if pairs.get("Masked content") in ("fill", "latent noise", "latent nothing"):
+        fields["inpaint_fill"] = pairs["Masked content"]
+    if "Outpaint" in pairs:
+        left, right, top, bottom = (int(part) for part in pairs["Outpaint"].split())
+        fields["outpaint"] = {"left": left, "right": right, "top": top, "bottom": bottom}
     return fields
+
+
+def _parse_hires(pairs: dict[str, str], fields: dict[str, Any]) -> dict[str, Any]:
+    """A1111's Hires keys -> the request's `hires`; its Denoising strength is then the second pass's."""
+    if not any(key in pairs for key in ("Hires upscale", "Hires resize", "Hires upscaler")):
+        return {}
+    hires: dict[str, Any] = {"upscaler": pairs.get("Hires upscaler", "Latent")}
+    if "Hires resize" in pairs:
+        width, _, height = pairs["Hires resize"].partition("x")
+        hires |= {"width": int(width) or None, "height": int(height) or None}
+    elif "Hires upscale" in pairs:
+        hires["scale"] = float(pairs["Hires upscale"])
+    if "Hires steps" in pairs:
+        hires["steps"] = int(pairs["Hires steps"])
+    found: dict[str, Any] = {"hires": hires}
+    if "Hires denoising strength" in pairs:
+        hires["denoising_strength"] = float(pairs["Hires denoising strength"])
+    elif "strength" in fields and fields.get("mode", "txt2img") == "txt2img":
+        hires["denoising_strength"] = fields["strength"]
+        found["strength"] = GenerationRequest.model_fields["strength"].default
+    return found
 
 
 def _split_a1111(text: str) -> tuple[str, str, dict[str, str]]:

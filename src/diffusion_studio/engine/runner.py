@@ -14,10 +14,9 @@ from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Protocol
 
-import cv2
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
@@ -33,12 +32,14 @@ from ..requests import (
 )
 from .control import estimator_folder, inpaint_condition, make_control_image
 from .embeddings import available_embeddings, embedding_file, named_in
+from .inpaint_area import InpaintPlan, paste_outside_mask, plan_inpaint, prepare_mask  # noqa: F401 (re-exported)
 from .loras import check_lora_file
 from .memory import MemorySampler, check_fits
 from .pipelines import LoadedModel, PipelineManager, estimator_source
 from .preview import latents_to_preview, preview_map
 from .prompts import SYNTAX, PromptEncoder, needs_encoding
 from .sources import ModelSource, resolve, resolve_lora, resolve_vae
+from .upscale import is_latent, resize_latents, resolve_upscaler, upscale_image
 
 
 class CancelFlag(Protocol):
@@ -55,26 +56,6 @@ class WorkItem:
     request: GenerationRequest
     on_step: StepCallback | None = None
     cancel: CancelFlag = field(default_factory=threading.Event)
-
-
-def prepare_mask(mask: Image.Image, size: tuple[int, int], blur: int, grow: int) -> Image.Image:
-    """Mask resized to the image (nearest, so edges stay hard), grown by `grow` px, then feathered by `blur`.
-    White = repaint, black = keep."""
-    array = np.asarray(mask.convert("L").resize(size, Image.NEAREST))
-    array = np.where(array > 127, 255, 0).astype(np.uint8)
-    if grow:
-        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1))
-        array = cv2.dilate(array, kernel)
-    if blur:
-        array = cv2.GaussianBlur(array, (0, 0), sigmaX=blur)
-    return Image.fromarray(array)
-
-
-def paste_outside_mask(generated: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:
-    """Outside the (feathered) mask the original pixels come back exactly: the VAE round trip would blur them."""
-    alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255.0
-    mixed = np.asarray(generated, np.float32) * alpha + np.asarray(original, np.float32) * (1 - alpha)
-    return Image.fromarray(mixed.round().astype(np.uint8))
 
 
 def is_inpainting_model(base: LoadedModel) -> bool:
@@ -105,6 +86,12 @@ def apply_safety_notices(images: list[Image.Image], flags: list[bool] | None) ->
         ImageDraw.Draw(notice).text((4, 4), "blocked by the\nmodel's safety\nchecker", fill=(240, 240, 240))
         images[index] = notice
     return images, blocked
+
+
+def second_pass_steps(hires, steps: int) -> int:
+    """How many steps hires fix's img2img pass runs (diffusers skips the first steps by its strength)."""
+    total = hires.steps or steps
+    return total - int(max(total - total * hires.denoising_strength, 0))
 
 
 class Engine:
@@ -162,6 +149,8 @@ class Engine:
             check_lora_file(lora.name, resolve_lora(lora.name, self.config))
         if request.vae:
             resolve_vae(request.vae, self.config)
+        if request.hires is not None:
+            resolve_upscaler(request.hires.upscaler, self.config)
 
     def vae_source(self, request: GenerationRequest, base: ModelSource | None = None) -> ModelSource | None:
         """The VAE a request decodes with: its own `vae`, else its configured model's (`models.<name>.vae`), else
@@ -286,9 +275,19 @@ class Engine:
             rows.append(slice(first, first + each.batch_size))
             first += each.batch_size
 
-        # 3. Refuse what would not fit in memory; mode inputs, at the output size.
+        # 3. Inpainting's plan (outpainting's canvas, the "only masked" crop, the fill); refuse what would not fit
+        # in memory; mode inputs, at the output size.
+        plan = None
+        if request.mode == Mode.inpaint:
+            limits = self.config.limits
+            plan = plan_inpaint(request, (width, height), (limits.max_width, limits.max_height),
+                                self._latent_decoder(base, vae, seeds[0][0]), seeds[0][0])
+            width, height = plan.size
+        hires_size = self._hires_size(request, width, height)
         check_fits(base.pipeline, self.device, width, height, len(generators), request.guidance)
-        inputs, mask, control_image = self._mode_inputs(request, width, height, control_model is not None)
+        if hires_size:
+            check_fits(base.pipeline, self.device, *hires_size, len(generators), request.guidance)
+        inputs, control_image = self._mode_inputs(request, width, height, control_model is not None, plan)
         pipeline_mode = request.mode
         if is_inpainting_model(base) and request.mode != Mode.inpaint:
             pipeline_mode, inputs = Mode.inpaint, whole_image_inpaint(request, inputs, width, height)
@@ -307,14 +306,16 @@ class Engine:
         if interval and "preview_map" not in base.extras:
             base.extras["preview_map"] = preview_map(base.pipeline.vae)
         loop_started = [time.perf_counter()]
+        # Hires fix's two passes count as one run of steps: the first pass's total includes the second's.
+        phase = {"offset": 0, "extra": second_pass_steps(request.hires, request.steps) if hires_size else 0}
 
         def step_end(pipeline, step_index, timestep, callback_kwargs):
             now = time.perf_counter()
             timings.step_s.append(now - loop_started[0])
             loop_started[0] = now
             memory.sample()
-            total = pipeline.num_timesteps
-            done = step_index + 1
+            total = phase["offset"] + pipeline.num_timesteps + phase["extra"]
+            done = phase["offset"] + step_index + 1
             mean_step = sum(timings.step_s) / len(timings.step_s)
             for on_step, own in zip(on_steps, rows):
                 if on_step is None:
@@ -340,17 +341,27 @@ class Engine:
             else:
                 text = {"prompt": prompts, "negative_prompt": negatives if any(negatives) else None}
             loop_started[0] = time.perf_counter()
+            # Hires fix with a latent upscaler: the first pass stays latents (they are resized, not decoded).
+            latent_first = hires_size is not None and is_latent(request.hires.upscaler) and \
+                not is_inpainting_model(base)
             output = pipe(
                 **text,
                 num_inference_steps=request.steps, guidance_scale=request.guidance, generator=generators,
-                output_type="pil", callback_on_step_end=step_end, callback_on_step_end_tensor_inputs=["latents"],
-                **inputs,
+                output_type="latent" if latent_first else "pil", callback_on_step_end=step_end,
+                callback_on_step_end_tensor_inputs=["latents"], **inputs,
             )
+            if hires_size is not None:
+                phase.update(offset=pipe.num_timesteps, extra=0)
+                if all(cancel.is_set() for cancel in cancels):  # no second pass: what the first made
+                    output = output if not latent_first else self._decoded(pipe, output.images)
+                else:
+                    output = self._hires_pass(base, vae, request, text, output.images, hires_size,
+                                              [seed for batch in seeds for seed in batch], step_end)
         images, blocked = apply_safety_notices(list(output.images), getattr(output, "nsfw_content_detected", None))
 
-        # 7. Inpainting keeps the unmasked pixels exactly.
-        if mask is not None:
-            images = [paste_outside_mask(image, inputs["image"], mask) for image in images]
+        # 7. Inpainting keeps the unmasked pixels exactly (and an "only masked" crop goes back into its picture).
+        if plan is not None:
+            images = [plan.finish(image) for image in images]
 
         # 8. One result per request.
         timings.total_s = time.perf_counter() - started
@@ -372,25 +383,79 @@ class Engine:
         native = base.pipeline.unet.config.sample_size * base.pipeline.vae_scale_factor
         return request.width or native, request.height or native
 
-    def _mode_inputs(self, request: GenerationRequest, width: int, height: int, controlled: bool):
-        """Pipeline keyword arguments for the mode, plus the prepared mask and control image (for the result)."""
+    def _mode_inputs(self, request: GenerationRequest, width: int, height: int, controlled: bool,
+                     plan: InpaintPlan | None):
+        """Pipeline keyword arguments for the mode, plus the control image (for the result)."""
         size = (width, height)
         if request.mode == Mode.txt2img:
-            return {"width": width, "height": height}, None, None
+            return {"width": width, "height": height}, None
         if request.mode == Mode.img2img:
-            return {"image": request.init_image.resize(size, Image.LANCZOS), "strength": request.strength}, None, None
+            return {"image": request.init_image.resize(size, Image.LANCZOS), "strength": request.strength}, None
         control = {"controlnet_conditioning_scale": request.control_scale,
                    "control_guidance_start": request.control_start, "control_guidance_end": request.control_end}
         if request.mode == Mode.inpaint:
-            image = request.init_image.resize(size, Image.LANCZOS)
-            mask = prepare_mask(request.mask_image, size, request.mask_blur, request.mask_grow)
-            inputs = {"image": image, "mask_image": mask, "strength": request.strength, "width": width,
+            inputs = {"image": plan.image, "mask_image": plan.mask, "strength": request.strength, "width": width,
                       "height": height}
             if controlled:  # an inpainting ControlNet sees the image with its hole marked
-                inputs |= {"control_image": inpaint_condition(image, mask), **control}
-            return inputs, mask, None
+                inputs |= {"control_image": inpaint_condition(plan.image, plan.mask), **control}
+            return inputs, None
         control_image = self.control_preview(request).resize(size, Image.BILINEAR)
-        return {"image": control_image, **control, "width": width, "height": height}, None, control_image
+        return {"image": control_image, **control, "width": width, "height": height}, control_image
+
+    # -- hires fix ----------------------------------------------------------------------------------------------
+    def _hires_size(self, request: GenerationRequest, width: int, height: int) -> tuple[int, int] | None:
+        """Hires fix's final size (None: no hires fix); refused when it passes the configured maximum."""
+        if request.hires is None:
+            return None
+        target = request.hires.target_size(width, height)
+        limits = self.config.limits
+        if target[0] > limits.max_width or target[1] > limits.max_height:
+            raise RequestError("hires.scale", f"the final size {target[0]}x{target[1]} is more than the allowed "
+                                              f"{limits.max_width}x{limits.max_height}; lower hires.scale")
+        return target
+
+    def _hires_pass(self, base: LoadedModel, vae, request: GenerationRequest, text: dict, first, size: tuple[int, int],
+                    seeds: list[int], step_end) -> object:
+        """Hires fix's second pass: the first pass's latents (latent upscalers) or images (pixel upscalers and
+        upscaler models) resized to `size`, then img2img over them at the hires strength, with the same prompts,
+        LoRAs and seeds. A ControlNet steers only the first pass. On a 9-channel inpainting base the second pass is
+        its inpainting pipeline with the whole image masked (a latent upscaler then resizes the decoded image)."""
+        hires = request.hires
+        inpainting = is_inpainting_model(base)
+        if isinstance(first, torch.Tensor):
+            scale = base.pipeline.vae_scale_factor
+            image = resize_latents(first, hires.upscaler, (size[0] // scale, size[1] // scale))
+        else:
+            name = "None" if is_latent(hires.upscaler) else hires.upscaler
+            image = [upscale_image(each, name, size, self.config, self.device, "hires.upscaler") for each in first]
+        extra = {"mask_image": Image.new("L", size, 255), "width": size[0], "height": size[1]} if inpainting else {}
+        pipe = self.manager.view(base, Mode.inpaint if inpainting else Mode.img2img, request.scheduler, None, vae=vae)
+        return pipe(
+            **text, image=image, strength=hires.denoising_strength, num_inference_steps=hires.steps or request.steps,
+            guidance_scale=request.guidance, generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+            output_type="pil", callback_on_step_end=step_end, callback_on_step_end_tensor_inputs=["latents"], **extra,
+        )
+
+    @staticmethod
+    def _decoded(pipe, latents: torch.Tensor):
+        """Latents decoded to images by the pipeline's VAE (a hires run cancelled after its first pass)."""
+        decoded = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        return SimpleNamespace(images=pipe.image_processor.postprocess(decoded, output_type="pil"))
+
+    def _latent_decoder(self, base: LoadedModel, vae, seed: int):
+        """For inpaint_fill 'latent noise' / 'latent nothing': what noise or zero latents decode to, at a size."""
+        def decode(kind: str, size: tuple[int, int]) -> Image.Image:
+            decoder = vae if vae is not None else base.pipeline.vae
+            scale = base.pipeline.vae_scale_factor
+            shape = (1, decoder.config.latent_channels, -(-size[1] // scale), -(-size[0] // scale))
+            latents = torch.zeros(shape) if kind == "zeros" else \
+                torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
+            with torch.inference_mode():
+                pixels = decoder.decode(latents.to(self.device, decoder.dtype) / decoder.config.scaling_factor,
+                                        return_dict=False)[0]
+            array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+            return Image.fromarray(array).crop((0, 0, *size))
+        return decode
 
     @staticmethod
     def _adapter_name(name: str, path: Path) -> str:

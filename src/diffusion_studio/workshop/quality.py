@@ -204,3 +204,68 @@ def lora_proof(work: Path, data_dir: Path, steps: int, prompts: int, seed: int =
                                     for i, spec in enumerate(ordinary))}
 
     return {weight: measure(weight) for weight in weights}
+
+
+def hires(engine: Engine, count: int, seed: int = 1357, upscaler: str = "Latent",
+          strength: float = 0.5) -> dict[str, float]:
+    """Hires fix (64 -> 128 px) on random prompts: the final image (checked at the model's 64 px) still shows the
+    prompt, and keeps the first pass's composition: the blob of the plain 64 px image and of the hires one, scaled
+    down, overlap (IoU; 1 = the same shape in the same place)."""
+    passed, ious = [], []
+    for index, spec in enumerate(random_specs(count, seed)):
+        plain = engine.run(GenerationRequest(prompt=spec.caption, seed=index)).images[0]
+        big = engine.run(GenerationRequest(prompt=spec.caption, seed=index, hires={
+            "upscaler": upscaler, "denoising_strength": strength})).images[0]
+        assert big.size == (plain.width * 2, plain.height * 2), big.size
+        small = big.resize(plain.size, Image.BILINEAR)
+        passed.append(check(small, spec.caption).colour_shape_background_ok)
+        first, second = blob_mask(plain), blob_mask(small)
+        ious.append(_iou(first, second) if first is not None and second is not None else 0.0)
+    return {"colour_shape_background": _share(passed), "composition_iou": float(np.mean(ious))}
+
+
+def outpaint(engine: Engine, count: int, seed: int = 2468, margin: int = 16) -> dict[str, float]:
+    """A rendered shape on its background, the canvas extended by `margin` px on every side: the old pixels
+    must be exactly the same (max abs difference), the new border plausible background (its median within the
+    checker's distance of the background colour), and the whole picture still checks out for its caption."""
+    rng, worst, border_ok, whole_ok = random.Random(seed), 0, [], []
+    for index, spec in enumerate(random_specs(count, seed)):
+        spec = ShapeSpec(spec.colour, spec.shape, spec.background, "center")
+        source = render(spec, 64 - 2 * margin, rng=rng)
+        result = engine.run(GenerationRequest(mode="inpaint", prompt=spec.caption, init_image=source,
+                                              width=source.width, height=source.height, strength=1.0, seed=index,
+                                              outpaint={"left": margin, "right": margin, "top": margin,
+                                                        "bottom": margin})).images[0]
+        pixels = np.asarray(result, int)
+        kept = pixels[margin:-margin, margin:-margin]
+        worst = max(worst, int(np.abs(kept - np.asarray(source, int)).max()))
+        ring = np.ones(pixels.shape[:2], bool)
+        ring[margin:-margin, margin:-margin] = False
+        distance = np.linalg.norm(np.median(pixels[ring], axis=0) - np.array(BACKGROUNDS[spec.background]))
+        border_ok.append(distance < 60)
+        whole_ok.append(check(result, spec.caption).colour_shape_background_ok)
+    return {"kept_max_abs_diff": float(worst), "border_is_background": _share(border_ok),
+            "colour_shape_background": _share(whole_ok)}
+
+
+def inpaint_only_masked(engine: Engine, count: int, seed: int = 3579, size: int = 128) -> dict[str, float]:
+    """A big (`size` px) empty background with a 24 px hole; "only masked" inpaints the hole's box plus padding
+    at the model's 64 px and pastes it back: outside the mask every pixel is the original's (max abs
+    difference), and the repainted region, cut out, shows the prompt (checked as a centred shape)."""
+    rng, worst, matched = random.Random(seed), 0, []
+    for index, spec in enumerate(random_specs(count, seed)):
+        spec = ShapeSpec(spec.colour, spec.shape, spec.background, "center")
+        colour = tuple(int(v) for v in np.asarray(render(spec, rng=rng))[0, 0])
+        empty = Image.new("RGB", (size, size), colour)
+        cx, cy = rng.randrange(24, size - 24), rng.randrange(24, size - 24)
+        mask = Image.new("L", (size, size), 0)
+        mask.paste(255, (cx - 12, cy - 12, cx + 12, cy + 12))
+        result = engine.run(GenerationRequest(mode="inpaint", prompt=spec.caption, init_image=empty, mask_image=mask,
+                                              mask_blur=0, strength=1.0, seed=index, inpaint_area="masked",
+                                              inpaint_padding=4)).images[0]
+        assert result.size == empty.size, result.size
+        outside = np.asarray(mask) == 0
+        worst = max(worst, int(np.abs(np.asarray(result, int) - np.asarray(empty, int))[outside].max()))
+        region = result.crop((cx - 16, cy - 16, cx + 16, cy + 16)).resize((64, 64), Image.BILINEAR)
+        matched.append(check(region, spec.caption).colour_ok)
+    return {"outside_mask_max_abs_diff": float(worst), "region_colour": _share(matched)}
