@@ -11,13 +11,17 @@ from diffusion_studio.engine.metadata import request_from_png
 
 PANEL = ["model", "steps", "guidance", "width", "height", "seed", "scheduler", "batch_size", "loras", "clip_skip",
          "vae"]
+HIRES = ["hires_enable", "hires_upscaler", "hires_scale", "hires_width", "hires_height", "hires_steps",
+         "hires_denoising_strength"]
+INPAINT = ["inpaint_area", "inpaint_padding", "inpaint_fill", "mask_mode", "outpaint_left", "outpaint_right",
+           "outpaint_top", "outpaint_bottom"]
 ARGUMENTS = {  # the public Gradio API: each endpoint's arguments by name, in the order a positional call gives them
-    "/generate": ["prompt", "negative", "count", *PANEL],
-    "/batch": ["prompts", "upload", "negative", *PANEL],
-    "/img2img": ["source", "prompt", "negative", "strength", *PANEL],
-    "/inpaint": ["editor", "prompt", "negative", "strength", "blur", "grow", *PANEL],
+    "/generate": ["prompt", "negative", "count", *PANEL, *HIRES],
+    "/batch": ["prompts", "upload", "negative", *PANEL, *HIRES],
+    "/img2img": ["source", "prompt", "negative", "strength", *PANEL, *HIRES],
+    "/inpaint": ["editor", "prompt", "negative", "strength", "blur", "grow", *PANEL, *INPAINT],
     "/controlnet": ["source", "control_type", "preprocess", "low", "high", "prompt", "negative", "scale", "start",
-                    "end", *PANEL],
+                    "end", *PANEL, *HIRES],
     "/compare": ["prompt", "negative", "x_axis", "x_values", "y_axis", "y_values", "init_image", *PANEL],
     "/train_start": ["base", "name", "dataset", "files", "instance_prompt", "rank", "steps", "learning_rate", "batch",
                      "sample_every", "layers", "text_encoder"],

@@ -44,7 +44,8 @@ def cases_of(output: str) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def fuzz_server(data_dir, tmp_path_factory):
-    config = fuzz_config(data_dir, tmp_path_factory.mktemp("fuzz-models"))
+    # its own data dir: the fuzzer posts A1111 options, which are kept per user there
+    config = fuzz_config(tmp_path_factory.mktemp("fuzz-data"), tmp_path_factory.mktemp("fuzz-models"))
     with serving(build_app(config)) as url:
         yield url
 

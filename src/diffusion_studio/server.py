@@ -24,7 +24,7 @@ from .config import StudioConfig
 from .requests import RequestError
 from .service.auth import Users
 from .studio import Studio
-from .ui.app import THEME, build_blocks
+from .ui.app import CSS, PAGE_JS, THEME, build_blocks
 
 
 class Health(BaseModel):
@@ -96,7 +96,8 @@ def build_app(config: StudioConfig, studio: Studio | None = None) -> FastAPI:
 
     studio.outputs_dir.mkdir(parents=True, exist_ok=True)
     blocks = build_blocks(studio, (lambda user: True) if users is None else users.is_admin)
-    return gr.mount_gradio_app(app, blocks, path="/", theme=THEME,
+    # Gradio's mount sets the page's css and js itself (the Blocks' own would be overwritten): they go here.
+    return gr.mount_gradio_app(app, blocks, path="/", theme=THEME, css=CSS, js=PAGE_JS,
                                allowed_paths=[str(studio.outputs_dir)], footer_links=["api", "settings"],
                                max_file_size=config.limits.max_model_upload_bytes,
                                auth_dependency=lambda request: request.state.user)

@@ -13,7 +13,7 @@ from PIL import Image
 from ...engine.metadata import read_png_text, request_from_png
 from ...requests import Mode
 from ...studio import Studio
-from ..panels import panel_values
+from ..panels import hires_values, panel_values
 from ..runs import user_error
 
 PERIODS = {"any time": None, "today": 1, "last 7 days": 7, "last 30 days": 30}
@@ -22,13 +22,14 @@ MODES = ["any", *(mode.value for mode in Mode)]
 
 def generate_inputs(generate: dict) -> dict[str, gr.components.Component]:
     """The Generate tab's prompt, negative prompt and parameter components by name (`generate_values`' names)."""
-    return {"prompt": generate["prompt"], "negative": generate["negative"], **generate["params"].named()}
+    return {"prompt": generate["prompt"], "negative": generate["negative"], **generate["params"].named(),
+            **generate["hires"].named()}
 
 
 def generate_values(parameters: dict) -> dict[str, object]:
     """Values by `generate_inputs` name, from a request's parameters."""
     return {"prompt": parameters.get("prompt", ""), "negative": parameters.get("negative_prompt", ""),
-            **panel_values(parameters)}
+            **panel_values(parameters), **hires_values(parameters)}
 
 
 def build(studio: Studio, tabs: gr.Tabs, generate: dict, image_targets: dict[str, gr.components.Component]) -> None:
