@@ -9,6 +9,10 @@ Prints one line per figure (the measurements live in `diffusion_studio.workshop.
   the masked region matching the prompt; and the same without the inpainting ControlNet's effect.
 - ControlNet (builtin:shapes-canny, builtin:shapes-xl-canny): IoU of dilated canny edges of control vs result, and the prompt's colour.
 - builtin:shapes-xl: colour, shape and background all right.
+- hires fix (64 -> 128 px, Latent and Lanczos, strength 0.3 and 0.5): the result checked at 64 px, and the blob IoU
+  of the plain and the hires image (composition kept).
+- outpainting (a 32 px shape, 16 px added on every side) and only-masked inpainting (a 24 px hole in a 128 px
+  picture): untouched pixels (max abs difference), the new border's colour, the repainted region's colour.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ def report(label: str, figures: dict[str, float], note: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--prompts", type=int, default=200)
-    parser.add_argument("--only", default="position_words,txt2img,img2img,inpaint,controlnet,xl,xl_controlnet")
+    parser.add_argument("--only", default="position_words,txt2img,img2img,inpaint,controlnet,xl,xl_controlnet,"
+                                          "hires,outpaint,inpaint_only_masked")
     args = parser.parse_args()
     _quiet_libraries()
     parts, count, quarter = set(args.only.split(",")), args.prompts, max(20, args.prompts // 4)
@@ -59,6 +64,14 @@ def main() -> int:
                                        "edge_iou_without_control": quality.controlnet(
                                            engine, quarter, "builtin:shapes-xl", control_scale=0.0)["edge_iou"]},
                                       f"builtin:shapes-xl-canny, {quarter} images; control_scale 0 for the baseline"),
+            "hires": lambda: ({f"{upscaler.split()[0].lower()}_{strength:g}_{name}": value
+                               for upscaler in ("Latent", "Lanczos") for strength in (0.3, 0.5)
+                               for name, value in quality.hires(engine, quarter, upscaler=upscaler,
+                                                                strength=strength).items()},
+                              f"builtin:shapes 64 -> 128 px, {quarter} prompts per setting"),
+            "outpaint": lambda: (quality.outpaint(engine, quarter), f"{quarter} images, 16 px on every side"),
+            "inpaint_only_masked": lambda: (quality.inpaint_only_masked(engine, quarter),
+                                            f"{quarter} images, a 24 px hole in 128 px, padding 4"),
             "xl": lambda: (quality.txt2img(engine, count // 2, "builtin:shapes-xl"),
                            f"builtin:shapes-xl, {count // 2} prompts, defaults"),
         }

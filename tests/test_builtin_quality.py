@@ -18,6 +18,9 @@ FLOORS = {
     "controlnet": {"edge_iou": 0.5, "colour": 0.7},  # measured 0.72 and 1.00; edge_iou without the ControlNet: 0.40
     "xl": {"colour_shape_background": 0.6},  # measured 0.87 (100 prompts) after 12,000 steps
     "xl_controlnet": {"edge_iou": 0.5, "colour": 0.7},  # measured 0.74 and 0.96; without the ControlNet: 0.41
+    "hires": {"colour_shape_background": 0.5, "composition_iou": 0.4},  # Latent at 0.3, 64 -> 128 px: see README
+    "outpaint": {"border_is_background": 0.8, "colour_shape_background": 0.6},
+    "inpaint_only_masked": {"region_colour": 0.6},
 }
 
 
@@ -82,3 +85,22 @@ def test_shapes_xl_floor(engine):
 @committed("shapes-xl-canny")
 def test_shapes_xl_canny_follows_the_edges(engine):
     assert_floors(quality.controlnet(engine, 12, "builtin:shapes-xl", seed=4326), FLOORS["xl_controlnet"])
+
+
+@committed("shapes")
+def test_hires_fix_doubles_the_size_and_keeps_the_composition(engine):
+    assert_floors(quality.hires(engine, 8, seed=4325, strength=0.3), FLOORS["hires"])
+
+
+@committed("shapes")
+def test_outpainting_keeps_the_old_pixels_and_continues_the_background(engine):
+    figures = quality.outpaint(engine, 8, seed=4326)
+    assert_floors(figures, FLOORS["outpaint"])
+    assert figures["kept_max_abs_diff"] == 0
+
+
+@committed("shapes")
+def test_only_masked_inpainting_repaints_the_region_and_keeps_the_rest_exactly(engine):
+    figures = quality.inpaint_only_masked(engine, 8, seed=4327)
+    assert_floors(figures, FLOORS["inpaint_only_masked"])
+    assert figures["outside_mask_max_abs_diff"] == 0
