@@ -77,6 +77,24 @@ def server(data_dir, tmp_path_factory):
         yield url, app.state.studio
 
 
+@pytest.fixture(scope="module")
+def client(server):
+    """gradio_client on the module's served studio (the UI's public API)."""
+    from gradio_client import Client
+
+    return Client(server[0], download_files=False, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def source_png(tmp_path_factory):
+    """A red circle on white, 64 px, as a file (what a Gradio image input takes)."""
+    path = tmp_path_factory.mktemp("ui") / "source.png"
+    image = Image.new("RGB", (64, 64), "white")
+    ImageDraw.Draw(image).ellipse((16, 16, 48, 48), fill="red")
+    image.save(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def full_size_checkpoints(tmp_path_factory):
     """get(variant, dtype="float16", fmt="safetensors") -> Path: a full-size random-weight checkpoint of a shipped

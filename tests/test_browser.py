@@ -7,7 +7,6 @@ import base64
 import io
 import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,31 +16,17 @@ from PIL import Image
 from diffusion_studio.builtin.shapes import ShapeSpec, render
 from diffusion_studio.engine.runner import prepare_mask
 
-playwright = pytest.importorskip("playwright.sync_api")
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-if not Path(CHROMIUM).exists():
-    if os.environ.get("DS_REQUIRE_BROWSER"):
-        raise RuntimeError("DS_REQUIRE_BROWSER is set but Debian's chromium is not installed")
-    pytest.skip("Debian's chromium is not installed (./studio test installs it)", allow_module_level=True)
+from browser import LONG, playwright, studio_page  # skips this module where there is no Chromium
 
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
 TABS = {"generate": "Generate", "batch": "Batch", "img2img": "Image to image", "inpaint": "Inpaint",
         "controlnet": "ControlNet", "training": "Training", "compare": "Compare", "history": "History",
         "system": "System"}
-LONG = 180_000  # ms: CPU machines are slow when busy
 
 
 @pytest.fixture(scope="module")
 def page(server):
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(60_000)
-        page.goto(server[0] + "/")
-        page.get_by_role("tab", name="Generate").wait_for()
+    with studio_page(server[0]) as page:
         yield page
-        browser.close()
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,25 @@ def test_generate_errors_are_one_line_naming_the_field(data_dir, tmp_path, capsy
     assert "error: init_image: can't read" in capsys.readouterr().err
 
 
+def test_generate_with_hires_fix_and_outpainting(data_dir, tmp_path, capsys, shape_image):
+    shape_image.save(tmp_path / "in.png")
+    common = ["generate", "--data-dir", str(data_dir), "--models-dir", str(tmp_path / "none"), "--steps", "2"]
+    assert main([*common, "--width", "32", "--height", "32", "--hires-scale", "2", "--hires-upscaler", "Lanczos",
+                 "--out", str(tmp_path / "hires")]) == 0
+    (written,) = (tmp_path / "hires").glob("*.png")
+    assert Image.open(written).size == (64, 64)
+    assert request_from_png(Image.open(written)).hires.upscaler == "Lanczos"
+    assert main([*common, "--mode", "inpaint", "--init-image", str(tmp_path / "in.png"), "--strength", "1",
+                 "--outpaint", "16,0,0,8", "--out", str(tmp_path / "out")]) == 0
+    (written,) = (tmp_path / "out").glob("*.png")
+    assert Image.open(written).size == (80, 72)
+    capsys.readouterr()
+    assert main([*common, "--mode", "inpaint", "--init-image", str(tmp_path / "in.png"), "--outpaint", "16",
+                 "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == ("error: outpaint: write LEFT,RIGHT,TOP,BOTTOM in pixels, e.g. "
+                                              "0,64,0,0 (got '16')")
+
+
 def test_models_command(data_dir, capsys):
     assert main(["models", "--data-dir", str(data_dir)]) == 0
     lines = capsys.readouterr().out.splitlines()

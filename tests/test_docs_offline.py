@@ -12,7 +12,7 @@ from diffusion_studio.config import StudioConfig
 from diffusion_studio.server import build_app
 from diffusion_studio.service.auth import Users
 from servers import serving
-from test_browser import CHROMIUM, FLAGS, playwright  # skips this module too where there is no Chromium
+from browser import CHROMIUM, FLAGS, playwright  # skips this module too where there is no Chromium
 
 LOCAL = {"127.0.0.1", "localhost"}
 METHODS = {"get", "put", "post", "delete", "patch", "head", "options"}

@@ -266,7 +266,8 @@ def test_generated_png_carries_model_and_lora_hashes(served, library):
                          sampler_name="Euler", override_settings={
                              "sd_model_checkpoint": f"tiny.safetensors [{model_sha[:10]}]"})
     infotext = result.info["infotexts"][0]
-    assert f"Model hash: {model_sha[:10]}, Model: tiny.safetensors," in infotext
+    # The title names the model as the studio lists it ("tiny"), which is A1111's Model: the file name's stem.
+    assert f"Model hash: {model_sha[:10]}, Model: tiny," in infotext
     assert f'Lora hashes: "tiny-lora: {lora_addnet[:12]}"' in infotext
     assert infotext.startswith("a red circle <lora:tiny-lora:0.5>\n")
     assert result.image.info["parameters"] == infotext

@@ -125,7 +125,7 @@ def test_the_tab_refresh_returns_each_charts_data(server):
 
 
 def test_the_charts_draw_in_the_browser(server):
-    from test_browser import CHROMIUM, FLAGS, playwright  # skips where there is no Chromium
+    from browser import CHROMIUM, FLAGS, playwright  # skips where there is no Chromium
 
     base, studio = server
     names = [name for name in CHARTS if name != "gpu" or studio.jobs.metrics.has_gpu]

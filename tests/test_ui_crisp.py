@@ -2,24 +2,11 @@
 larger than it is shows crisp pixels (`image-rendering: pixelated`) with its real size in the caption; an image
 drawn smaller than it is keeps the browser's smooth scaling (pixelated would alias it); Upscale states the size."""
 
-import os
-import shutil
-from pathlib import Path
-
 import pytest
 
 from diffusion_studio.ui.app import CSS
 
-playwright = pytest.importorskip("playwright.sync_api")
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-if not Path(CHROMIUM).exists():
-    if os.environ.get("DS_REQUIRE_BROWSER"):
-        raise RuntimeError("DS_REQUIRE_BROWSER is set but Debian's chromium is not installed")
-    pytest.skip("Debian's chromium is not installed (./studio test installs it)", allow_module_level=True)
-
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
-LONG = 180_000  # ms: CPU machines are slow when busy
+from browser import LONG, playwright, studio_page  # skips this module where there is no Chromium
 IMAGES = """(selector) => [...document.querySelectorAll(selector)].map((img) => ({
     natural: [img.naturalWidth, img.naturalHeight], shown: [img.clientWidth, img.clientHeight],
     rendering: getComputedStyle(img).imageRendering}))"""
@@ -27,14 +14,8 @@ IMAGES = """(selector) => [...document.querySelectorAll(selector)].map((img) => 
 
 @pytest.fixture(scope="module")
 def page(server):
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(60_000)
-        page.goto(server[0] + "/")
-        page.get_by_role("tab", name="Generate").wait_for()
+    with studio_page(server[0]) as page:
         yield page
-        browser.close()
 
 
 def test_the_page_carries_the_studios_css(server):

@@ -5,20 +5,15 @@ under results: each section's values become the request's fields, and the tabs' 
 import gradio as gr
 import numpy as np
 import pytest
-from gradio_client import Client, handle_file
-from PIL import Image, ImageDraw
+from gradio_client import handle_file
+from PIL import Image
 
 from diffusion_studio.engine.metadata import request_from_png
 from diffusion_studio.requests import INPAINT_FILLS, GenerationRequest, HiresFix
 from diffusion_studio.ui.panels import Hires, hires_panel, hires_values, upscaler_names
 from diffusion_studio.ui.tabs.inpaint import InpaintOptions, inpaint_options
 
-PANEL = ["model", "steps", "guidance", "width", "height", "seed", "scheduler", "batch_size", "loras", "clip_skip",
-         "vae"]
-HIRES = ["hires_enable", "hires_upscaler", "hires_scale", "hires_width", "hires_height", "hires_steps",
-         "hires_denoising_strength"]
-INPAINT = ["inpaint_area", "inpaint_padding", "inpaint_fill", "mask_mode", "outpaint_left", "outpaint_right",
-           "outpaint_top", "outpaint_bottom"]
+from test_app import HIRES, INPAINT, PANEL  # the public endpoints' argument names, in order
 
 
 def panel(steps=3, seed=1, model="builtin:shapes"):
@@ -38,20 +33,6 @@ def component_values(section) -> dict:
 @pytest.fixture(scope="module")
 def studio(server):
     return server[1]
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return Client(server[0], download_files=False, verbose=False)
-
-
-@pytest.fixture(scope="module")
-def source_png(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sections") / "source.png"
-    image = Image.new("RGB", (64, 64), "white")
-    ImageDraw.Draw(image).ellipse((16, 16, 48, 48), fill="red")
-    image.save(path)
-    return path
 
 
 def image_of(gallery_item) -> Image.Image:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from gradio_client import Client, handle_file
-from PIL import Image, ImageDraw
+from gradio_client import handle_file
+from PIL import Image
 from safetensors.torch import load_file
 
 from diffusion_studio.engine.metadata import request_from_png
@@ -31,20 +31,6 @@ def test_panel_values_and_request_fields_are_inverses():
     assert Params.fields({**values, "prompt": "ignored"}) == parameters
     assert panel_values({**parameters, "vae": None})["vae"] == "Automatic"  # A1111's word for the model's own
     assert Params.fields(panel_values({**parameters, "vae": None}))["vae"] is None
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return Client(server[0], download_files=False, verbose=False)
-
-
-@pytest.fixture(scope="module")
-def source_png(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ui") / "source.png"
-    image = Image.new("RGB", (64, 64), "white")
-    ImageDraw.Draw(image).ellipse((16, 16, 48, 48), fill="red")
-    image.save(path)
-    return path
 
 
 def gallery_paths(gallery):

@@ -49,6 +49,18 @@ def _parse_lora(text: str) -> dict:
         return {"name": text, "weight": 1.0}
 
 
+def _parse_outpaint(text: str | None) -> dict | None:
+    """--outpaint LEFT,RIGHT,TOP,BOTTOM (pixels, multiples of 8)."""
+    if not text:
+        return None
+    parts = text.split(",")
+    try:
+        left, right, top, bottom = (int(part) for part in parts)
+    except ValueError:
+        raise RequestError("outpaint", f"write LEFT,RIGHT,TOP,BOTTOM in pixels, e.g. 0,64,0,0 (got '{text}')") from None
+    return {"left": left, "right": right, "top": top, "bottom": bottom}
+
+
 def cmd_generate(args) -> int:
     from .studio import Studio
 
@@ -58,7 +70,13 @@ def cmd_generate(args) -> int:
               "width": args.width, "height": args.height, "seed": args.seed, "scheduler": args.scheduler,
               "batch_size": args.batch_size, "strength": args.strength, "controlnet": args.controlnet,
               "control_type": args.control_type, "loras": [_parse_lora(item) for item in args.lora],
-              "clip_skip": args.clip_skip, "vae": args.vae}
+              "clip_skip": args.clip_skip, "vae": args.vae, "mask_invert": args.mask_invert or None,
+              "inpaint_area": args.inpaint_area, "inpaint_padding": args.inpaint_padding,
+              "inpaint_fill": args.inpaint_fill, "outpaint": _parse_outpaint(args.outpaint)}
+    if args.hires_scale or args.hires_upscaler:
+        fields["hires"] = {k: v for k, v in {"scale": args.hires_scale, "upscaler": args.hires_upscaler,
+                                             "steps": args.hires_steps,
+                                             "denoising_strength": args.hires_denoise}.items() if v is not None}
     for field, path in (("init_image", args.init_image), ("mask_image", args.mask),
                         ("control_image", args.control_image)):
         if path:
@@ -231,6 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--strength", type=float)
     generate.add_argument("--controlnet", help="default: the base's matching built-in ControlNet")
     generate.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]")
+    generate.add_argument("--hires-scale", type=float, help="hires fix: the final size over the base size (1-4)")
+    generate.add_argument("--hires-upscaler", help="hires fix's upscaler (default Latent; see `models --kind "
+                                                   "upscaler` for model files)")
+    generate.add_argument("--hires-steps", type=int, help="hires fix's second pass steps (default: --steps)")
+    generate.add_argument("--hires-denoise", type=float, help="hires fix's denoising strength (default 0.7)")
+    generate.add_argument("--inpaint-area", choices=["whole", "masked"], help="masked: A1111's 'only masked'")
+    generate.add_argument("--inpaint-padding", type=int, help="pixels around the mask's box (inpaint area masked)")
+    generate.add_argument("--inpaint-fill", choices=["original", "fill", "latent noise", "latent nothing"])
+    generate.add_argument("--mask-invert", action="store_true", help="repaint the black area of the mask")
+    generate.add_argument("--outpaint", metavar="LEFT,RIGHT,TOP,BOTTOM", help="inpaint mode: extend the canvas")
     generate.add_argument("--out", default="outputs")
     generate.set_defaults(func=cmd_generate)
 
@@ -284,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", parents=[common], help="list built-in, configured and found models of every "
                                                              "kind, with the reason a file can't be used")
-    models.add_argument("--kind", choices=["checkpoint", "controlnet", "lora", "vae", "embedding"])
+    models.add_argument("--kind", choices=["checkpoint", "controlnet", "lora", "vae", "embedding", "upscaler"])
     models.set_defaults(func=cmd_models)
     return parser
 

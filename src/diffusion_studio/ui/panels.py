@@ -45,8 +45,17 @@ def model_note_for(studio: Studio, name: str) -> str:
 AUTOMATIC_VAE = "Automatic"  # A1111's word for the model's own VAE
 
 
+class Section:
+    """A group of components that a handler takes by name: a dataclass whose fields are the components."""
+
+    def named(self) -> dict[str, gr.components.Component]:
+        """The components by name, in field order: an event's `inputs_kwargs` (with `named_inputs`) or the
+        targets of a handler that fills the section (with `panel_values` / `hires_values`)."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+
 @dataclass
-class Params:
+class Params(Section):
     """The shared generation parameters of a tab. The order of these fields is the one order of the panel: of
     `named()` (the components by name), so of each generating endpoint's arguments after the tab's own ones."""
 
@@ -61,11 +70,6 @@ class Params:
     loras: gr.Dropdown
     clip_skip: gr.Slider
     vae: gr.Dropdown
-
-    def named(self) -> dict[str, gr.components.Component]:
-        """The components by name, in field order: an event's `inputs_kwargs` (with `named_inputs`) or the
-        targets of a handler that fills the panel (with `panel_values`)."""
-        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
 
     @staticmethod
     def fields(values: dict[str, Any]) -> dict[str, Any]:
@@ -144,7 +148,7 @@ HIRES_DEFAULTS = HiresFix()  # the request's defaults are the section's
 
 
 @dataclass
-class Hires:
+class Hires(Section):
     """The "Hires fix" section (A1111's): generate at the base size, upscale, then a second pass. Its values by
     name follow the parameter panel's in an endpoint's arguments; `fields` gives the request's `hires` (None while
     the section is off)."""
@@ -156,9 +160,6 @@ class Hires:
     hires_height: gr.Slider
     hires_steps: gr.Slider
     hires_denoising_strength: gr.Slider
-
-    def named(self) -> dict[str, gr.components.Component]:
-        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
 
     @staticmethod
     def fields(values: dict[str, Any]) -> dict[str, Any]:

@@ -3,7 +3,6 @@ A1111's inpaint options (only-masked area, masked content, mask mode) and outpai
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +14,7 @@ from ...builtin.shapes import ShapeSpec, render
 from ...engine.runner import prepare_mask
 from ...requests import INPAINT_FILLS, GenerationRequest
 from ...studio import Studio
-from ..panels import Params, named_inputs, params_panel, prompt_boxes, results_panel, run_buttons, stream_job
+from ..panels import Params, Section, named_inputs, params_panel, prompt_boxes, results_panel, run_buttons, stream_job
 
 AREAS = [("Whole picture", "whole"), ("Only masked", "masked")]  # A1111's labels, the request's values
 MASK_MODES = ["Inpaint masked", "Inpaint not masked"]
@@ -24,7 +23,7 @@ DEFAULTS = GenerationRequest.model_fields
 
 
 @dataclass
-class InpaintOptions:
+class InpaintOptions(Section):
     """The tab's A1111 inpaint options and the Outpaint section; in the endpoint's arguments after the parameter
     panel (so older positional calls keep working). `fields` gives the request's fields."""
 
@@ -36,9 +35,6 @@ class InpaintOptions:
     outpaint_right: gr.Slider
     outpaint_top: gr.Slider
     outpaint_bottom: gr.Slider
-
-    def named(self) -> dict[str, gr.components.Component]:
-        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
 
     @staticmethod
     def fields(values: dict[str, Any]) -> dict[str, Any]:
