@@ -172,22 +172,21 @@ def build_router(studio: Studio) -> APIRouter:
 
     async def _run(request: GenerationRequest, user: str, progress: Progress):
         """One job, followed to its outcome; a failure is raised with its kind (HTTP status from the table)."""
-        outcome = None
+        async def track(event) -> None:
+            if progress.job_id is None:
+                progress.job_id = event.job_id
+                if progress.interrupted or progress.skipped:  # asked for before the job had an id
+                    await studio.jobs.cancel(event.job_id, user)
+            if event.kind in ("queued", "position"):
+                progress.position = event.data.get("position")
+            elif event.kind == "running":
+                progress.position, progress.started = None, time.monotonic()
+            elif event.kind == "step":
+                progress.step, progress.total = event.data["step"], event.data["total"]
+                progress.eta_s, progress.preview = event.data["eta_s"], event.data["preview"]
+
         try:
-            async for event in studio.jobs.follow(request, user):
-                if progress.job_id is None:
-                    progress.job_id = event.job_id
-                    if progress.interrupted or progress.skipped:  # asked for before the job had an id
-                        await studio.jobs.cancel(event.job_id, user)
-                if event.kind in ("queued", "position"):
-                    progress.position = event.data.get("position")
-                elif event.kind == "running":
-                    progress.position, progress.started = None, time.monotonic()
-                elif event.kind == "step":
-                    progress.step, progress.total = event.data["step"], event.data["total"]
-                    progress.eta_s, progress.preview = event.data["eta_s"], event.data["preview"]
-                if event.final:
-                    outcome = event.outcome
+            outcome = await studio.jobs.outcome(request, user, on_event=track)
         except (RequestError, StudioError) as exc:  # refused at submit (an unknown model, upscaler, LoRA...)
             raise StudioError(in_a1111_names(classify(exc))) from None
         if not outcome.ok and outcome.status != "cancelled":

@@ -143,10 +143,7 @@ def build_router(studio: Studio) -> APIRouter:
         if request.batch_size > limits.max_images_per_request:
             raise RequestError("n", f"at most {limits.max_images_per_request} images per request "
                                     "(limits.max_images_per_request)")
-        outcome = None
-        async for event in studio.jobs.follow(request, user):
-            if event.final:
-                outcome = event.outcome
+        outcome = await studio.jobs.outcome(request, user)
         if not outcome.ok:
             raise StudioError(outcome.error)
         image_ids = outcome.result["image_ids"]

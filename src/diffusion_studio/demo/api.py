@@ -108,14 +108,7 @@ class DiffusionDemo:
     async def _run(self, requests: list[GenerationRequest]) -> list[Outcome]:
         """Submit together (compatible ones share batches), each job's outcome in submission order."""
         jobs = await self._service()
-        outcomes: dict[str, Outcome] = {}
-        order: list[str] = []
-        async for event in jobs.follow_many(requests, self.config.user):
-            if event.job_id not in order:  # each job's first event comes in submission order
-                order.append(event.job_id)
-            if event.final:
-                outcomes[event.job_id] = event.outcome
-        return [outcomes[job_id] for job_id in order]
+        return await jobs.outcomes(requests, self.config.user)
 
     def _images(self, outcome: Outcome) -> list[Image.Image]:
         return [Image.open(path) for path in self.studio.image_paths(outcome.result.get("image_ids", []))]

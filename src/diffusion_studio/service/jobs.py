@@ -297,6 +297,28 @@ class JobService:
                 if job.outcome is None:
                     await self.cancel(job.id)
 
+    async def outcomes(self, requests: list[GenerationRequest], user: str, priority: int = 0,
+                       on_event: Callable[[JobEvent], Any] | None = None) -> list[Outcome]:
+        """Submit the requests together, follow them to their ends and return their outcomes in the requests'
+        order: what a client that doesn't stream needs. `on_event` (plain or async) sees every event on the way
+        (progress bars, an early cancel)."""
+        outcomes: dict[str, Outcome] = {}
+        order: list[str] = []
+        async for event in self.follow_many(requests, user, priority):
+            if event.job_id not in order:  # each job's first event comes in submission order
+                order.append(event.job_id)
+            if on_event is not None and asyncio.iscoroutine(seen := on_event(event)):
+                await seen
+            if event.final:
+                outcomes[event.job_id] = event.outcome
+        return [outcomes[job_id] for job_id in order]
+
+    async def outcome(self, request: GenerationRequest, user: str, priority: int = 0,
+                      on_event: Callable[[JobEvent], Any] | None = None) -> Outcome:
+        """One job followed to its end (see `outcomes`)."""
+        [outcome] = await self.outcomes([request], user, priority, on_event)
+        return outcome
+
     def get(self, job_id: str, user: str | None = None) -> JobRecord:
         job = self._jobs.get(job_id)
         record = job.record if job else self._unsaved.get(job_id) or self.store.get(job_id)
