@@ -31,20 +31,28 @@ def error_response(exc: BaseException) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=error.http_status, headers=headers)
 
 
-def _error(what: str) -> dict:
-    return {"model": ErrorBody, "description": what}
-
-
-# Documented on every API route; the kinds behind each status are in service/outcomes.KINDS.
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    404: _error("No such job or image (another user's reads as missing)"),
-    413: _error("The body is larger than limits.max_body_bytes"),
-    422: _error("Invalid input; `field` names it"),
-    429: _error("Rate limit, active-job limit or a full queue; see Retry-After"),
-    500: _error("A fault of the studio's (internal, model_load)"),
-    503: _error("Storage unavailable, out of memory, interrupted; see Retry-After"),
-    504: _error("The job ran past the time limit"),
+# What each error status means on the API routes; the kinds behind each are in service/outcomes.KINDS.
+ERROR_DESCRIPTIONS: dict[int, str] = {
+    404: "No such job or image (another user's reads as missing)",
+    413: "The body is larger than limits.max_body_bytes",
+    422: "Invalid input; `field` names it",
+    429: "Rate limit, active-job limit or a full queue; see Retry-After",
+    500: "A fault of the studio's (internal, model_load)",
+    503: "Storage unavailable, out of memory, interrupted; see Retry-After",
+    504: "The job ran past the time limit",
 }
+
+
+def error_responses(model: type[BaseModel] | None = None, changes: dict[int, str | None] | None = None
+                    ) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the error statuses, each body in `model`'s shape (the studio's ErrorBody unless an
+    API speaks another's); `changes` adds, rewords or (None) drops statuses."""
+    descriptions = {**ERROR_DESCRIPTIONS, **(changes or {})}
+    return {status: {"model": model or ErrorBody, "description": text}
+            for status, text in sorted(descriptions.items()) if text is not None}
+
+
+ERROR_RESPONSES = error_responses()
 
 
 async def json_object(request: Request) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from ..requests import GenerationRequest, RequestError, decode_image
 from ..service.outcomes import StudioError, classify
 from ..studio import Studio
 from .access import current_user
-from .bodies import json_body, json_object
+from .bodies import error_responses, json_body, json_object
 
 log = logging.getLogger(__name__)
 
@@ -66,20 +66,9 @@ class OpenAIErrorBody(BaseModel):
     error: OpenAIErrorDetail
 
 
-def _error(description: str) -> dict[str, Any]:
-    return {"model": OpenAIErrorBody, "description": description}
-
-
-OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: _error("Invalid input; `param` names it (OpenAI's 400 invalid_request_error)"),
-    404: _error("No such image"),
-    409: _error("Cancelled"),
-    413: _error("The body is larger than limits.max_body_bytes"),
-    429: _error("Rate limit, active-job limit or a full queue; see Retry-After"),
-    500: _error("A fault of the studio's"),
-    503: _error("Storage unavailable, out of memory, interrupted; see Retry-After"),
-    504: _error("The job ran past the time limit"),
-}
+OPENAI_ERRORS = error_responses(OpenAIErrorBody, {
+    400: "Invalid input; `param` names it (OpenAI's 400 invalid_request_error)", 404: "No such image",
+    409: "Cancelled", 422: None})
 _IMAGE_FORM = {"type": "object", "required": ["image"], "properties": {
     "image": {"type": "string", "format": "binary"}, "mask": {"type": "string", "format": "binary"},
     "prompt": {"type": "string"}, "model": {"type": "string"}, "n": {"type": "string"},
