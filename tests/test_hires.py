@@ -96,3 +96,19 @@ def test_batched_hires_requests_keep_their_own_seeds(engine):
     for one, other in zip(together, alone):
         assert one.images[0].size == (64, 64)
         assert np.abs(np.asarray(one.images[0], int) - np.asarray(other.images[0], int)).max() <= 2
+
+
+def test_an_upscaler_model_file_is_part_of_the_weights_identity(make_config, tmp_path):
+    from test_upscale import tiny_esrgan
+
+    folder = tmp_path / "flat"
+    (folder / "upscalers").mkdir(parents=True)
+    path = tiny_esrgan(folder / "upscalers" / "4x_tiny.pth")
+    engine = Engine(make_config(models_dirs=[folder]))
+    request = GenerationRequest(prompt=PROMPT, width=32, height=32, steps=2, hires={"upscaler": "4x_tiny"})
+    before = engine.weights_identity(request)
+    assert before != engine.weights_identity(request.model_copy(update={"hires": HiresFix(upscaler="Lanczos")}))
+    result = engine.run(request)
+    assert result.images[0].size == (64, 64)  # 4x by the model, then down to the hires size
+    tiny_esrgan(path, scale=2)  # replaced: other weights, another cache key
+    assert engine.weights_identity(request) != before

@@ -15,9 +15,9 @@ from diffusion_studio.requests import LATENT_UPSCALERS, PIXEL_UPSCALERS, Request
 def tiny_esrgan(path, scale=4):
     """A real ESRGAN (RRDBNet, old layout) with 8 filters and one block: spandrel must find its architecture and
     scale from the weights alone."""
+    upscale.import_spandrel()  # first: spandrel imports torchvision, which only the studio's import stands in for
     from spandrel.architectures.ESRGAN import ESRGAN
 
-    upscale.import_spandrel()
     torch.manual_seed(0)
     model = ESRGAN(num_filters=8, num_blocks=1, scale=scale)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -132,6 +132,10 @@ class Engine:
         vae = self.vae_source(request, base)
         if vae is not None:
             parts.append(self.manager.identity(vae))
+        upscaler = resolve_upscaler(request.hires.upscaler, self.config) if request.hires else None
+        if upscaler is not None:  # hires fix through an upscaler model: its file is weights of the result too
+            parts.append(ModelSource(f"upscaler:{upscaler.name}", "single_file", str(upscaler), "base",
+                                     None).compute_identity())
         controlnet = self.controlnet_name(request, base)
         if controlnet:
             parts.append(self.manager.identity(controlnet))

@@ -46,8 +46,10 @@ class ModelSource:
         if self.kind == "hub":
             return f"hub:{self.location}"
         path = Path(self.location)
-        files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.suffix in
-                       (".safetensors", ".ckpt", ".bin", ".json"))
+        # A single file counts whatever its suffix (.pt/.pth LoRAs, ControlNets, upscalers); a folder its weights
+        # and configs.
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".safetensors", ".ckpt", ".bin", ".json", ".pt",
+                                                                  ".pth")) if path.is_dir() else [path]
         stamp = hashlib.sha256("".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files).encode())
         return f"{self.name}@{stamp.hexdigest()[:12]}"
 
