@@ -6,7 +6,7 @@ and save a full-page shot of each (1400×1000 viewport).
 
 A tab that fails is reported by name (its partial page goes to the temp dir, not to docs/) and the others are still
 shot; the exit status is 1 if any failed. History and System come last: they show what the other tabs made.
-About 65 s on a 2-core CPU machine (the studio and Chromium in this one process tree, ~0.8 GiB).
+About 65 s on a 2-core CPU machine (the studio process peaks near 0.8 GiB RSS, Chromium apart).
 """
 
 from __future__ import annotations
