@@ -297,7 +297,10 @@ def main(chosen: list[str]) -> int:
         browser.close()
     print(f"{len(chosen or STEPS) - len(failed)} shot(s) in {SHOTS.relative_to(ROOT)} in "
           f"{time.monotonic() - started:.0f} s" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
-    return 1 if failed else 0
+    if failed:
+        return 1
+    shutil.rmtree(work, ignore_errors=True)  # kept when a tab failed: its partial page is there
+    return 0
 
 
 if __name__ == "__main__":
