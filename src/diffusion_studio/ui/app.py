@@ -18,6 +18,10 @@ CSS = """
 /* A result gallery's lone image fills the width as a square, taller than the gallery's 55vh: keep it whole, so its
    size caption (bottom right) shows. */
 .gradio-container .ds-results .thumbnail-item { max-height: 50vh; }
+/* An image frame (inputs, control maps, previews) shows a small image fitted to the frame, not at its 64 px; the
+   before/after slider fits both images to its height instead of cutting them. */
+.gradio-container .image-frame img { object-fit: contain; width: 100%; height: 100%; }
+.gradio-container .slider-wrap img[data-testid="imageslider-image"] { height: 100%; }
 """
 
 PAGE_JS = """

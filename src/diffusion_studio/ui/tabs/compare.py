@@ -49,7 +49,7 @@ def build(studio: Studio) -> None:
                 mode = {"mode": "img2img", "init_image": init_image} if init_image is not None else {"mode": "txt2img"}
                 fields = {**mode, "prompt": prompt, "negative_prompt": negative, **Params.fields(panel),
                           "batch_size": 1}
-                if fields["seed"] is None:  # one seed for every cell, or the grid compares noise
+                if fields["seed"] in (None, -1):  # one seed for every cell, or the grid compares noise
                     fields["seed"] = int(time.time()) % 2**31
                 x_list, y_list, rows = plan_cells(fields, x_axis, x_values, y_axis, y_values)
                 requests = [studio.validate(cell) for row in rows for cell in row]

@@ -41,7 +41,7 @@ def build(studio: Studio) -> dict:
                 results = results_panel(studio)
 
         gr.Examples([[render(ShapeSpec("red", "star", "white", "center")), "a blue star on a black background"],
-                     [render(ShapeSpec("green", "triangle", "gray", "top left")),
+                     [render(ShapeSpec("orange", "triangle", "black", "top left")),
                       "a yellow triangle on a white background at the top left"]], [source, prompt])
 
         def control_fields(source, control_type, preprocess, low, high) -> dict:
