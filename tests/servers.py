@@ -19,6 +19,17 @@ import httpx
 import uvicorn
 
 
+def make_users(path: Path, passwords: dict[str, str], admins: tuple[str, ...] = ()):
+    """A users file at `path` with these users (name -> password; `admins` are admins) and one API token each:
+    (the Users, the tokens by name)."""
+    from diffusion_studio.service.auth import Users
+
+    users = Users(path)
+    for name, password in passwords.items():
+        users.add(name, password, admin=name in admins)
+    return users, {name: users.create_token(name) for name in passwords}
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))

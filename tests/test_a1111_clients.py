@@ -21,8 +21,7 @@ from PIL import Image
 
 from diffusion_studio.config import StudioConfig
 from diffusion_studio.server import build_app
-from diffusion_studio.service.auth import Users
-from servers import serving
+from servers import make_users, serving
 
 PASSWORDS = {"alice": "alice-password", "bob": "bob-password"}
 
@@ -30,10 +29,7 @@ PASSWORDS = {"alice": "alice-password", "bob": "bob-password"}
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory):
     root = tmp_path_factory.mktemp("a1111-clients")
-    users = Users(root / "users.json")
-    for name, password in PASSWORDS.items():
-        users.add(name, password)
-    tokens = {name: users.create_token(name) for name in PASSWORDS}
+    users, tokens = make_users(root / "users.json", PASSWORDS)
     config = StudioConfig(data_dir=root / "data", models_dir=root / "models", auth="on", users_file=root / "users.json")
     with serving(build_app(config)) as url:
         yield url, tokens, users

@@ -12,20 +12,16 @@ from starlette.routing import Mount
 
 from diffusion_studio.api.access import is_public
 from diffusion_studio.config import StudioConfig
-from diffusion_studio.service.auth import Users
 from diffusion_studio.server import build_app
 
-from servers import serving
+from servers import make_users, serving
 
 
 @pytest.fixture(scope="module")
 def secured(data_dir, tmp_path_factory):
     users_file = tmp_path_factory.mktemp("auth") / "users.json"
-    users = Users(users_file)
-    users.add("alice", "alice-password")
-    users.add("bob", "bob-password")
-    users.add("root", "root-password", admin=True)
-    tokens = {name: users.create_token(name) for name in ("alice", "bob", "root")}
+    _, tokens = make_users(users_file, {"alice": "alice-password", "bob": "bob-password", "root": "root-password"},
+                           admins=("root",))
     config = StudioConfig(data_dir=data_dir, models_dir=tmp_path_factory.mktemp("none"), auth="on",
                           users_file=users_file)
     app = build_app(config)

@@ -10,8 +10,7 @@ import pytest
 
 from diffusion_studio.config import StudioConfig
 from diffusion_studio.server import build_app
-from diffusion_studio.service.auth import Users
-from servers import serving
+from servers import make_users, serving
 from browser import CHROMIUM, FLAGS, playwright  # skips this module too where there is no Chromium
 
 LOCAL = {"127.0.0.1", "localhost"}
@@ -106,9 +105,8 @@ def test_redoc_renders_our_operations_offline(server, offline_page):
 @pytest.fixture(scope="module")
 def secured(data_dir, tmp_path_factory):
     users_file = tmp_path_factory.mktemp("docs-auth") / "users.json"
-    users = Users(users_file)
-    users.add("alice", "alice-password")
-    token = users.create_token("alice")
+    _, tokens = make_users(users_file, {"alice": "alice-password"})
+    token = tokens["alice"]
     config = StudioConfig(data_dir=data_dir, models_dir=tmp_path_factory.mktemp("none"), auth="on",
                           users_file=users_file)
     with serving(build_app(config)) as url:

@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 from diffusion_studio.config import StudioConfig
 from diffusion_studio.requests import GenerationRequest
 from diffusion_studio.server import build_app
-from diffusion_studio.service.auth import Users
 from full_size import checkpoint_shapes, write_sparse_safetensors
 from model_trees import a1111_tree, kohya_lora, tree_state
+from servers import make_users
 
 
 def sparse_checkpoint(path, variant="v1"):
@@ -28,10 +28,8 @@ def sparse_checkpoint(path, variant="v1"):
 def site(sd_folder, tmp_path_factory):
     root = tmp_path_factory.mktemp("import")
     data_dir = root / "data"  # its own: a LoRA "trained" into it below
-    users = Users(root / "users.json")
-    users.add("root", "root-password", admin=True)
-    users.add("alice", "alice-password")
-    tokens = {name: {"Authorization": f"Bearer {users.create_token(name)}"} for name in ("root", "alice")}
+    _, tokens = make_users(root / "users.json", {"root": "root-password", "alice": "alice-password"}, admins=("root",))
+    tokens = {name: {"Authorization": f"Bearer {token}"} for name, token in tokens.items()}
     webui = a1111_tree(root / "webui", sd_folder)
     files = root / "files"
     files.mkdir()

@@ -15,16 +15,14 @@ from PIL import Image
 from diffusion_studio.config import StudioConfig
 from diffusion_studio.engine.metadata import request_from_png
 from diffusion_studio.server import build_app
-from diffusion_studio.service.auth import Users
-from servers import serving
+from servers import make_users, serving
 
 
 @pytest.fixture(scope="module")
 def studio_url(data_dir, tmp_path_factory):
     users_file = tmp_path_factory.mktemp("auth") / "users.json"
-    users = Users(users_file)
-    users.add("carol", "carol-password")
-    token = users.create_token("carol")
+    _, tokens = make_users(users_file, {"carol": "carol-password"})
+    token = tokens["carol"]
     config = StudioConfig(data_dir=data_dir, models_dir=tmp_path_factory.mktemp("none"), auth="on",
                           users_file=users_file, preview_interval=0)
     with serving(build_app(config)) as url:
