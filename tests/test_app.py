@@ -22,7 +22,7 @@ ARGUMENTS = {  # the public Gradio API: each endpoint's arguments by name, in th
     "/inpaint": ["editor", "prompt", "negative", "strength", "blur", "grow", *PANEL, *INPAINT],
     "/controlnet": ["source", "control_type", "preprocess", "low", "high", "prompt", "negative", "scale", "start",
                     "end", *PANEL, *HIRES],
-    "/compare": ["prompt", "negative", "x_axis", "x_values", "y_axis", "y_values", "init_image", *PANEL],
+    "/compare": ["prompt", "negative", "x_axis", "x_values", "y_axis", "y_values", "init_image", *PANEL, *HIRES],
     "/train_start": ["base", "name", "dataset", "files", "instance_prompt", "rank", "steps", "learning_rate", "batch",
                      "sample_every", "layers", "text_encoder"],
     "/history": ["text", "mode", "model", "period"],

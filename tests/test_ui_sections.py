@@ -138,6 +138,17 @@ def test_controlnet_and_batch_with_hires_fix(client, source_png):
     assert overall.startswith("**2/2**") and [image_of(item).size for item in gallery] == [(128, 128)] * 2
     assert [item["caption"] for item in gallery] == ["128×128 px"] * 2
 
+
+def test_compare_with_hires_fix_gives_every_cell_the_second_pass(client, studio):
+    status, grid = client.predict("a red circle on a white background", "", "guidance", "3, 7", "(none)", "", None,
+                                  *panel(steps=2, seed=9), *hires(upscaler="Lanczos", scale=2.0, steps=2),
+                                  api_name="/compare")
+    assert status.startswith("2 cells · seed 9") and Image.open(grid["path"]).width > 2 * 128
+    cells = [job for job in studio.history("local", limit=2)]
+    assert all(job.request["hires"]["upscaler"] == "Lanczos" for job in cells)
+    assert [Image.open(studio.image_paths(job.result["image_ids"])[0]).size for job in cells] == [(128, 128)] * 2
+
+
 def test_upscale_under_a_result_doubles_it(client, source_png):
     _, gallery, _ = client.predict("a green square on a gray background", "", 1, *panel(seed=4),
                                    api_name="/generate")

@@ -9,7 +9,7 @@ from PIL import Image
 
 from ...service.compare import AXES, draw_grid, plan_cells
 from ...studio import Studio
-from ..panels import Params, named_inputs, params_panel, prompt_boxes, run_buttons
+from ..panels import Hires, Params, hires_panel, named_inputs, params_panel, prompt_boxes, run_buttons
 from ..runs import user_error
 
 NO_AXIS = "(none)"
@@ -30,6 +30,7 @@ def build(studio: Studio) -> None:
                 init_image = gr.Image(label="Input image (optional: compares image to image, e.g. over strength)",
                                       type="pil", sources=["upload", "clipboard"], height=140)
                 params = params_panel(studio, batch=False)
+                hires = hires_panel(studio)  # every cell gets the same second pass
                 run, cancel = run_buttons("Make grid")
             with gr.Column(scale=3):
                 status = gr.Markdown()
@@ -48,7 +49,7 @@ def build(studio: Studio) -> None:
             try:
                 mode = {"mode": "img2img", "init_image": init_image} if init_image is not None else {"mode": "txt2img"}
                 fields = {**mode, "prompt": prompt, "negative_prompt": negative, **Params.fields(panel),
-                          "batch_size": 1}
+                          **Hires.fields(panel), "batch_size": 1}
                 if fields["seed"] in (None, -1):  # one seed for every cell, or the grid compares noise
                     fields["seed"] = int(time.time()) % 2**31
                 x_list, y_list, rows = plan_cells(fields, x_axis, x_values, y_axis, y_values)
@@ -78,6 +79,6 @@ def build(studio: Studio) -> None:
             yield f"{len(cells)} cells · seed {fields['seed']}", grid
 
         inputs = named_inputs({"prompt": prompt, "negative": negative, "x_axis": x_axis, "x_values": x_values,
-                               "y_axis": y_axis, "y_values": y_values, "init_image": init_image}, params)
+                               "y_axis": y_axis, "y_values": y_values, "init_image": init_image}, params, hires)
         event = run.click(make_grid, inputs_kwargs=inputs, outputs=[status, grid_image], api_name="compare")
         cancel.click(None, None, None, cancels=[event])
