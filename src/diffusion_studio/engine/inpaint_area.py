@@ -48,13 +48,7 @@ class InpaintPlan:
 def prepare_mask(mask: Image.Image, size: tuple[int, int], blur: int, grow: int, invert: bool = False) -> Image.Image:
     """Mask resized to the image (nearest, so edges stay hard), inverted if asked, grown by `grow` px, then
     feathered by `blur`. White = repaint, black = keep."""
-    array = _hard(mask, size)
-    if invert:
-        array = 255 - array
-    if grow:
-        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1))
-        array = cv2.dilate(array, kernel)
-    return Image.fromarray(_feather(array, blur))
+    return Image.fromarray(_feather(_user_mask(mask, size, invert, grow), blur))
 
 
 def paste_outside_mask(generated: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:
@@ -75,15 +69,8 @@ def plan_inpaint(request: GenerationRequest, size: tuple[int, int], max_size: tu
     canvas = request.init_image.convert("RGB")
     if not masked_area:
         canvas = canvas.resize(size, Image.LANCZOS)
-    user_mask = (_hard(request.mask_image, canvas.size) if request.mask_image is not None
-                 else np.zeros(canvas.size[::-1], np.uint8))
-    if request.mask_invert:
-        user_mask = 255 - user_mask
-    if request.mask_grow:
-        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * request.mask_grow + 1,) * 2)
-        user_mask = cv2.dilate(user_mask, kernel)
-    feathered = _feather(user_mask, request.mask_blur)
-    hard = user_mask
+    hard = _user_mask(request.mask_image, canvas.size, request.mask_invert, request.mask_grow)
+    feathered = _feather(hard, request.mask_blur)
     pipeline_mask = feathered
 
     if request.outpaint is not None and request.outpaint.extends:
@@ -174,6 +161,17 @@ def fill_masked(image: Image.Image, mask: np.ndarray, fill: str, decode: LatentD
         content = np.asarray(decode("noise" if fill == "latent noise" else "zeros", image.size).convert("RGB"))
     inside = mask[..., None] > 0
     return Image.fromarray(np.where(inside, content, array).astype(np.uint8))
+
+
+def _user_mask(mask: Image.Image | None, size: tuple[int, int], invert: bool, grow: int) -> np.ndarray:
+    """The painted mask at `size`, hard (0 / 255), inverted if asked, grown by `grow` px (no mask: nothing)."""
+    array = _hard(mask, size) if mask is not None else np.zeros(size[::-1], np.uint8)
+    if invert:
+        array = 255 - array
+    if grow:
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1))
+        array = cv2.dilate(array, kernel)
+    return array
 
 
 def _hard(mask: Image.Image, size: tuple[int, int]) -> np.ndarray:

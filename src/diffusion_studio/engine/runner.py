@@ -88,6 +88,12 @@ def apply_safety_notices(images: list[Image.Image], flags: list[bool] | None) ->
     return images, blocked
 
 
+def decode_latents(vae, image_processor, latents: torch.Tensor) -> list[Image.Image]:
+    """Latents (in the diffusion's scale) decoded by `vae` to PIL images, as the pipelines' own decode does."""
+    pixels = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    return image_processor.postprocess(pixels, output_type="pil")
+
+
 def second_pass_steps(hires, steps: int) -> int:
     """How many steps hires fix's img2img pass runs (diffusers skips the first steps by its strength)."""
     total = hires.steps or steps
@@ -443,8 +449,7 @@ class Engine:
     @staticmethod
     def _decoded(pipe, latents: torch.Tensor):
         """Latents decoded to images by the pipeline's VAE (a hires run cancelled after its first pass)."""
-        decoded = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor, return_dict=False)[0]
-        return SimpleNamespace(images=pipe.image_processor.postprocess(decoded, output_type="pil"))
+        return SimpleNamespace(images=decode_latents(pipe.vae, pipe.image_processor, latents))
 
     def _latent_decoder(self, base: LoadedModel, vae, seed: int):
         """For inpaint_fill 'latent noise' / 'latent nothing': what noise or zero latents decode to, at a size."""
@@ -455,10 +460,8 @@ class Engine:
             latents = torch.zeros(shape) if kind == "zeros" else \
                 torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
             with torch.inference_mode():
-                pixels = decoder.decode(latents.to(self.device, decoder.dtype) / decoder.config.scaling_factor,
-                                        return_dict=False)[0]
-            array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-            return Image.fromarray(array).crop((0, 0, *size))
+                [image] = decode_latents(decoder, base.pipeline.image_processor, latents)
+            return image.crop((0, 0, *size))
         return decode
 
     @staticmethod

@@ -11,13 +11,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ...builtin.shapes import ShapeSpec, render
-from ...engine.runner import prepare_mask
+from ...engine.inpaint_area import plan_inpaint
 from ...requests import INPAINT_FILLS, GenerationRequest
 from ...studio import Studio
 from ..panels import Params, Section, named_inputs, params_panel, prompt_boxes, results_panel, run_buttons, stream_job
 
 AREAS = [("Whole picture", "whole"), ("Only masked", "masked")]  # A1111's labels, the request's values
 MASK_MODES = ["Inpaint masked", "Inpaint not masked"]
+PREVIEW_MAX = 2**15  # the preview draws any canvas; the size limit is the request's, checked when it runs
 SIDES = ("left", "right", "top", "bottom")
 DEFAULTS = GenerationRequest.model_fields
 
@@ -78,27 +79,27 @@ def split_editor(value: dict | None) -> tuple[Image.Image | None, Image.Image | 
 
 def mask_preview(value: dict | None, blur: int, grow: int, invert: bool = False, area: str = "whole",
                  padding: int = 0, outpaint: dict | None = None) -> Image.Image | None:
-    """What the engine will repaint: the image (on its extended canvas when outpainting; the new area from the
-    edges, as a rough stand-in for the engine's fill) with the grown, feathered mask tinted over it, and the box an
-    only-masked run crops outlined."""
+    """What the engine will repaint, from the engine's own plan (`plan_inpaint`): the canvas (extended and
+    pre-filled when outpainting) with the feathered mask tinted over it, and the box an only-masked run crops
+    outlined. Drawn at the picture's own size."""
     image, mask = split_editor(value)
     if image is None:
         return None
-    if invert:
-        mask = mask.point(lambda v: 255 - v)
-    if outpaint:
-        widths = ((outpaint["top"], outpaint["bottom"]), (outpaint["left"], outpaint["right"]))
-        image = Image.fromarray(np.pad(np.asarray(image), (*widths, (0, 0)), mode="edge"))
-        mask = Image.fromarray(np.pad(np.asarray(mask), widths, constant_values=255))
-    prepared = prepare_mask(mask, image.size, int(blur), int(grow))
-    tint = Image.new("RGB", image.size, (255, 0, 128))
-    shown = Image.composite(tint, image, prepared.point(lambda v: v * 0.6))
-    box = prepared.getbbox()
-    if area == "masked" and box is not None:
-        left, top, right, bottom = box
-        crop = (max(left - padding, 0), max(top - padding, 0), min(right + padding, image.width) - 1,
-                min(bottom + padding, image.height) - 1)
-        ImageDraw.Draw(shown).rectangle(crop, outline=(0, 160, 255), width=1)
+    extends = bool(outpaint) and any(outpaint.values())
+    if not extends and not invert and (mask is None or mask.getbbox() is None):
+        return image  # nothing painted yet
+    try:
+        request = GenerationRequest(mode="inpaint", init_image=image, mask_image=mask, mask_blur=int(blur),
+                                    mask_grow=int(grow), mask_invert=invert, inpaint_area=area,
+                                    inpaint_padding=int(padding), outpaint=outpaint if extends else None)
+        plan = plan_inpaint(request, image.size, (PREVIEW_MAX, PREVIEW_MAX))
+    except ValueError:  # e.g. an inverted mask that covers nothing: Generate names the field
+        return image
+    tint = Image.new("RGB", plan.canvas.size, (255, 0, 128))
+    shown = Image.composite(tint, plan.canvas, plan.canvas_mask.point(lambda v: v * 0.6))
+    if plan.box is not None:
+        left, top, right, bottom = plan.box
+        ImageDraw.Draw(shown).rectangle((left, top, right - 1, bottom - 1), outline=(0, 160, 255), width=1)
     return shown
 
 
