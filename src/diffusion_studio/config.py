@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -92,8 +93,22 @@ class StudioConfig(BaseSettings):
     depth_estimator: str | None = Field(None, description="local transformers depth-estimation model folder")
     pose_estimator: str | None = Field(None, description="local transformers VitPose model folder")
 
+    executor: Literal["local", "ray"] = Field("local", description="where jobs run: engines in this process (one "
+                                                                 "worker per device) or engine actors on a Ray "
+                                                                 "cluster")
+    devices: list[str] = Field(default_factory=list, description="local executor: one worker per device, each with "
+                                                                 "its own loaded models, e.g. [\"cuda:0\", "
+                                                                 "\"cuda:1\"] (empty: the one `device`)")
+    ray_address: str | None = Field(None, description="ray executor: the cluster to join, e.g. \"head:6379\" "
+                                                      "(unset: start a Ray instance on this machine)")
+    ray_workers: int | None = Field(None, ge=1, le=256, description="ray executor: engine actors to run; unset: one "
+                                                                     "per GPU in the cluster, or one CPU actor "
+                                                                     "when it has none")
+    torch_threads: int | None = Field(None, ge=1, le=256, description="CPU threads torch uses per worker (unset: "
+                                                                       "torch's default; Ray actors: their CPUs)")
     max_queue: int = Field(64, ge=1, description="queued jobs beyond this are refused (HTTP 429)")
-    workers: int = Field(1, ge=1, le=16, description="jobs run at once (engine calls in threads)")
+    workers: int = Field(1, ge=1, le=16, description="jobs run at once on each local device (threads sharing "
+                                                        "its loaded models)")
     batch_images: int = Field(8, ge=1, le=64, description="most images in one cross-user batch (1: no batching)")
     cache_entries: int = Field(1024, ge=0, description="results kept for repeat requests with explicit seeds")
     job_time_limit_s: float = Field(600, gt=0, description="a running job past this is stopped and failed")
@@ -107,6 +122,18 @@ class StudioConfig(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(7860, ge=1, le=65535)
+
+    @field_validator("devices")
+    @classmethod
+    def _devices_are_torch_devices(cls, devices: list[str]) -> list[str]:
+        for device in devices:
+            if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", device):
+                raise ValueError(f"'{device}' is not a device: use cpu, mps, cuda or cuda:N")
+        return devices
+
+    def worker_devices(self) -> list[str]:
+        """The local executor's devices: `devices`, or the one `device`."""
+        return list(self.devices) or [self.device]
 
     def auth_required(self) -> bool:
         if self.auth != "auto":

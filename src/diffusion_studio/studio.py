@@ -23,6 +23,7 @@ from .engine.library import LibraryEntry, import_model, library_for
 from .engine.sources import list_loras, list_vaes, list_models, resolve
 from .engine.upscale import list_upscalers, upscale_image
 from .requests import GenerationRequest, GenerationResult, RequestError
+from .service.executor import Executor, LocalDevice, LocalExecutor
 from .service.jobs import JobNotFound, JobService
 from .service.limits import UserLimits
 from .service.store import JobRecord, JobStore
@@ -37,13 +38,19 @@ HASH_WAIT_S = 30.0  # how long saving a PNG waits for its files' hashes (a 2 GB 
 class Studio:
     def __init__(self, config: StudioConfig):
         self.config = config
-        self.engine = Engine(config)
+        if config.torch_threads and config.executor == "local":  # Ray actors set their own
+            import torch
+
+            torch.set_num_threads(config.torch_threads)
+        # This process's engine: the first local device's worker, and what resolves names, checks requests and
+        # makes control-map previews and upscales whatever the executor is.
+        self.engine = Engine(config.model_copy(update={"device": config.worker_devices()[0]}))
         # A1111's hashes of model files, computed once per file in its own thread (see engine/hashes.py).
         self.hasher = Hasher(Path(config.data_dir) / "hashes.json")
         self.outputs_dir = Path(config.data_dir) / "outputs"
         self.store = JobStore(Path(config.data_dir) / "studio.db")
-        self.jobs = JobService(self.store, self._run_batch, self.save, max_queue=config.max_queue,
-                               workers=config.workers, validate=self.validate, identify=self.weights_identity,
+        self.jobs = JobService(self.store, None, self.save, max_queue=config.max_queue, executor=self._executor(),
+                               model_of=self.model_name, validate=self.validate, identify=self.weights_identity,
                                cache_entries=config.cache_entries, time_limit_s=config.job_time_limit_s,
                                batch_images=config.batch_images,
                                limits=UserLimits(config.rate_per_minute, config.rate_burst, config.max_active_jobs),
@@ -59,12 +66,35 @@ class Studio:
         self._queue_hashes(request)
         return self.engine.run(request, on_step=on_step, cancel=cancel)
 
-    def _run_batch(self, items: list[WorkItem]) -> list[GenerationResult]:
-        """The job service's runner (in its worker thread): the run's files are queued for hashing first, so they
-        hash while the model loads, and `save` finds them done."""
+    def _executor(self) -> Executor:
+        if self.config.executor == "ray":
+            from .service.ray_executor import RayExecutor  # ray is imported only by a studio that uses it
+
+            return RayExecutor(self.config, before_run=self._queue_hashes)
+        engines = [self.engine, *(Engine(self.config.model_copy(update={"device": device}))
+                                  for device in self.config.worker_devices()[1:])]
+        return LocalExecutor([LocalDevice(str(engine.device) if len(engines) == 1 else device,
+                                          lambda items, engine=engine: self._run_batch(engine, items),
+                                          engine.manager.loaded, lambda name, engine=engine: self._preload(engine, name),
+                                          engine.manager.unload)
+                              for engine, device in zip(engines, self.config.worker_devices())],
+                             threads=self.config.workers)
+
+    def _run_batch(self, engine: Engine, items: list[WorkItem]) -> list[GenerationResult]:
+        """A local worker's runner (in its thread): the run's files are queued for hashing first, so they hash
+        while the model loads, and `save` finds them done."""
         for item in items:
             self._queue_hashes(item.request)
-        return self.engine.run_batch(items)
+        return engine.run_batch(items)
+
+    @staticmethod
+    def _preload(engine: Engine, name: str) -> None:
+        with engine.manager.use(name):
+            pass
+
+    def model_name(self, request: GenerationRequest) -> str:
+        """The base model a request runs on, by its listed name (the job service prefers a worker holding it)."""
+        return resolve(request.model, self.config).name
 
     def _queue_hashes(self, request: GenerationRequest) -> None:
         try:
@@ -137,16 +167,16 @@ class Studio:
         return self.store.status_counts(time.time() - window_s)
 
     def loaded_models(self) -> list[dict]:
-        return self.engine.manager.loaded()
+        """Every worker's loaded models (rows name the worker and its device; blocking)."""
+        return self.jobs.executor.loaded()
 
     def preload(self, name: str) -> None:
-        """Load a base model now (blocking), so the first generation on it doesn't wait."""
-        with self.engine.manager.use(name):
-            pass
+        """Load a base model now (blocking) on the worker that would run it, so the first generation doesn't wait."""
+        self.jobs.executor.preload(name)
 
     def unload_model(self, name: str) -> bool:
-        """Free a loaded model (False: not loaded, or a job is using it)."""
-        return self.engine.manager.unload(name)
+        """Free a loaded model on every worker holding it idle (False: not loaded, or jobs are using it)."""
+        return self.jobs.executor.unload(name)
 
     def control_preview(self, fields: dict) -> Image.Image:
         """The control map a ControlNet request with these fields would use."""
@@ -225,7 +255,7 @@ class Studio:
 
     def _model_busy(self, path: Path) -> str | None:
         """Why the model file at `path` must not be replaced now: loaded, or in use by a running job."""
-        for row in self.engine.manager.loaded():
+        for row in self.loaded_models():
             try:
                 location = Path(resolve(row["name"], self.config).location)
             except RequestError:

@@ -60,8 +60,11 @@ CONTROLNET_INPAINT_PIPELINES = {
 
 def pick_device(preference: str) -> torch.device:
     if preference != "auto":
-        if preference == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device=cuda was asked for but CUDA is not available")
+        if preference.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"device={preference} was asked for but CUDA is not available")
+        if preference.startswith("cuda:") and int(preference[5:]) >= torch.cuda.device_count():
+            raise RuntimeError(f"device={preference} was asked for but this machine has "
+                               f"{torch.cuda.device_count()} CUDA devices")
         return torch.device(preference)
     if torch.cuda.is_available():
         return torch.device("cuda")

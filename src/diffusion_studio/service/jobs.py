@@ -7,9 +7,12 @@ and cache keys, cancel flag, time limit, listeners and record. Queue, batching, 
 all use it; the SQLite row is its persisted copy (a stored request is validated again only when it is recovered
 after a restart). Every job ends with an `Outcome` on its final event.
 
-Engine calls run in worker threads, `workers` at a time, so nothing blocks the event loop. A worker that takes a
-job also takes queued jobs with the same `batch_key()` (any user's, up to `batch_images` images) and runs them as
-one pipeline call; each job still gets its own events, cancel, time limit, record, and its lone-run bits.
+Whatever runs the work, this is the one queue: an executor (service/executor.py: engines in this process, one
+worker per device, or engine actors on a Ray cluster) only runs the batches it is handed. The dispatcher takes the
+next job, plus queued jobs with the same `batch_key()` (any user's, up to `batch_images` images) to run as one
+pipeline call, and hands them to a free worker: one already holding their model if any, else the least recently
+used. Each job still gets its own events, cancel, time limit, record, and its lone-run bits. A worker that dies
+mid-batch (`WorkerLost`) has its jobs run again once on another worker; jobs wait while there is none.
 
 The service survives its own faults: a failed write (disk full, read-only folder, SQLite error) fails that job at
 once, in memory and to its listeners, and reaches the store when the store can write again; while the data dir
@@ -36,6 +39,7 @@ import torch
 from ..engine.runner import WorkItem
 from ..requests import GenerationRequest, GenerationResult, StepEvent
 from .cache import ResultCache
+from .executor import BatchRunner, Executor, LocalExecutor, Worker, WorkerLost, choose_worker
 from .limits import UserLimits
 from .metrics import StudioMetrics
 from .outcomes import ErrorKind, JobError, Outcome, StudioError, classify, is_storage_fault, storage_reason
@@ -43,10 +47,10 @@ from .store import JobRecord, JobStatus, JobStore
 
 log = logging.getLogger(__name__)
 
-BatchRunner = Callable[[list[WorkItem]], list[GenerationResult]]  # Engine.run_batch
 Saver = Callable[[GenerationResult], list]  # Studio.save(result) -> image paths
 
 STORAGE_RECHECK_S = 1.0  # how often a degraded service tries its data dir again
+RUNS_PER_JOB = 2  # a job whose worker dies runs once more elsewhere; a second death fails it
 
 
 class QueueFull(RuntimeError):
@@ -89,6 +93,8 @@ class Job:
     timed_out: threading.Event = field(default_factory=threading.Event)
     outcome: Outcome | None = None
     timer: asyncio.TimerHandle | None = None  # the time limit
+    model: str | None = None  # the base model's name, to prefer a worker that holds it
+    runs: int = 0  # workers it was handed to (more than one after a worker died under it)
 
     @property
     def id(self) -> str:
@@ -118,6 +124,11 @@ class FairQueue:
 
     def push(self, job: Job) -> None:
         self._lanes.setdefault(job.user, deque()).append(job)
+
+    def push_front(self, job: Job) -> None:
+        """A job coming back (its worker died): first in its lane, its lane first in the rotation."""
+        self._lanes.setdefault(job.user, deque()).appendleft(job)
+        self._lanes.move_to_end(job.user, last=False)
 
     def pop(self) -> Job | None:
         if not self._lanes:
@@ -164,37 +175,41 @@ class FairQueue:
 
 
 class JobService:
-    def __init__(self, store: JobStore, run_batch: BatchRunner, save: Saver, max_queue: int = 64, workers: int = 1,
-                 validate: Callable[[dict], GenerationRequest] | None = None,
+    def __init__(self, store: JobStore, run_batch: BatchRunner | None, save: Saver, max_queue: int = 64,
+                 workers: int = 1, validate: Callable[[dict], GenerationRequest] | None = None,
                  identify: Callable[[GenerationRequest], str] | None = None, cache_entries: int = 1024,
                  time_limit_s: float | None = None, limits: UserLimits | None = None, batch_images: int = 8,
                  check_storage: Callable[[], None] | None = None,
-                 check: Callable[[GenerationRequest], None] | None = None):
-        """`identify(request)` names the weights a request would use (for cache keys; called off the event loop);
+                 check: Callable[[GenerationRequest], None] | None = None, executor: Executor | None = None,
+                 model_of: Callable[[GenerationRequest], str] | None = None):
+        """Work runs on `executor`, or (without one) on `run_batch` in `workers` threads of this process.
+        `identify(request)` names the weights a request would use (for cache keys; called off the event loop);
         without it, no cache. `check(request)` refuses, before queueing, what the engine can tell from names and
-        file headers (an unknown model or LoRA); it too runs off the event loop. `batch_images`: most images in one cross-user batch (1: every job runs alone).
-        `check_storage()` raises while the data dir can't be written (default: the store's own probe)."""
+        file headers (an unknown model or LoRA); it too runs off the event loop. `model_of(request)`: the name of
+        the base model it runs on, matched against what workers hold (default: the request's `model` as given).
+        `batch_images`: most images in one cross-user batch (1: every job runs alone). `check_storage()` raises
+        while the data dir can't be written (default: the store's own probe)."""
         self.store = store
         self._identify = identify
         self._check = check
         self.time_limit_s = time_limit_s
         self.limits = limits
         self.cache = ResultCache(cache_entries)
-        self._run_batch = run_batch
+        self.executor = executor or LocalExecutor.threads(run_batch, workers)
+        self._model_of = model_of
         self.batch_images = batch_images
         self._save = save
         self._validate = validate or GenerationRequest.model_validate
         self._check_storage = check_storage or store.probe
         self.max_queue = max_queue
-        self.workers = workers
         self._queue = FairQueue()
         self._jobs: dict[str, Job] = {}  # queued and running
         self._wakeup: asyncio.Condition | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._paused = False
         self._stopping = False
-        self._workers: dict[int, asyncio.Task] = {}
-        self._held: dict[int, list[Job]] = {}  # worker index -> the jobs it runs now
+        self._dispatcher: asyncio.Task | None = None
+        self._batches: set[asyncio.Task] = set()  # one task per batch running on a worker
         self._keeper: asyncio.Task | None = None
         self._unsaved: dict[str, JobRecord] = {}  # records the store could not take yet
         self.storage_fault: str | None = None  # why the data dir can't be written, while it can't
@@ -214,8 +229,8 @@ class JobService:
             recovered = []
         for record in recovered:
             await self._requeue(record)
-        for index in range(self.workers):
-            self._spawn_worker(index)
+        await self.executor.start(self._workers_changed)
+        self._spawn_dispatcher()
         self._keeper = asyncio.create_task(self._keep_storage(), name="job-storage-keeper")
 
     async def stop(self) -> None:
@@ -223,11 +238,12 @@ class JobService:
         for job in self._jobs.values():
             if job.status == JobStatus.running:
                 job.cancel.set()
-        tasks = [*self._workers.values(), *([self._keeper] if self._keeper else [])]
+        tasks = [*self._batches, *(task for task in (self._dispatcher, self._keeper) if task)]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._workers, self._keeper = {}, None
+        self._batches, self._dispatcher, self._keeper = set(), None, None
+        await self.executor.stop()
 
     async def _requeue(self, record: JobRecord) -> None:
         """A job recovered after a restart: validated again, then queued with its batch and cache keys."""
@@ -238,7 +254,7 @@ class JobService:
             job = Job(record, GenerationRequest(), None, None)
             self._finish(job, JobStatus.failed, classify(exc))
             return
-        job = Job(record, request, request.batch_key(), cache_key)
+        job = Job(record, request, request.batch_key(), cache_key, model=await self._model_name(request))
         self._jobs[job.id] = job
         self._queue.push(job)
 
@@ -262,7 +278,8 @@ class JobService:
         record = JobRecord(id=secrets.token_hex(8), user=user, request=request.model_dump(mode="json"),
                            priority=priority)
         self._store_write(self.store.add, record)
-        job = Job(record, request, request.batch_key(), cache_key, listeners=[listener] if listener else [])
+        job = Job(record, request, request.batch_key(), cache_key, listeners=[listener] if listener else [],
+                  model=await self._model_name(request))
         self._jobs[job.id] = job
         async with self._wakeup:
             self._queue.push(job)
@@ -360,11 +377,15 @@ class JobService:
         return len(self._queue)
 
     def running_count(self) -> int:
-        return sum(len(jobs) for jobs in self._held.values())
+        return sum(len(worker.jobs) for worker in self.executor.workers())
 
     def status(self) -> dict:
+        """The queue and the workers (device, loaded models, current jobs), as /api/v1/queue and the System tab
+        show them."""
+        workers = self.executor.workers()
         return {"queued": len(self._queue), "running": self.running_count(), "paused": self._paused,
-                "max_queue": self.max_queue, "workers": self.workers, "batch_images": self.batch_images}
+                "max_queue": self.max_queue, "workers": len(workers), "batch_images": self.batch_images,
+                "executor": self.executor.kind, "worker_list": [worker.describe() for worker in workers]}
 
     def subscribe(self, job_id: str) -> asyncio.Queue:
         """A queue of JobEvents for one job (empty forever if the job has already ended); unsubscribe when done."""
@@ -390,9 +411,9 @@ class JobService:
         reasons = []
         if self.storage_fault:
             reasons.append(f"storage: the data dir can't be written ({self.storage_fault}); queued jobs wait")
-        alive = sum(1 for task in self._workers.values() if not task.done())
-        if alive < self.workers:
-            reasons.append(f"workers: {self.workers - alive} of {self.workers} down")
+        if self._dispatcher is not None and self._dispatcher.done():
+            reasons.append("workers: the dispatcher is down")
+        reasons.extend(self.executor.health())
         return {"status": "degraded" if reasons else "ok", "reasons": reasons}
 
     def _storage_failed(self, exc: BaseException) -> None:
@@ -450,37 +471,57 @@ class JobService:
             self._wakeup.notify_all()
 
     # -- work -----------------------------------------------------------------------------------------------
-    def _spawn_worker(self, index: int) -> None:
-        task = asyncio.create_task(self._worker(index), name=f"job-worker-{index}")
-        task.add_done_callback(lambda done: self._worker_ended(index, done))
-        self._workers[index] = task
+    def _spawn_dispatcher(self) -> None:
+        self._dispatcher = asyncio.create_task(self._dispatch(), name="job-dispatcher")
+        self._dispatcher.add_done_callback(self._dispatcher_ended)
 
-    def _worker_ended(self, index: int, task: asyncio.Task) -> None:
-        """A worker task only ends on stop; if one dies anyway, its jobs fail and a new worker takes its place."""
+    def _dispatcher_ended(self, task: asyncio.Task) -> None:
         if self._stopping:
             return
-        exc = None if task.cancelled() else task.exception()
-        log.error("job worker %d died (%r); starting a new one", index, exc)
+        log.error("the job dispatcher died (%r); starting a new one", None if task.cancelled() else task.exception())
         self.metrics.worker_restarts.inc()
-        for job in self._held.pop(index, []):
-            if job.outcome is None:
-                self._finish(job, JobStatus.failed, JobError(ErrorKind.worker_lost, "the worker running this job "
-                                                                                     "failed; submit it again"))
-        self._spawn_worker(index)
+        self._spawn_dispatcher()
+
+    def _workers_changed(self) -> None:
+        """The executor's workers joined or left: a new one may take queued work now."""
+        if self._loop is not None and not self._stopping:
+            self._loop.create_task(self._wake_all(lambda: None))
+
+    def _free_workers(self) -> list[Worker]:
+        return [worker for worker in self.executor.workers() if not worker.busy]
 
     def _can_start(self) -> bool:
-        return not self._paused and not self.storage_fault and len(self._queue) > 0
+        return not self._paused and not self.storage_fault and len(self._queue) > 0 and bool(self._free_workers())
 
-    async def _worker(self, index: int) -> None:
+    async def _dispatch(self) -> None:
+        """Hand the next batch to the best free worker, as long as there are both."""
         while True:
             async with self._wakeup:
                 await self._wakeup.wait_for(self._can_start)
                 jobs = self._take_batch()
-                self._held[index] = jobs
+                worker = choose_worker(self._free_workers(), jobs[0].model)
+                worker.jobs, worker.last_used = jobs, time.monotonic()
             for position, waiting in enumerate(self._queue.order(), start=1):  # one pass, not one per job
                 self._publish(waiting, "position", {"position": position})
-            await self._execute(jobs)
-            self._held.pop(index, None)  # not on an exception: _worker_ended gives those jobs their outcome
+            task = asyncio.create_task(self._execute(worker, jobs), name=f"job-batch-{jobs[0].id}")
+            self._batches.add(task)
+            task.add_done_callback(lambda done, worker=worker, jobs=jobs: self._batch_ended(worker, jobs, done))
+
+    def _batch_ended(self, worker: Worker, jobs: list[Job], task: asyncio.Task) -> None:
+        """The worker is free again. A batch task only raises on a bug of ours (the engine's errors are each job's
+        outcome): its unfinished jobs fail, counted, and the service goes on."""
+        self._batches.discard(task)
+        worker.jobs = []
+        if self._stopping:
+            return
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a job batch on %s died (%r)", worker.id, task.exception())
+            self.metrics.worker_restarts.inc()
+            for job in jobs:
+                if job.outcome is None:
+                    self._finish(job, JobStatus.failed, JobError(ErrorKind.worker_lost, "the worker running this "
+                                                                                         "job failed; submit it again"))
+        self._workers_changed()
 
     def _take_batch(self) -> list[Job]:
         """The next job, plus queued jobs that can share its pipeline call (same batch key), within the budget."""
@@ -498,21 +539,25 @@ class JobService:
 
         return [first, *self._queue.take(fits, limit=self.batch_images)]
 
-    async def _execute(self, jobs: list[Job]) -> None:
+    async def _execute(self, worker: Worker, jobs: list[Job]) -> None:
         for job in jobs:
             self._begin(job)
         try:
             if len(jobs) > 1:
                 try:
-                    results = await self._engine_call(jobs)
+                    results = await self._engine_call(worker, jobs)
+                except WorkerLost:
+                    raise
                 except Exception as exc:  # one bad request must not fail the others: each runs again alone
                     log.warning("a batch of %d jobs failed (%s); running them one by one", len(jobs), exc)
                 else:
                     for job, result in zip(jobs, results):
-                        await self._settle(job, self._record(job, result))
+                        await self._settle(job, self._record(job, result, worker))
                     return
             for job in jobs:
-                await self._settle(job, self._run_alone(job))
+                await self._settle(job, self._run_alone(worker, job))
+        except WorkerLost as exc:
+            await self._worker_lost(worker, [job for job in jobs if job.outcome is None], exc)
         except asyncio.CancelledError:
             if self._stopping:  # the server stops: running jobs end interrupted (and run again if re-sent)
                 for job in jobs:
@@ -521,11 +566,38 @@ class JobService:
                                                                           "the studio stopped while this job ran"))
             raise
         finally:
+            worker.batches += 1
             for job in jobs:
                 if job.timer is not None:
                     job.timer.cancel()
 
+    async def _worker_lost(self, worker: Worker, jobs: list[Job], exc: WorkerLost) -> None:
+        """The worker died under these jobs: each runs again, first in line, unless it already had its second run
+        (or was being cancelled): nothing is lost silently."""
+        log.error("worker %s (%s) was lost: %s", worker.id, worker.device, exc)
+        self.metrics.worker_deaths.inc()
+        for job in jobs:
+            if job.timer is not None:
+                job.timer.cancel()
+            if job.cancel.is_set():
+                status, error = ((JobStatus.failed, self._time_limit_error()) if job.timed_out.is_set() else
+                                 (JobStatus.cancelled, JobError(ErrorKind.cancelled, "cancelled while running")))
+                self._finish(job, status, error)
+            elif job.runs >= RUNS_PER_JOB:
+                self._finish(job, JobStatus.failed, JobError(
+                    ErrorKind.worker_lost, f"the worker running this job was lost {job.runs} times ({exc}); "
+                                           "submit it again"))
+            else:
+                job.record.status, job.record.started_at = JobStatus.queued, None
+                self._persist(job.record)
+                async with self._wakeup:
+                    self._queue.push_front(job)
+                    self._wakeup.notify_all()
+                self._publish(job, "queued", {"position": self.position(job.id), "rerun": True,
+                                              "reason": f"its worker ({worker.device}) was lost"})
+
     def _begin(self, job: Job) -> None:
+        job.runs += 1
         record = job.record
         record.status, record.started_at = JobStatus.running, time.time()
         if self.time_limit_s:
@@ -538,9 +610,9 @@ class JobService:
         job.timed_out.set()
         job.cancel.set()  # the engine stops at its next step
 
-    async def _engine_call(self, jobs: list[Job]) -> list[GenerationResult]:
+    async def _engine_call(self, worker: Worker, jobs: list[Job]) -> list[GenerationResult]:
         items = [WorkItem(job.request, self._step_publisher(job), job.cancel) for job in jobs]
-        return await asyncio.to_thread(self._run_batch, items)
+        return await self.executor.run(worker, items)
 
     def _step_publisher(self, job: Job) -> Callable[[StepEvent], None]:
         def on_step(event: StepEvent) -> None:  # called from the engine's thread
@@ -548,11 +620,11 @@ class JobService:
             self._loop.call_soon_threadsafe(self._publish, job, "step", data)
         return on_step
 
-    async def _run_alone(self, job: Job) -> None:
-        [result] = await self._engine_call([job])
-        await self._record(job, result)
+    async def _run_alone(self, worker: Worker, job: Job) -> None:
+        [result] = await self._engine_call(worker, [job])
+        await self._record(job, result, worker)
 
-    async def _record(self, job: Job, result: GenerationResult) -> None:
+    async def _record(self, job: Job, result: GenerationResult, worker: Worker) -> None:
         record = job.record
         paths = await asyncio.to_thread(self._save, result)
         try:
@@ -562,14 +634,12 @@ class JobService:
                 Path(path).unlink(missing_ok=True)
             raise
         record.result = {"seeds": result.seeds, "image_ids": image_ids, "model_id": result.model_id,
-                         "device": result.device, "blocked": result.blocked, "batched_with": result.batched_with,
+                         "device": result.device, "worker": worker.id, "blocked": result.blocked, "batched_with": result.batched_with,
                          "timings": {"load_s": result.timings.load_s, "total_s": result.timings.total_s,
                                      "it_per_s": result.timings.it_per_s},
                          "peak_memory_bytes": result.peak_memory_bytes}
         if job.timed_out.is_set():
-            self._finish(job, JobStatus.failed, JobError(
-                ErrorKind.time_limit, f"stopped after the {self.time_limit_s:g} s limit for one job; ask for fewer "
-                                      "steps or a smaller size"))
+            self._finish(job, JobStatus.failed, self._time_limit_error())
         elif result.cancelled:
             self._finish(job, JobStatus.cancelled, JobError(ErrorKind.cancelled, "cancelled while running"))
         else:
@@ -577,10 +647,16 @@ class JobService:
             if job.cache_key:
                 self.cache.put(job.cache_key, job.id)
 
+    def _time_limit_error(self) -> JobError:
+        return JobError(ErrorKind.time_limit, f"stopped after the {self.time_limit_s:g} s limit for one job; ask for "
+                                              "fewer steps or a smaller size")
+
     async def _settle(self, job: Job, work) -> None:
         """Await one job's work; whatever goes wrong becomes that job's outcome, as data."""
         try:
             await work
+        except WorkerLost:
+            raise  # not the job's fault: _execute runs it again elsewhere
         except Exception as exc:  # reported as data on the job; the worker lives on for the next job
             error = classify(exc)
             if error.kind == ErrorKind.out_of_memory:  # free what this job held before the next one starts
@@ -608,6 +684,14 @@ class JobService:
     def _publish(self, job: Job, kind: str, data: dict[str, Any], outcome: Outcome | None = None) -> None:
         for events in list(job.listeners):
             events.put_nowait(JobEvent(kind, job.id, data, outcome))
+
+    async def _model_name(self, request: GenerationRequest) -> str | None:
+        if self._model_of is None:
+            return request.model
+        try:
+            return await asyncio.to_thread(self._model_of, request)
+        except Exception:  # noqa: BLE001 (only a preference: the engine reports a bad name as the job's error)
+            return request.model
 
     # -- the cache ------------------------------------------------------------------------------------------
     async def _cache_key(self, request: GenerationRequest) -> str | None:

@@ -39,6 +39,8 @@ class StudioMetrics:
         self.cache_hits = Counter("studio_cache_hits_total", "Jobs answered from the result cache", registry=r)
         self.worker_restarts = Counter("studio_worker_restarts_total", "Job worker tasks that died and were "
                                        "restarted", registry=r)
+        self.worker_deaths = Counter("studio_worker_deaths_total", "Workers lost while running a batch (process "
+                                     "killed, node lost); their jobs ran again on another worker", registry=r)
         self.storage_faults = Counter("studio_storage_faults_total", "Writes to the data dir or the history "
                                       "database that failed", registry=r)
         Gauge("studio_queue_length", "Jobs waiting", registry=r).set_function(queue_length)

@@ -1,0 +1,300 @@
+"""RayExecutor: the job service's batches run on engine actors of a Ray cluster, one per GPU (`num_gpus=1`) on any
+number of nodes, or `ray_workers` CPU actors when the cluster has no GPU.
+
+Why actors and not Ray Serve: the job service already is the queue, the batcher and the router (fairness, the
+cross-user batch, "the worker that holds the model"); Serve would add a second queue and its own router in front
+of the same engine, and its replicas can't be asked which model they hold. An actor is exactly "an engine with its
+own loaded models on one device" and nothing more.
+
+Each batch is one streaming actor call: the actor runs `Engine.run_batch` in a thread and yields every step event
+(with its preview) as it happens, then the results; the service sees them as a local run's callbacks. Cancel and
+the time limit are the job's flag as before: a watcher forwards a set flag to the actor (a second, concurrent
+actor call), which sets the engine's own flag, so it stops within one step. A dead actor (process killed, node
+lost) raises `WorkerLost`; a keeper task pings the actors each second, drops the dead ones and asks Ray for
+replacements, which Ray places when a node has room (a new node, or the autoscaler's), so workers join and leave
+while the studio runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pickle
+import queue
+import secrets
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from ray.exceptions import ActorUnavailableError, ObjectLostError, RayActorError, WorkerCrashedError
+
+from ..config import StudioConfig
+from ..engine.runner import Engine, WorkItem
+from ..requests import GenerationRequest, GenerationResult
+from .executor import Executor, Worker, WorkerLost, choose_worker
+
+log = logging.getLogger(__name__)
+
+KEEP_S = 1.0  # how often the keeper pings the actors and places missing ones
+CANCEL_POLL_S = 0.05  # how often a running batch's cancel flags are looked at (well under one step)
+WORKER_GONE = (RayActorError, ActorUnavailableError, WorkerCrashedError, ObjectLostError)
+
+
+class EngineActor:
+    """One engine on one device of a Ray node, with its own loaded models (wrapped by `ray.remote` below)."""
+
+    def __init__(self, config: dict[str, Any], device: str, torch_threads: int | None):
+        import torch
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.config = StudioConfig.model_validate({**config, "device": device, "executor": "local", "devices": []})
+        self.engine = Engine(self.config)
+        self._cancels: dict[str, list[threading.Event]] = {}
+
+    def alive(self) -> int:
+        """The keeper's ping: answers even while a batch runs or a model loads (it takes no lock)."""
+        return os.getpid()
+
+    def info(self) -> dict[str, Any]:
+        return {"device": str(self.engine.device), "node": ray.util.get_node_ip_address(), "pid": os.getpid(),
+                "models": self._models()}
+
+    def _models(self) -> list[str]:
+        return [row["name"] for row in self.engine.manager.loaded()]
+
+    def run(self, batch: str, requests: list[GenerationRequest]):
+        """Yields ("step", index, StepEvent)... then ("done", results, models) or ("error", exception, models)."""
+        events: queue.Queue = queue.Queue()
+        flags = self._cancels[batch] = [threading.Event() for _ in requests]
+        items = [WorkItem(request, lambda event, index=index: events.put(("step", index, event)), flag)
+                 for index, (request, flag) in enumerate(zip(requests, flags))]
+
+        def work() -> None:
+            try:
+                events.put(("done", self.engine.run_batch(items), self._models()))
+            except Exception as exc:  # noqa: BLE001 (the batch's own failure, classified by the service)
+                events.put(("error", _picklable(exc), self._models()))
+
+        threading.Thread(target=work, name=f"engine-{batch}", daemon=True).start()
+        try:
+            while True:
+                event = events.get()
+                yield event
+                if event[0] != "step":
+                    return
+        finally:
+            self._cancels.pop(batch, None)
+
+    def cancel(self, batch: str, index: int) -> None:
+        for position, flag in enumerate(self._cancels.get(batch, [])):
+            if position == index:
+                flag.set()
+
+    def preload(self, name: str) -> list[str]:
+        with self.engine.manager.use(name):
+            pass
+        return self._models()
+
+    def unload(self, name: str) -> bool:
+        return self.engine.manager.unload(name)
+
+    def loaded(self) -> list[dict]:
+        return self.engine.manager.loaded()
+
+
+def _picklable(exc: Exception) -> Exception:
+    """The engine's exception as is (its type decides the job's error kind), or its text if it won't pickle."""
+    try:
+        pickle.dumps(exc)
+        return exc
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+RemoteEngine = ray.remote(max_restarts=0, max_concurrency=8)(EngineActor)
+
+
+class RayExecutor(Executor):
+    kind = "ray"
+
+    def __init__(self, config: StudioConfig, before_run: Callable[[GenerationRequest], None] | None = None):
+        self.config = config
+        self._before_run = before_run  # in the studio process: e.g. queue the run's files for hashing
+        self._workers: dict[str, Worker] = {}
+        self._actors: dict[str, Any] = {}  # worker id -> actor handle (placed and answering)
+        self._pending: dict[str, tuple[Any, Any]] = {}  # actor id -> (actor, its first info() call) not placed yet
+        self._keeper: asyncio.Task | None = None
+        self._started_ray = False
+        self.lost = 0  # actors found dead, since start
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+    async def start(self, changed: Callable[[], None]) -> None:
+        await super().start(changed)
+        if not ray.is_initialized():
+            await asyncio.to_thread(self._connect)
+        self._keeper = asyncio.create_task(self._keep(), name="ray-executor-keeper")
+
+    def _connect(self) -> None:
+        address = self.config.ray_address
+        options: dict[str, Any] = {"log_to_driver": False, "namespace": "diffusion-studio"}
+        if address is None:
+            options["include_dashboard"] = False
+        ray.init(address=address, **options)
+        self._started_ray = address is None
+
+    async def stop(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
+        for actor in [*self._actors.values(), *(actor for actor, _ in self._pending.values())]:
+            ray.kill(actor, no_restart=True)
+        self._workers, self._actors, self._pending = {}, {}, {}
+        if self._started_ray:
+            await asyncio.to_thread(ray.shutdown)
+
+    # -- the pool -------------------------------------------------------------------------------------------
+    def wanted(self) -> tuple[int, bool]:
+        """How many actors to keep, and whether they are GPU actors."""
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if self.config.ray_workers:
+            return self.config.ray_workers, gpus > 0
+        return (gpus, True) if gpus else (1, False)
+
+    def _place(self, gpu: bool) -> None:
+        device = "cuda" if gpu else "cpu"
+        actor = RemoteEngine.options(num_gpus=1 if gpu else 0, num_cpus=1, name=None).remote(
+            self.config.model_dump(mode="json"), device, self.config.torch_threads)
+        self._pending[secrets.token_hex(4)] = (actor, actor.info.remote())
+
+    async def _keep(self) -> None:
+        while True:
+            try:
+                await self._keep_once()
+            except Exception:  # noqa: BLE001 (the keeper must outlive a hiccup of the cluster)
+                log.warning("the Ray executor's keeper failed a round", exc_info=True)
+            await asyncio.sleep(KEEP_S)
+
+    async def _keep_once(self) -> None:
+        changed = False
+        for worker_id, actor in list(self._actors.items()):  # dead ones (killed, node lost) leave the pool
+            try:
+                await asyncio.wait_for(actor.alive.remote(), timeout=60)
+            except WORKER_GONE + (asyncio.TimeoutError,) as exc:
+                self._drop(worker_id, f"{type(exc).__name__}")
+                changed = True
+        for key, (actor, first) in list(self._pending.items()):  # placed ones join it
+            ready, _ = ray.wait([first], timeout=0)
+            if not ready:
+                continue
+            del self._pending[key]
+            try:
+                info = await first
+            except WORKER_GONE as exc:
+                log.warning("a new engine actor died before it started: %s", exc)
+                continue
+            except Exception as exc:  # its engine could not be built (a broken config): say so, keep trying
+                log.error("an engine actor could not start: %s", exc)
+                ray.kill(actor, no_restart=True)
+                continue
+            worker = Worker(id=f"ray-{info['pid']}@{info['node']}", device=info["device"], node=info["node"],
+                            models=tuple(info["models"]))
+            self._workers[worker.id], self._actors[worker.id] = worker, actor
+            log.info("engine actor %s joined (%s on %s)", worker.id, worker.device, worker.node)
+            changed = True
+        count, gpu = await asyncio.to_thread(self.wanted)
+        for _ in range(count - len(self._actors) - len(self._pending)):
+            self._place(gpu)
+        if changed:
+            self._changed()
+
+    def _drop(self, worker_id: str, reason: str) -> None:
+        if self._workers.pop(worker_id, None) is None:
+            return
+        actor = self._actors.pop(worker_id)
+        self.lost += 1
+        log.error("engine actor %s is gone (%s)", worker_id, reason)
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001 (already dead)
+            pass
+
+    def workers(self) -> list[Worker]:
+        return list(self._workers.values())
+
+    def health(self) -> list[str]:
+        if self._workers:
+            return []
+        waiting = len(self._pending)
+        return [f"workers: no engine actor is running on the Ray cluster ({waiting} waiting for a node with room); "
+                "queued jobs wait"]
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "pending": len(self._pending), "lost": self.lost}
+
+    # -- work -----------------------------------------------------------------------------------------------
+    async def run(self, worker: Worker, items: list[WorkItem]) -> list[GenerationResult]:
+        actor = self._actors.get(worker.id)
+        if actor is None:
+            raise WorkerLost(f"{worker.id} left the cluster")
+        if self._before_run is not None:
+            for item in items:
+                self._before_run(item.request)
+        batch = secrets.token_hex(6)
+        watcher = asyncio.create_task(self._forward_cancels(actor, batch, items))
+        try:
+            async for ref in actor.run.options(num_returns="streaming").remote(batch, [i.request for i in items]):
+                kind, *rest = await ref
+                if kind == "step":
+                    index, event = rest
+                    if items[index].on_step is not None:
+                        items[index].on_step(event)
+                    continue
+                outcome, models = rest
+                worker.models = tuple(models)
+                if kind == "error":
+                    raise outcome
+                return outcome
+            raise WorkerLost(f"{worker.id} ended the batch without a result")
+        except WORKER_GONE as exc:
+            self._drop(worker.id, type(exc).__name__)
+            self._changed()
+            raise WorkerLost(f"{worker.id} on {worker.node}: {type(exc).__name__}") from None
+        finally:
+            watcher.cancel()
+
+    @staticmethod
+    async def _forward_cancels(actor, batch: str, items: list[WorkItem]) -> None:
+        sent: set[int] = set()
+        while len(sent) < len(items):
+            for index, item in enumerate(items):
+                if index not in sent and item.cancel.is_set():
+                    sent.add(index)
+                    actor.cancel.remote(batch, index)
+            await asyncio.sleep(CANCEL_POLL_S)
+
+    # -- models ---------------------------------------------------------------------------------------------
+    def loaded(self) -> list[dict]:
+        rows = []
+        for worker_id, actor in list(self._actors.items()):
+            try:
+                found = ray.get(actor.loaded.remote(), timeout=30)
+            except WORKER_GONE + (ray.exceptions.GetTimeoutError,):
+                continue
+            worker = self._workers.get(worker_id)
+            rows.extend({**row, "worker": worker_id, "device": worker.device if worker else "?"} for row in found)
+        return rows
+
+    def preload(self, name: str) -> None:
+        workers = [worker for worker in self.workers() if not worker.busy] or self.workers()
+        if not workers:
+            raise WorkerLost("no engine actor is running to load it on")
+        worker = choose_worker(workers, name)
+        worker.models = tuple(ray.get(self._actors[worker.id].preload.remote(name)))
+
+    def unload(self, name: str) -> bool:
+        done = [ray.get(actor.unload.remote(name), timeout=60) for actor in list(self._actors.values())]
+        return any(done)
+
