@@ -71,8 +71,8 @@ class Studio:
             from .service.ray_executor import RayExecutor  # ray is imported only by a studio that uses it
 
             return RayExecutor(self.config, before_run=self._queue_hashes)
-        engines = [self.engine, *(Engine(self.config.model_copy(update={"device": device}))
-                                  for device in self.config.worker_devices()[1:])]
+        self.engines = engines = [self.engine, *(Engine(self.config.model_copy(update={"device": device}))
+                                                 for device in self.config.worker_devices()[1:])]
         return LocalExecutor([LocalDevice(str(engine.device) if len(engines) == 1 else device,
                                           lambda items, engine=engine: self._run_batch(engine, items),
                                           engine.manager.loaded, lambda name, engine=engine: self._preload(engine, name),

@@ -148,7 +148,10 @@ class LocalExecutor(Executor):
                     other.models = held
 
     def loaded(self) -> list[dict]:
-        return [{**row, "worker": device.device, "device": device.device}
+        first = {}  # threads of one device share its models: its rows name its first worker
+        for worker in self._workers:
+            first.setdefault(id(self._device_of[worker.id]), worker.id)
+        return [{**row, "worker": first[id(device)], "device": device.device}
                 for device in self.devices for row in device.loaded()]
 
     def preload(self, name: str) -> None:

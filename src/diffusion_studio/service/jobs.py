@@ -594,7 +594,7 @@ class JobService:
                     self._queue.push_front(job)
                     self._wakeup.notify_all()
                 self._publish(job, "queued", {"position": self.position(job.id), "rerun": True,
-                                              "reason": f"its worker ({worker.device}) was lost"})
+                                              "reason": f"worker {worker.id} ({worker.device}) was lost"})
 
     def _begin(self, job: Job) -> None:
         job.runs += 1
