@@ -160,7 +160,8 @@ def test_history_lists_results_and_png_info_reads_them(client, source_png):
 
 
 def test_system_shows_device_queue_and_models(client):
-    device, service, loaded, _, errors = client.predict(api_name="/system")
-    assert "**Device:** cpu" in device and "Queue:" in service
+    device, service, loaded, _, errors, workers = client.predict(api_name="/system")
+    assert "**Device:** cpu" in device and "Queue:" in service and "(local executor)" in service
+    assert [row[:2] for row in workers["data"]] == [["local-0", "cpu"]]
     assert re.search(r"Last hour:\*\* [1-9]\d* done", service), service  # the jobs this module ran
     assert any(row[0] == "builtin:shapes" for row in loaded["data"])

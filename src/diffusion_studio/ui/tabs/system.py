@@ -1,4 +1,5 @@
-"""System tab: the device, loaded models and their memory (unload), the queue, throughput, error rate, GPU
+"""System tab: the device, the workers (device, node, loaded models, current jobs: they join and leave with the
+Ray executor), loaded models and their memory (unload), the queue, throughput, error rate, worker deaths, GPU
 utilisation where available, live charts of the last hour (the service's MetricsHistory, redrawn by a timer while
 the tab has been opened), recent errors, and the Models panel (ui/tabs/models.py)."""
 
@@ -36,11 +37,20 @@ def service_text(studio: Studio, window_s: float = 3600) -> str:
     done, failed = counts.get(JobStatus.done.value, 0), counts.get(JobStatus.failed.value, 0)
     finished = sum(count for state, count in counts.items() if JobStatus(state).finished)
     rate = failed / finished if finished else 0.0
+    deaths = studio.jobs.metrics.worker_deaths._value.get()
     return (f"**Queue:** {status['queued']} waiting · {status['running']} running · "
-            f"{'paused' if status['paused'] else 'running'} · {status['workers']} worker(s) · batches up to "
+            f"{'paused' if status['paused'] else 'running'} · {status['workers']} worker(s) "
+            f"({status['executor']} executor) · {deaths:.0f} lost since start · batches up to "
             f"{status['batch_images']} images  \n"
             f"**Last hour:** {done} done ({done / (window_s / 60):.2f} jobs/min) · {failed} failed · "
             f"error rate {rate:.1%}")
+
+
+def worker_rows(studio: Studio) -> list[list]:
+    """One row per worker now: where it runs, what it holds, what it runs."""
+    return [[worker["id"], worker["device"], worker["node"], ", ".join(worker["models"]) or "none",
+             ", ".join(worker["jobs"]) or "idle", worker["batches"]]
+            for worker in studio.jobs.status()["worker_list"]]
 
 
 # chart -> (y column, colour column or None, title, y axis title). Jobs' own measurements (speed, queue wait) exist
@@ -86,7 +96,9 @@ def build(studio: Studio, is_admin: Callable[[str], bool]) -> None:
         with gr.Accordion(f"Last hour (one sample per {studio.jobs.metrics.history.every_s:g} s)", open=True):
             plots = build_charts(studio)
         timer = gr.Timer(studio.jobs.metrics.history.every_s, active=False)  # started when the tab is first opened
-        loaded = gr.Dataframe(headers=["name", "role", "weights (MB)", "in use"], interactive=False,
+        workers = gr.Dataframe(headers=["worker", "device", "node", "loaded models", "running jobs", "batches"],
+                               interactive=False, label="Workers", elem_id="system-workers")
+        loaded = gr.Dataframe(headers=["name", "role", "weights (MB)", "in use", "worker"], interactive=False,
                               label="Loaded models")
         with gr.Row():
             unload_name = gr.Dropdown([], label="Model to unload", allow_custom_value=True, scale=3)
@@ -97,14 +109,15 @@ def build(studio: Studio, is_admin: Callable[[str], bool]) -> None:
 
         def snapshot(request: gr.Request):
             models = studio.loaded_models()
-            rows = [[m["name"], m["role"], round(m["weight_bytes"] / 1e6, 1), m["in_use"]] for m in models]
+            rows = [[m["name"], m["role"], round(m["weight_bytes"] / 1e6, 1), m["in_use"], m.get("worker", "")]
+                    for m in models]
             user = request.username or "local"
             failed = studio.history(None if is_admin(user) else user, status=JobStatus.failed, limit=10)
             error_rows = [[time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.finished_at or job.created_at)),
                            job.request.get("prompt", "")[:50], (job.error.text() if job.error else "")[:120]]
                           for job in failed]
             return (device_text(studio), service_text(studio), rows,
-                    gr.Dropdown(choices=[m["name"] for m in models]), error_rows)
+                    gr.Dropdown(choices=sorted({m["name"] for m in models})), error_rows, worker_rows(studio))
 
         def unload_model(request: gr.Request, name):
             if not is_admin(request.username or "local"):
@@ -121,7 +134,7 @@ def build(studio: Studio, is_admin: Callable[[str], bool]) -> None:
             frames = chart_frames(studio)
             return [type(plot)(frames[name], x_lim=window) for name, plot in plots.items()]
 
-        outputs = [device, service, loaded, unload_name, errors]
+        outputs = [device, service, loaded, unload_name, errors, workers]
         refresh.click(snapshot, None, outputs, api_name="system")
         refresh.click(charts, None, list(plots.values()), api_visibility="private")
         tab.select(snapshot, None, outputs, api_visibility="private")
