@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Which torch ./studio installs, and from where: on Linux without an NVIDIA GPU the CPU build (torch 2.13.0+cpu:
-# a wheel pip already knows of, else PyTorch's CPU index), with one PyPI's CUDA build, elsewhere (macOS) PyPI's
-# build, which is CPU-only there (MPS on Apple silicon). ./studio sources this file; run on its own
+# a wheel pip already knows of, else PyTorch's CPU index); on Linux with one, PyPI's CUDA build; elsewhere (macOS)
+# PyPI's build, which is CPU-only there (MPS on Apple silicon). ./studio sources this file; run on its own
 # (bash tools/torch_plan.sh) it prints the pip arguments it chose, one a line, and why on stderr.
 #   STUDIO_TORCH=auto|cpu|cuda    auto (the default) looks for an NVIDIA GPU; cpu or cuda decides without looking
 #   STUDIO_TORCH_CPU_INDEX=URL    PyTorch's CPU wheel index, or a mirror of it (https://download.pytorch.org/whl/cpu)
@@ -23,7 +23,7 @@ torch_gpu_found() {
 }
 
 # Whether URL answers within STUDIO_TORCH_PROBE_TIMEOUT seconds: pip itself would retry an unreachable index for
-# minutes (its 15 s timeout times 5 retries, 180 s on this machine's config) before giving up on it.
+# minutes (its timeout, 15 s unless PIP_DEFAULT_TIMEOUT says more, times 5 retries) before giving up on it.
 torch_index_reachable() {
     python3 - "$1" "${STUDIO_TORCH_PROBE_TIMEOUT:-5}" <<'PY'
 import os, ssl, sys, threading, urllib.error, urllib.request
