@@ -93,7 +93,8 @@ def test_eight_jobs_spread_over_both_workers_and_match_the_local_executor(served
 
 def test_previews_and_cancel_cross_the_process_boundary(served):
     url, _ = served
-    job_id = httpx.post(f"{url}/api/v1/jobs", json={**REQUEST, "steps": 60, "seed": 3}).json()["id"]
+    slow = {**REQUEST, "steps": 60, "seed": 3, "width": 128, "height": 128}  # steps slower than the cancel's trip
+    job_id = httpx.post(f"{url}/api/v1/jobs", json=slow).json()["id"]
     steps_after_cancel = []
     cancelled_at = None
     with httpx.stream("GET", f"{url}/api/v1/jobs/{job_id}/events", timeout=120) as response:
@@ -113,23 +114,34 @@ def test_previews_and_cancel_cross_the_process_boundary(served):
                 break
     job = finished(url, job_id)
     assert job["status"] == "cancelled"
-    assert len(steps_after_cancel) <= 2  # the engine stopped within a step or two of the cancel crossing over
+    # The engine stopped within a step of the cancel crossing over (plus events already on their way to us).
+    assert len(steps_after_cancel) <= 3, len(steps_after_cancel)
 
 
 def test_a_killed_worker_process_has_its_job_finish_on_the_other(served):
     url, _ = served
     before = {worker["id"] for worker in workers(url)}
-    job_id = httpx.post(f"{url}/api/v1/jobs", json={**REQUEST, "steps": 40, "seed": 11}).json()["id"]
-    running = wait_until(lambda: next((w for w in workers(url) if job_id in w["jobs"]), None))
-    time.sleep(0.5)  # into its steps
-    os.kill(int(running["id"].split("-")[1].split("@")[0]), signal.SIGKILL)  # ray-<pid>@<node>
+    slow = {**REQUEST, "steps": 60, "seed": 11, "width": 128, "height": 128}
+    job_id = httpx.post(f"{url}/api/v1/jobs", json=slow).json()["id"]
+    killed, kinds = None, []
+    with httpx.stream("GET", f"{url}/api/v1/jobs/{job_id}/events", timeout=120) as response:
+        for line in response.iter_lines():
+            if not line.startswith("event: "):
+                continue
+            kinds.append(kind := line[7:])
+            if kind == "step" and killed is None:  # mid-job: kill the actor's process (its id is ray-<pid>@<node>)
+                killed = next(worker for worker in workers(url) if job_id in worker["jobs"])
+                os.kill(int(killed["id"].split("-")[1].split("@")[0]), signal.SIGKILL)
+            if kind in ("done", "failed", "cancelled", "interrupted"):
+                break
     job = finished(url, job_id)
-    assert job["status"] == "done" and job["result"]["worker"] != running["id"]
+    assert job["status"] == "done" and job["result"]["worker"] != killed["id"]
     assert job["result"]["worker"] in before
+    assert "queued" in kinds[kinds.index("step"):]  # back in the queue, then run again
     metrics = httpx.get(f"{url}/metrics").text
     assert "studio_worker_deaths_total 1.0" in metrics
     replaced = wait_until(lambda: len(listed := workers(url)) == 2 and listed, timeout=120)  # a new actor joined
-    assert running["id"] not in {worker["id"] for worker in replaced}
+    assert killed["id"] not in {worker["id"] for worker in replaced}
 
 
 def test_with_every_worker_gone_jobs_wait_and_health_is_degraded_until_one_joins(served, cluster):

@@ -24,7 +24,8 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _config(args):
+def _config(args, **more):
+    """The config from the common flags (and `more` settings given by a command's own flags; None: unset)."""
     from .config import StudioConfig
 
     if args.config:
@@ -38,7 +39,7 @@ def _config(args):
                                                ("dtype", args.dtype)) if value}
     if "models_dir" in overrides:
         overrides["models_dir"] = overrides["models_dir"][0]
-    return StudioConfig(**overrides)
+    return StudioConfig(**overrides, **{key: value for key, value in more.items() if value is not None})
 
 
 def _parse_lora(text: str) -> dict:
@@ -175,7 +176,9 @@ def cmd_serve(args) -> int:
 
     from .server import build_app
 
-    config = _config(args).model_copy(update={"host": args.host, "port": args.port})
+    devices = [device.strip() for device in args.devices.split(",")] if args.devices else None
+    config = _config(args, executor=args.executor, devices=devices, ray_address=args.ray_address,
+                     ray_workers=args.ray_workers).model_copy(update={"host": args.host, "port": args.port})
     app = build_app(config)  # refuses a network address without users to authenticate
     print(f"Diffusion Studio on http://{config.host}:{config.port}/  (API docs: /docs)", file=sys.stderr)
     # Open browser tabs, SSE streams and WebSockets never end by themselves: after a stop signal, give them
@@ -223,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", parents=[common], help="start the studio (UI + API)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--executor", choices=["local", "ray"], help="where jobs run (default local: this process)")
+    serve.add_argument("--devices", metavar="DEV,DEV", help="local executor: one worker per device, e.g. "
+                                                            "cuda:0,cuda:1 (default: the one --device)")
+    serve.add_argument("--ray-address", metavar="HOST:PORT", help="ray executor: the cluster to join (default: start "
+                                                                  "Ray on this machine)")
+    serve.add_argument("--ray-workers", type=int, help="ray executor: engine actors (default: one per GPU, or one "
+                                                       "CPU actor)")
     serve.set_defaults(func=cmd_serve)
 
     generate = sub.add_parser("generate", parents=[common], help="generate images into a folder")

@@ -23,6 +23,7 @@ import os
 import pickle
 import queue
 import secrets
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -105,6 +106,18 @@ class EngineActor:
         return self.engine.manager.loaded()
 
 
+def _answers(address: str, timeout_s: float = 3.0) -> bool:
+    """Whether something accepts TCP connections at "host:port" (other address forms are left to Ray)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return True
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
 def _picklable(exc: Exception) -> Exception:
     """The engine's exception as is (its type decides the job's error kind), or its text if it won't pickle."""
     try:
@@ -128,17 +141,20 @@ class RayExecutor(Executor):
         self._pending: dict[str, tuple[Any, Any]] = {}  # actor id -> (actor, its first info() call) not placed yet
         self._keeper: asyncio.Task | None = None
         self._started_ray = False
+        self.unreachable: str | None = None  # why the cluster can't be joined, while it can't
         self.lost = 0  # actors found dead, since start
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     async def start(self, changed: Callable[[], None]) -> None:
+        """Returns at once: the keeper joins the cluster (retrying while it can't) and places the actors, so the
+        studio serves (degraded, jobs waiting) even while the cluster is away."""
         await super().start(changed)
-        if not ray.is_initialized():
-            await asyncio.to_thread(self._connect)
         self._keeper = asyncio.create_task(self._keep(), name="ray-executor-keeper")
 
     def _connect(self) -> None:
         address = self.config.ray_address
+        if address and not _answers(address):  # ray.init would wait minutes on an address nobody listens at
+            raise ConnectionError(f"nothing answers at ray_address {address}")
         options: dict[str, Any] = {"log_to_driver": False, "namespace": "diffusion-studio"}
         if address is None:
             options["include_dashboard"] = False
@@ -178,6 +194,15 @@ class RayExecutor(Executor):
             await asyncio.sleep(KEEP_S)
 
     async def _keep_once(self) -> None:
+        if not ray.is_initialized():
+            try:
+                await asyncio.to_thread(self._connect)
+            except Exception as exc:  # noqa: BLE001 (said by health(); tried again next round)
+                if self.unreachable is None:
+                    log.error("can't join the Ray cluster: %s", exc)
+                self.unreachable = str(exc) or type(exc).__name__
+                return
+            self.unreachable = None
         changed = False
         for worker_id, actor in list(self._actors.items()):  # dead ones (killed, node lost) leave the pool
             try:
@@ -225,6 +250,8 @@ class RayExecutor(Executor):
         return list(self._workers.values())
 
     def health(self) -> list[str]:
+        if self.unreachable:
+            return [f"workers: can't join the Ray cluster ({self.unreachable}); queued jobs wait"]
         if self._workers:
             return []
         waiting = len(self._pending)
