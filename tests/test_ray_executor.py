@@ -118,6 +118,20 @@ def test_previews_and_cancel_cross_the_process_boundary(served):
     assert len(steps_after_cancel) <= 3, len(steps_after_cancel)
 
 
+def test_the_time_limit_reaches_the_actor(served):
+    url, studio = served
+    studio.jobs.time_limit_s = 1.0
+    try:
+        job_id = httpx.post(f"{url}/api/v1/jobs", json={**REQUEST, "steps": 150, "seed": 4, "width": 128,
+                                                         "height": 128}).json()["id"]
+        started = time.time()
+        job = finished(url, job_id)
+    finally:
+        studio.jobs.time_limit_s = 600
+    assert job["status"] == "failed" and job["error"]["kind"] == "time_limit"
+    assert time.time() - started < 20  # stopped at its next step, not after its 150 steps
+
+
 def test_a_killed_worker_process_has_its_job_finish_on_the_other(served):
     url, _ = served
     before = {worker["id"] for worker in workers(url)}
