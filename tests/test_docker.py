@@ -164,6 +164,7 @@ def test_the_two_images_install_the_same_studio_for_one_ray_cluster():
     assert f'"spandrel=={pins["cpu"]["spandrel"]}"' in (ROOT / "studio").read_text()
     pyproject = (ROOT / "pyproject.toml").read_text()
     torch_range = re.search(r'"torch>=([\d.]+),<([\d.]+)"', pyproject)
+    assert torch_range, "pyproject.toml names torch as \"torch>=A,<B\""
     version = tuple(int(part) for part in pins["cuda"]["torch"].split("."))
     assert tuple(map(int, torch_range.group(1).split("."))) <= version < tuple(map(int, torch_range.group(2).split(".")))
     if ray_pin := re.search(r'"ray(?:\[[^\]]*\])?==([\d.]+)"', pyproject):
@@ -294,6 +295,22 @@ def run_healthcheck(stage: Stage, env: dict[str, str], port: int) -> int:
     return subprocess.run(on_port(stage.healthcheck(), port), env=env, capture_output=True, timeout=30).returncode
 
 
+def test_the_entrypoint_runs_other_commands_as_given_and_refuses_an_unreadable_secret(tmp_path):
+    stage = image("Dockerfile")
+    entrypoint = image_command(stage, free_port())[0]
+    env = container_env(stage, tmp_path, tmp_path)
+    # ray start, users ...: run as given, whatever the users file holds
+    other = subprocess.run([entrypoint, "python", "-c", "import sys; print(sys.argv[1:])", "a b", "--c"], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert (other.returncode, other.stdout, other.stderr) == (0, "['a b', '--c']\n", "")
+    # a secret file that isn't there: a clear refusal before serve starts
+    missing = subprocess.run(image_command(stage, free_port()), capture_output=True, text=True, timeout=60,
+                             env={**env, "STUDIO_ADMIN_PASSWORD_FILE": str(tmp_path / "absent")})
+    assert missing.returncode == 2
+    assert missing.stderr == (f"studio-entrypoint: STUDIO_ADMIN_PASSWORD_FILE={tmp_path / 'absent'} is not a "
+                              "readable file\n")
+
+
 def test_the_image_command_refuses_without_users_then_serves_with_auth(tmp_path):
     stage = image("Dockerfile")
     data, models = tmp_path / "data", tmp_path / "models"
@@ -325,6 +342,7 @@ def test_the_image_command_refuses_without_users_then_serves_with_auth(tmp_path)
                               input=passwords[user] + "\n" if stdin_file else None, capture_output=True,
                               text=True, timeout=60)
         assert done.returncode == 0, done.stderr
+        assert "studio-entrypoint" not in done.stderr  # the entrypoint only looks after users before serve
         if words[2] == "token":
             tokens[user] = done.stdout.split()[-1]
     assert set(tokens) == {"alice"} and tokens["alice"].startswith("ds_")
