@@ -131,9 +131,14 @@ class Window:
         for name, cpu in parts.items():
             self.parts[name] = self.parts.get(name, 0.0) + cpu
 
+    def ours_per_job(self) -> float:
+        """CPU seconds per job of the studio and this client together (all but the machine's other processes)."""
+        return sum(cpu for name, cpu in self.parts.items() if name != "other processes") / self.jobs
+
     def describe(self) -> str:
-        shown = ", ".join(f"{name} {cpu / self.wall:.2f}" for name, cpu in self.parts.items() if cpu / self.wall >= 0.005)
-        studio = sum(cpu for name, cpu in self.parts.items() if name not in ("bench client", "other processes"))
+        shown = ", ".join(f"{name} {cpu / self.wall:.2f}" for name, cpu in self.parts.items()
+                          if cpu / self.wall >= 0.005)
+        studio = self.ours_per_job() * self.jobs - self.parts["bench client"]
         return (f"cores busy per s of wall: {shown}; total {sum(self.parts.values()) / self.wall:.2f} of "
                 f"{psutil.cpu_count()}; per job: studio CPU {studio / self.jobs:.2f} s, engine run "
                 f"{statistics.median(self.engine_s):.2f} s (median)")
@@ -348,15 +353,28 @@ def main() -> int:
         print(f"scaling_efficiency_{executor}: {efficiency:.2f} (goal >= 0.85; {goal_note}; "
               f"{statistics.median(rates[one]):.2f} -> {statistics.median(rates[scaled]):.2f} jobs/s, median of "
               f"{args.rounds}; per round {per_round})")
+        # What the cores allow: a job's CPU at one worker (its serve process, actors, this client) times N workers
+        # at one worker's pace can't exceed the machine's cores. A ceiling near 1 with a low efficiency is the
+        # executor's (its threads waiting on each other: the CPU per job grows, the cores aren't all busy).
+        demand = windows[one].ours_per_job() * many * statistics.median(rates[one])
+        print(f"    the {psutil.cpu_count()} cores allow at most {min(1.0, psutil.cpu_count() / demand):.2f} here "
+              f"with nothing else running ({windows[one].ours_per_job():.2f} s of CPU per job at 1 worker, "
+              f"x {many} workers x {statistics.median(rates[one]):.2f} jobs/s)")
         for name in (one, scaled):
             print(f"    {name}: {windows[name].describe()}")
     local_s, local_engine = sequential["local-1"]
     ray_s, ray_engine = sequential["ray-1"]
     overhead = statistics.median(ray_s) / statistics.median(local_s) - 1
+    # The engine's own run varies by +-10% from one studio process to the next on a busy machine; what a job spends
+    # outside it (dispatch, step events, saving, HTTP) is the executor's own part, and much steadier.
+    outside = [statistics.median(wall - engine for wall, engine in zip(*sequential[name]))
+               for name in ("ray-1", "local-1")]
     print(f"ray_dispatch_overhead_per_job: {100 * overhead:+.1f}% (goal <= 5%; one worker, one job at a time; "
           f"ray {1000 * statistics.median(ray_s):.0f} ms vs local {1000 * statistics.median(local_s):.0f} ms per "
           f"job, median of {len(ray_s)}; of which the engine's own run inside the worker: ray "
-          f"{1000 * statistics.median(ray_engine):.0f} ms, local {1000 * statistics.median(local_engine):.0f} ms)")
+          f"{1000 * statistics.median(ray_engine):.0f} ms, local {1000 * statistics.median(local_engine):.0f} ms; "
+          f"outside it: ray {1000 * outside[0]:.0f} ms, local {1000 * outside[1]:.0f} ms, the difference "
+          f"{100 * (outside[0] - outside[1]) / statistics.median(local_s):+.1f}% of a local job)")
     return 0
 
 
