@@ -324,12 +324,15 @@ def main() -> int:
     if args.gpus is None:
         found = torch.cuda.device_count()
         gpus, how = (found, "automatic") if found > 1 else (0, f"automatic: {found} CUDA GPUs")
+    elif args.gpus > torch.cuda.device_count():
+        parser.error(f"--gpus {args.gpus}: this machine has {torch.cuda.device_count()} CUDA GPUs")
     else:
         gpus, how = args.gpus, "--gpus"
     many = gpus or args.workers
     print(machine(args, gpus, how), flush=True)
 
-    setups = [Setup(executor, count, gpus > 0) for executor in ("local", "ray") for count in (1, many)]
+    # --gpus 1: one studio per executor, for the dispatch overhead on a GPU (no scaling to measure)
+    setups = [Setup(executor, count, gpus > 0) for executor in ("local", "ray") for count in sorted({1, many})]
     rates: dict[str, list[float]] = {setup.name: [] for setup in setups}
     windows = {setup.name: Window() for setup in setups}
     sequential: dict[str, tuple[list[float], list[float]]] = {"local-1": ([], []), "ray-1": ([], [])}
@@ -346,7 +349,7 @@ def main() -> int:
             print(f"    {setup.name}: {rates[setup.name][-1]:.2f} jobs/s", flush=True)
 
     goal_note = f"{many} GPUs vs 1" if gpus else f"{many} workers vs 1, one torch thread each"
-    for executor in ("local", "ray"):
+    for executor in ("local", "ray") if many > 1 else ():
         one, scaled = f"{executor}-1", f"{executor}-{many}"
         efficiency = statistics.median(rates[scaled]) / statistics.median(rates[one]) / many
         per_round = ", ".join(f"{b / a / many:.2f}" for a, b in zip(rates[one], rates[scaled]))
