@@ -89,6 +89,8 @@ def test_eight_jobs_spread_over_both_workers_and_match_the_local_executor(served
         torch.set_num_threads(threads)
     listed = workers(url)
     assert all(worker["models"] == ["builtin:shapes"] and worker["device"] == "cpu" for worker in listed)
+    queue = httpx.get(f"{url}/api/v1/queue").json()
+    assert queue["executor"] == "ray" and queue["workers"] == 2 and queue["pending"] == 0
 
 
 def test_previews_and_cancel_cross_the_process_boundary(served):

@@ -58,6 +58,12 @@ CONTROLNET_INPAINT_PIPELINES = {
 }
 
 
+# One load at a time in a process: diffusers' low-memory loading builds modules under accelerate's empty-weights
+# context, which patches torch.nn.Module for every thread, so two loads at once (two devices' managers, or a
+# training run starting beside a job) leave each other's parameters on the meta device.
+LOADING = threading.Lock()
+
+
 def pick_device(preference: str) -> torch.device:
     if preference != "auto":
         if preference.startswith("cuda") and not torch.cuda.is_available():
@@ -268,7 +274,8 @@ class PipelineManager:
             self._entries.move_to_end(key)
             return self._entries[key], 0.0
         started = time.perf_counter()
-        entry = load(source)
+        with LOADING:
+            entry = load(source)
         entry.identity = entry.source.compute_identity()  # once per load, here in the loading thread
         entry.load_s = time.perf_counter() - started
         self.load_count += 1

@@ -382,10 +382,11 @@ class JobService:
     def status(self) -> dict:
         """The queue and the workers (device, loaded models, current jobs), as /api/v1/queue and the System tab
         show them."""
-        workers = self.executor.workers()
+        executor = self.executor.describe()  # its kind, workers and its own counts (Ray: actors pending, lost)
+        workers = executor.pop("workers")
         return {"queued": len(self._queue), "running": self.running_count(), "paused": self._paused,
                 "max_queue": self.max_queue, "workers": len(workers), "batch_images": self.batch_images,
-                "executor": self.executor.kind, "worker_list": [worker.describe() for worker in workers]}
+                **executor, "worker_list": workers}
 
     def subscribe(self, job_id: str) -> asyncio.Queue:
         """A queue of JobEvents for one job (empty forever if the job has already ended); unsubscribe when done."""

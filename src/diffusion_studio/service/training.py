@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import StudioConfig
-from ..engine.pipelines import pick_device
+from ..engine.pipelines import LOADING, pick_device
 from ..engine.sources import resolve
 from ..requests import RequestError
 from ..training.config import TrainConfig
@@ -33,8 +33,9 @@ def lora_trainer(config: StudioConfig, train: TrainConfig, bus: EventBus) -> Tra
     source = resolve(train.base, config)
     if source.role != "base" or source.family != "sd" or source.kind in ("hub", "single_file"):
         raise RequestError("base", "LoRA training takes an SD-family diffusers folder or built-in for now")
-    return Trainer(train, StableDiffusionPipeline.from_pretrained(source.location), bus=bus,
-                   device=pick_device(config.device))
+    with LOADING:  # not beside a job's load (see engine/pipelines.LOADING)
+        pipeline = StableDiffusionPipeline.from_pretrained(source.location)
+    return Trainer(train, pipeline, bus=bus, device=pick_device(config.device))
 
 
 def install_lora(config: StudioConfig, output: Path, name: str) -> Path:
