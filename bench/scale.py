@@ -13,13 +13,15 @@ the service can't merge the concurrent jobs into one pipeline call), per-user li
 jobs), and is warmed up (one job per worker) before it is timed. Only one studio runs at a time (two busy studios
 on a small machine would make every figure meaningless); rounds alternate the order (1, 2, 2, 1, ...) so that
 drift in the machine's load doesn't decide a ratio. Under each figure, where the CPU went while it was timed (per
-second of wall time: the serve process's event loop thread, its worker threads, Ray's actors and its own
-processes, this client, and every other process on the machine) says why a goal is missed.
+second of wall time: the serve process's event loop thread, its pool threads (the local engines, PNG saves), Ray's
+actors and its own processes, this client, and every other process on the machine) and the ceiling the cores
+allow say why a goal is missed.
 
 With more than one CUDA GPU (torch.cuda.device_count() > 1, or --gpus N) the same figures measure N GPUs: devices
 cuda:0..N-1 vs cuda:0 (local) and N vs 1 GPU actors (Ray).
 
-    python bench/scale.py [--jobs 16] [--steps 20] [--rounds 3] [--sequential 6] [--gpus N] [--quick]
+    python bench/scale.py [--jobs 16] [--steps 20] [--rounds 3] [--sequential 6] [--workers 2] [--gpus N]
+                          [--quick]
 """
 
 from __future__ import annotations
