@@ -156,9 +156,9 @@ class RayExecutor(Executor):
         if address and not _answers(address):  # ray.init would wait minutes on an address nobody listens at
             raise ConnectionError(f"nothing answers at ray_address {address}")
         options: dict[str, Any] = {"log_to_driver": False, "namespace": "diffusion-studio"}
-        if address is None:
+        if address is None:  # "local": a Ray of our own, not whichever one `ray start` or RAY_ADDRESS last named
             options["include_dashboard"] = False
-        ray.init(address=address, **options)
+        ray.init(address=address or "local", **options)
         self._started_ray = address is None
 
     async def stop(self) -> None:
