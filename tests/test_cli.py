@@ -72,6 +72,16 @@ def test_serve_refuses_a_network_address_without_users(tmp_path, capsys):
     assert "auth: auth is required (host 0.0.0.0, auth=auto) but" in capsys.readouterr().err
 
 
+def test_serve_refuses_devices_this_machine_lacks_in_one_line(tmp_path, capsys):
+    assert main(["serve", "--data-dir", str(tmp_path), "--devices", "cpu,gpu1"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: devices: 'gpu1' is not a device: use cpu, mps, cuda or "
+                                               "cuda:N")
+    assert main(["serve", "--data-dir", str(tmp_path), "--devices", "cpu,cuda:99"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: device: 'cuda:99' was asked for, but this")
+    assert main(["serve", "--data-dir", str(tmp_path), "--executor", "ray", "--ray-workers", "0"]) == 2
+    assert "ray_workers" in capsys.readouterr().err
+
+
 def test_users_and_tokens(tmp_path, capsys):
     assert main(["users", "add", "alice", "--password", "short", "--data-dir", str(tmp_path)]) == 2
     assert "password: at least 8 characters" in capsys.readouterr().err

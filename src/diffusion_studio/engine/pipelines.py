@@ -67,10 +67,14 @@ LOADING = threading.Lock()
 def pick_device(preference: str) -> torch.device:
     if preference != "auto":
         if preference.startswith("cuda") and not torch.cuda.is_available():
-            raise RuntimeError(f"device={preference} was asked for but CUDA is not available")
+            raise RequestError("device", f"'{preference}' was asked for, but this torch sees no CUDA device here "
+                                         "(use cpu or auto)")
         if preference.startswith("cuda:") and int(preference[5:]) >= torch.cuda.device_count():
-            raise RuntimeError(f"device={preference} was asked for but this machine has "
-                               f"{torch.cuda.device_count()} CUDA devices")
+            raise RequestError("device", f"'{preference}' was asked for, but this machine has "
+                                         f"{torch.cuda.device_count()} CUDA devices (cuda:0 to "
+                                         f"cuda:{torch.cuda.device_count() - 1})")
+        if preference == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise RequestError("device", "'mps' was asked for, but this machine has no MPS device (use cpu or auto)")
         return torch.device(preference)
     if torch.cuda.is_available():
         return torch.device("cuda")
