@@ -169,3 +169,39 @@ def test_local_device_rows_name_their_device():
     executor = LocalExecutor([LocalDevice("cuda:0", lambda items: []), device])
     assert executor.loaded() == [{"name": "m", "in_use": False, "worker": "local-1", "device": "cuda:1"}]
     assert [worker.device for worker in executor.workers()] == ["cuda:0", "cuda:1"]
+
+
+def test_engine_errors_cross_a_process_boundary_as_themselves():
+    import pickle
+
+    from diffusion_studio.requests import RequestError
+    from diffusion_studio.service.outcomes import JobError, StudioError
+    from diffusion_studio.service.ray_executor import _picklable
+
+    for error in (RequestError("lora", "no LoRA named 'x'"), StudioError(JobError(ErrorKind.storage, "disk full"))):
+        back = pickle.loads(pickle.dumps(_picklable(error)))
+        assert type(back) is type(error) and str(back) == str(error)
+    assert _picklable(TypeErrorThatWontLoad("a", 1)).args == ("TypeErrorThatWontLoad: a",)
+
+
+class TypeErrorThatWontLoad(Exception):
+    def __init__(self, text, extra):  # pickles as (text,): can't be built back
+        super().__init__(text)
+
+
+def test_the_engine_actor_keeps_a_cancel_that_arrives_before_its_batch(data_dir, tmp_path):
+    from diffusion_studio.service.ray_executor import EngineActor
+
+    config = StudioConfig(data_dir=data_dir, models_dir=tmp_path / "models").model_dump(mode="json")
+    actor = EngineActor(config, "cpu", None)
+    actor.cancel("early", 0)  # the actor runs calls at once: this one may come first
+    events = list(actor.run("early", [GenerationRequest(prompt="never mind", steps=30, seed=1)]))
+    kind, [result], models = events[-1]
+    assert kind == "done" and result.cancelled and len(events) <= 2  # stopped at its first step
+    broken = EngineActor({**config, "no_such_setting": 1}, "cpu", None)
+    try:
+        broken.info()
+    except RuntimeError as exc:  # a plain error the keeper reports, not a dead actor it would respawn each second
+        assert "no_such_setting" in str(exc)
+    else:
+        raise AssertionError("a broken engine must say so")

@@ -59,6 +59,9 @@ class RequestError(ValueError):
         self.field = field
         self.message = message
 
+    def __reduce__(self):  # pickled by its fields (a Ray actor's error reaches the studio as the same error)
+        return type(self), (self.field, self.message)
+
 
 class ModelLoadError(RuntimeError):
     """The model's files were found but would not load (corrupt, truncated or incompatible weights): a fault on

@@ -83,7 +83,7 @@ def build_app(config: StudioConfig, studio: Studio | None = None) -> FastAPI:
         (the reasons say which). Device and loaded models only for a signed-in caller."""
         state = await studio.jobs.health()
         if request.state.user is not None:
-            state |= {"device": studio.device, "loaded": studio.loaded_models()}
+            state |= {"device": studio.device, "loaded": await asyncio.to_thread(studio.loaded_models)}
         return JSONResponse(state, status_code=200 if state["status"] == "ok" else 503)
 
     def openapi() -> dict:

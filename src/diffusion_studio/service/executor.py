@@ -26,7 +26,12 @@ BatchRunner = Callable[[list[WorkItem]], list[GenerationResult]]  # Engine.run_b
 
 
 class WorkerLost(RuntimeError):
-    """The worker running a batch is gone (its process killed, its node lost): the batch never finished there."""
+    """The worker running a batch is gone (its process killed, its node lost): the batch never finished there.
+    `started=False`: it was gone before the batch reached it, so that run doesn't count against the job."""
+
+    def __init__(self, message: str, started: bool = True):
+        super().__init__(message)
+        self.started = started
 
 
 @dataclass(eq=False)
@@ -139,8 +144,13 @@ class LocalExecutor(Executor):
 
     async def run(self, worker: Worker, items: list[WorkItem]) -> list[GenerationResult]:
         device = self._device_of[worker.id]
+        return await asyncio.to_thread(self._run_on, device, items)
+
+    def _run_on(self, device: LocalDevice, items: list[WorkItem]) -> list[GenerationResult]:
+        """In the worker's thread: the batch, then what the device holds now (the manager's lock may be held by
+        another thread's load for a while: never on the event loop)."""
         try:
-            return await asyncio.to_thread(device.run_batch, items)
+            return device.run_batch(items)
         finally:
             held = tuple(row["name"] for row in device.loaded())
             for other in self._workers:  # threads of one device share its models

@@ -515,13 +515,14 @@ class JobService:
         worker.jobs = []
         if self._stopping:
             return
-        if not task.cancelled() and task.exception() is not None:
+        died = not task.cancelled() and task.exception() is not None
+        if died:
             log.error("a job batch on %s died (%r)", worker.id, task.exception())
             self.metrics.worker_restarts.inc()
-            for job in jobs:
-                if job.outcome is None:
-                    self._finish(job, JobStatus.failed, JobError(ErrorKind.worker_lost, "the worker running this "
-                                                                                         "job failed; submit it again"))
+        for job in jobs:  # none may be left without an outcome, unless it went back to the queue (a lost worker)
+            if job.outcome is None and self.position(job.id) is None and (died or job.status == JobStatus.running):
+                self._finish(job, JobStatus.failed, JobError(ErrorKind.worker_lost, "the worker running this job "
+                                                                                     "failed; submit it again"))
         self._workers_changed()
 
     def _take_batch(self) -> list[Job]:
@@ -576,10 +577,13 @@ class JobService:
         """The worker died under these jobs: each runs again, first in line, unless it already had its second run
         (or was being cancelled): nothing is lost silently."""
         log.error("worker %s (%s) was lost: %s", worker.id, worker.device, exc)
-        self.metrics.worker_deaths.inc()
+        if exc.started:
+            self.metrics.worker_deaths.inc()
         for job in jobs:
             if job.timer is not None:
                 job.timer.cancel()
+            if not exc.started:  # the worker was gone before the batch reached it: that was no run
+                job.runs -= 1
             if job.cancel.is_set():
                 status, error = ((JobStatus.failed, self._time_limit_error()) if job.timed_out.is_set() else
                                  (JobStatus.cancelled, JobError(ErrorKind.cancelled, "cancelled while running")))

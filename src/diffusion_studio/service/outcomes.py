@@ -103,6 +103,9 @@ class StudioError(Exception):
         super().__init__(error.text())
         self.error = error
 
+    def __reduce__(self):
+        return type(self), (self.error,)
+
 
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EIO, errno.EFBIG}
 

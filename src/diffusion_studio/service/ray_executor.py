@@ -25,6 +25,7 @@ import queue
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -35,10 +36,14 @@ from ..config import StudioConfig
 from ..engine.runner import Engine, WorkItem
 from ..requests import GenerationRequest, GenerationResult
 from .executor import Executor, Worker, WorkerLost, choose_worker
+from .outcomes import ErrorKind, JobError, StudioError
 
 log = logging.getLogger(__name__)
 
 KEEP_S = 1.0  # how often the keeper pings the actors and places missing ones
+PING_TIMEOUT_S = 10.0  # an actor that doesn't answer its ping (no lock taken) this long is gone
+BROKEN_RETRY_S = 30.0  # an actor whose engine can't be built: the next try waits this long
+FAILED_ROUNDS = 5  # keeper rounds failing in a row (the head gone): leave the cluster and join it again
 CANCEL_POLL_S = 0.05  # how often a running batch's cancel flags are looked at (well under one step)
 WORKER_GONE = (RayActorError, ActorUnavailableError, WorkerCrashedError, ObjectLostError)
 
@@ -51,15 +56,24 @@ class EngineActor:
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.config = StudioConfig.model_validate({**config, "device": device, "executor": "local", "devices": []})
-        self.engine = Engine(self.config)
         self._cancels: dict[str, list[threading.Event]] = {}
+        self._early: dict[str, set[int]] = {}  # cancels that arrived before their batch started here
+        self._lock = threading.Lock()
+        self.broken: str | None = None
+        try:  # a failure here would kill the actor and hide why: kept, and raised by info() as a plain error
+            self.config = StudioConfig.model_validate({**config, "device": device, "executor": "local",
+                                                       "devices": []})
+            self.engine = Engine(self.config)
+        except Exception as exc:  # noqa: BLE001
+            self.broken = f"{type(exc).__name__}: {exc}"[:300]
 
     def alive(self) -> int:
         """The keeper's ping: answers even while a batch runs or a model loads (it takes no lock)."""
         return os.getpid()
 
     def info(self) -> dict[str, Any]:
+        if self.broken:
+            raise RuntimeError(f"the engine could not be built on {ray.util.get_node_ip_address()}: {self.broken}")
         return {"device": str(self.engine.device), "node": ray.util.get_node_ip_address(), "pid": os.getpid(),
                 "models": self._models()}
 
@@ -69,7 +83,11 @@ class EngineActor:
     def run(self, batch: str, requests: list[GenerationRequest]):
         """Yields ("step", index, StepEvent)... then ("done", results, models) or ("error", exception, models)."""
         events: queue.Queue = queue.Queue()
-        flags = self._cancels[batch] = [threading.Event() for _ in requests]
+        flags = [threading.Event() for _ in requests]
+        with self._lock:
+            self._cancels[batch] = flags
+            for index in self._early.pop(batch, ()):
+                flags[index].set()
         items = [WorkItem(request, lambda event, index=index: events.put(("step", index, event)), flag)
                  for index, (request, flag) in enumerate(zip(requests, flags))]
 
@@ -90,9 +108,12 @@ class EngineActor:
             self._cancels.pop(batch, None)
 
     def cancel(self, batch: str, index: int) -> None:
-        for position, flag in enumerate(self._cancels.get(batch, [])):
-            if position == index:
-                flag.set()
+        with self._lock:  # this call may run before its batch's run() has started (the actor runs calls at once)
+            flags = self._cancels.get(batch)
+            if flags is None:
+                self._early.setdefault(batch, set()).add(index)
+            elif index < len(flags):
+                flags[index].set()
 
     def preload(self, name: str) -> list[str]:
         with self.engine.manager.use(name):
@@ -104,6 +125,13 @@ class EngineActor:
 
     def loaded(self) -> list[dict]:
         return self.engine.manager.loaded()
+
+
+def _kill(actor) -> None:
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # noqa: BLE001 (already dead, or the cluster is gone)
+        pass
 
 
 def _answers(address: str, timeout_s: float = 3.0) -> bool:
@@ -121,7 +149,7 @@ def _answers(address: str, timeout_s: float = 3.0) -> bool:
 def _picklable(exc: Exception) -> Exception:
     """The engine's exception as is (its type decides the job's error kind), or its text if it won't pickle."""
     try:
-        pickle.dumps(exc)
+        pickle.loads(pickle.dumps(exc))  # both ways: an error that pickles but won't load would be lost
         return exc
     except Exception:  # noqa: BLE001
         return RuntimeError(f"{type(exc).__name__}: {exc}")
@@ -142,6 +170,9 @@ class RayExecutor(Executor):
         self._keeper: asyncio.Task | None = None
         self._started_ray = False
         self.unreachable: str | None = None  # why the cluster can't be joined, while it can't
+        self.broken: str | None = None  # why the last actor's engine could not be built
+        self._retry_at = 0.0  # no new actor before this (monotonic), after a broken one
+        self._gpu: dict[str, bool] = {}  # worker id or pending key -> a GPU actor
         self.lost = 0  # actors found dead, since start
 
     # -- lifecycle ------------------------------------------------------------------------------------------
@@ -165,11 +196,14 @@ class RayExecutor(Executor):
         if self._keeper is not None:
             self._keeper.cancel()
             await asyncio.gather(self._keeper, return_exceptions=True)
-        for actor in [*self._actors.values(), *(actor for actor, _ in self._pending.values())]:
-            ray.kill(actor, no_restart=True)
-        self._workers, self._actors, self._pending = {}, {}, {}
+        self._forget_all()
         if self._started_ray:
             await asyncio.to_thread(ray.shutdown)
+
+    def _forget_all(self) -> None:
+        for actor in [*self._actors.values(), *(actor for actor, _ in self._pending.values())]:
+            _kill(actor)
+        self._workers, self._actors, self._pending, self._gpu = {}, {}, {}, {}
 
     # -- the pool -------------------------------------------------------------------------------------------
     def wanted(self) -> tuple[int, bool]:
@@ -183,14 +217,24 @@ class RayExecutor(Executor):
         device = "cuda" if gpu else "cpu"
         actor = RemoteEngine.options(num_gpus=1 if gpu else 0, num_cpus=1, name=None).remote(
             self.config.model_dump(mode="json"), device, self.config.torch_threads)
-        self._pending[secrets.token_hex(4)] = (actor, actor.info.remote())
+        key = secrets.token_hex(4)
+        self._pending[key], self._gpu[key] = (actor, actor.info.remote()), gpu
 
     async def _keep(self) -> None:
+        failed = 0
         while True:
             try:
                 await self._keep_once()
-            except Exception:  # noqa: BLE001 (the keeper must outlive a hiccup of the cluster)
+                failed = 0
+            except Exception as exc:  # noqa: BLE001 (the keeper must outlive a hiccup of the cluster)
+                failed += 1
                 log.warning("the Ray executor's keeper failed a round", exc_info=True)
+                if failed >= FAILED_ROUNDS:  # the head is gone, most likely: leave, and join again next round
+                    self.unreachable = f"lost the Ray cluster ({type(exc).__name__})"
+                    self._forget_all()
+                    self._changed()
+                    await asyncio.to_thread(ray.shutdown)
+                    failed = 0
             await asyncio.sleep(KEEP_S)
 
     async def _keep_once(self) -> None:
@@ -204,47 +248,73 @@ class RayExecutor(Executor):
                 return
             self.unreachable = None
         changed = False
-        for worker_id, actor in list(self._actors.items()):  # dead ones (killed, node lost) leave the pool
-            try:
-                await asyncio.wait_for(actor.alive.remote(), timeout=60)
-            except WORKER_GONE + (asyncio.TimeoutError,) as exc:
-                self._drop(worker_id, f"{type(exc).__name__}")
+        pinged = list(self._actors.items())  # all at once: one hung actor must not stall the others' checks
+        answers = await asyncio.gather(*(asyncio.wait_for(actor.alive.remote(), PING_TIMEOUT_S)
+                                         for _, actor in pinged), return_exceptions=True)
+        for (worker_id, _), answer in zip(pinged, answers):  # dead ones (killed, node lost) leave the pool
+            if isinstance(answer, WORKER_GONE + (asyncio.TimeoutError,)):
+                self._drop(worker_id, type(answer).__name__)
                 changed = True
         for key, (actor, first) in list(self._pending.items()):  # placed ones join it
             ready, _ = ray.wait([first], timeout=0)
             if not ready:
                 continue
-            del self._pending[key]
             try:
                 info = await first
             except WORKER_GONE as exc:
                 log.warning("a new engine actor died before it started: %s", exc)
+                self._forget_pending(key)
                 continue
-            except Exception as exc:  # its engine could not be built (a broken config): say so, keep trying
+            except Exception as exc:  # its engine could not be built there: said by health(), tried again later
+                self.broken = str(exc).splitlines()[-1][:300] if str(exc) else type(exc).__name__
                 log.error("an engine actor could not start: %s", exc)
-                ray.kill(actor, no_restart=True)
+                self._retry_at = time.monotonic() + BROKEN_RETRY_S
+                self._forget_pending(key)
                 continue
+            self._pending.pop(key)
+            self.broken = None
             worker = Worker(id=f"ray-{info['pid']}@{info['node']}", device=info["device"], node=info["node"],
                             models=tuple(info["models"]))
             self._workers[worker.id], self._actors[worker.id] = worker, actor
+            self._gpu[worker.id] = self._gpu.pop(key)
             log.info("engine actor %s joined (%s on %s)", worker.id, worker.device, worker.node)
             changed = True
         count, gpu = await asyncio.to_thread(self.wanted)
-        for _ in range(count - len(self._actors) - len(self._pending)):
-            self._place(gpu)
+        changed |= self._retire_cpu_actors(gpu)
+        if time.monotonic() >= self._retry_at:
+            for _ in range(count - len(self._actors) - len(self._pending)):
+                self._place(gpu)
         if changed:
             self._changed()
+
+    def _retire_cpu_actors(self, gpu: bool) -> bool:
+        """Once the cluster has GPUs, idle CPU actors (placed while it had none) leave, for GPU ones."""
+        if not gpu:
+            return False
+        retired = False
+        for key in [key for key, is_gpu in self._gpu.items() if not is_gpu and key in self._pending]:
+            self._forget_pending(key)
+        for worker_id in [w for w, is_gpu in self._gpu.items() if not is_gpu and w in self._workers]:
+            if not self._workers[worker_id].busy:
+                self._workers.pop(worker_id)
+                _kill(self._actors.pop(worker_id))
+                self._gpu.pop(worker_id, None)
+                retired = True
+        return retired
+
+    def _forget_pending(self, key: str) -> None:
+        actor, _ = self._pending.pop(key)
+        self._gpu.pop(key, None)
+        _kill(actor)
 
     def _drop(self, worker_id: str, reason: str) -> None:
         if self._workers.pop(worker_id, None) is None:
             return
         actor = self._actors.pop(worker_id)
+        self._gpu.pop(worker_id, None)
         self.lost += 1
         log.error("engine actor %s is gone (%s)", worker_id, reason)
-        try:
-            ray.kill(actor, no_restart=True)
-        except Exception:  # noqa: BLE001 (already dead)
-            pass
+        _kill(actor)
 
     def workers(self) -> list[Worker]:
         return list(self._workers.values())
@@ -254,6 +324,8 @@ class RayExecutor(Executor):
             return [f"workers: can't join the Ray cluster ({self.unreachable}); queued jobs wait"]
         if self._workers:
             return []
+        if self.broken:
+            return [f"workers: no engine actor could start ({self.broken}); queued jobs wait"]
         waiting = len(self._pending)
         return [f"workers: no engine actor is running on the Ray cluster ({waiting} waiting for a node with room); "
                 "queued jobs wait"]
@@ -265,7 +337,7 @@ class RayExecutor(Executor):
     async def run(self, worker: Worker, items: list[WorkItem]) -> list[GenerationResult]:
         actor = self._actors.get(worker.id)
         if actor is None:
-            raise WorkerLost(f"{worker.id} left the cluster")
+            raise WorkerLost(f"{worker.id} left the cluster", started=False)
         if self._before_run is not None:
             for item in items:
                 self._before_run(item.request)
@@ -304,10 +376,13 @@ class RayExecutor(Executor):
 
     # -- models ---------------------------------------------------------------------------------------------
     def loaded(self) -> list[dict]:
-        rows = []
-        for worker_id, actor in list(self._actors.items()):
+        """Every actor's loaded models, asked of all at once; one that is gone or busy loading (its manager's
+        lock held) is left out after a few seconds rather than holding the caller."""
+        asked = [(worker_id, actor.loaded.remote()) for worker_id, actor in list(self._actors.items())]
+        rows, deadline = [], time.monotonic() + 5
+        for worker_id, ref in asked:
             try:
-                found = ray.get(actor.loaded.remote(), timeout=30)
+                found = ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
             except WORKER_GONE + (ray.exceptions.GetTimeoutError,):
                 continue
             worker = self._workers.get(worker_id)
@@ -317,11 +392,23 @@ class RayExecutor(Executor):
     def preload(self, name: str) -> None:
         workers = [worker for worker in self.workers() if not worker.busy] or self.workers()
         if not workers:
-            raise WorkerLost("no engine actor is running to load it on")
+            raise StudioError(JobError(ErrorKind.worker_lost, "no engine actor is running to load it on; try again "
+                                                              "when one has joined"))
         worker = choose_worker(workers, name)
-        worker.models = tuple(ray.get(self._actors[worker.id].preload.remote(name)))
+        actor = self._actors.get(worker.id)
+        try:
+            worker.models = tuple(ray.get(actor.preload.remote(name), timeout=600))
+        except WORKER_GONE + (ray.exceptions.GetTimeoutError, AttributeError):
+            raise StudioError(JobError(ErrorKind.worker_lost, f"{worker.id} did not load it; try again")) from None
 
     def unload(self, name: str) -> bool:
-        done = [ray.get(actor.unload.remote(name), timeout=60) for actor in list(self._actors.values())]
+        """On every actor holding `name` idle; an actor that is gone or busy loading is passed over."""
+        refs = [actor.unload.remote(name) for actor in list(self._actors.values())]
+        done = []
+        for ref in refs:
+            try:
+                done.append(ray.get(ref, timeout=10))
+            except WORKER_GONE + (ray.exceptions.GetTimeoutError,):
+                done.append(False)
         return any(done)
 
