@@ -338,9 +338,8 @@ class RayExecutor(Executor):
         actor = self._actors.get(worker.id)
         if actor is None:
             raise WorkerLost(f"{worker.id} left the cluster", started=False)
-        if self._before_run is not None:
-            for item in items:
-                self._before_run(item.request)
+        if self._before_run is not None:  # it resolves the run's files: off the event loop
+            await asyncio.to_thread(lambda: [self._before_run(item.request) for item in items])
         batch = secrets.token_hex(6)
         watcher = asyncio.create_task(self._forward_cancels(actor, batch, items))
         try:
