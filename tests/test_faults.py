@@ -247,7 +247,7 @@ def test_recovered_jobs_batch_and_fill_the_cache(tmp_path):
         service._identify = lambda request: "weights"
         await service.start()
         await wait_for(lambda: all(service.get(j).status.finished for j in ("r1", "r2", "bad")))
-        repeat = await asyncio.wait_for(outcome_of(service, job_request("r1")), 10)
+        repeat = await asyncio.wait_for(outcome_of(service, job_request("r1"), "r1"), 10)  # r1's own entry
         await service.stop()
         return repeat, service.get("bad")
 

@@ -207,11 +207,31 @@ def test_history_search_and_delete(tmp_path):
     assert store.delete("0") == [image] and store.get("0") is None and store.image(image_id) is None
 
 
-def test_explicit_seed_repeats_come_from_the_cache(tmp_path):
+def test_the_cache_is_each_users_own_by_default(tmp_path):
     engine = FakeEngine()
 
     async def scenario():
         service = make_service(tmp_path, engine)
+        service._identify = lambda request: "weights"
+        await service.start()
+        outcomes = []
+        for user in ("alice", "bob", "alice"):
+            job = await service.submit(job_request("private"), user)
+            await wait_for(lambda: service.store.get(job.id).status == JobStatus.done)
+            outcomes.append(service.store.get(job.id).result)
+        await service.stop()
+        return outcomes
+
+    alice, bob, alice_again = asyncio.run(scenario())
+    assert "cached" not in bob and engine.ran == ["private", "private"]  # bob learns nothing of alice's run
+    assert alice_again["cached"] is True
+
+
+def test_explicit_seed_repeats_come_from_the_cache(tmp_path):
+    engine = FakeEngine()
+
+    async def scenario():
+        service = make_service(tmp_path, engine, cache_scope="global")  # shared on purpose: any user's repeat
         service._identify = lambda request: "weights-v1"
         await service.start()
         first = await service.submit(job_request("same"), "u")

@@ -111,6 +111,9 @@ class StudioConfig(BaseSettings):
                                                         "its loaded models)")
     batch_images: int = Field(8, ge=1, le=64, description="most images in one cross-user batch (1: no batching)")
     cache_entries: int = Field(1024, ge=0, description="results kept for repeat requests with explicit seeds")
+    cache_scope: Literal["user", "global"] = Field("user", description="user: a repeat hits only its own user's "
+                                                                      "results; global: anyone's (a hit then tells "
+                                                                      "a user that someone ran that request)")
     job_time_limit_s: float = Field(600, gt=0, description="a running job past this is stopped and failed")
     rate_per_minute: float = Field(120, gt=0, description="per-user request rate (token bucket refill)")
     rate_burst: int = Field(20, ge=1, description="per-user burst above the rate")

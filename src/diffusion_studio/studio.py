@@ -51,7 +51,8 @@ class Studio:
         self.store = JobStore(Path(config.data_dir) / "studio.db")
         self.jobs = JobService(self.store, None, self.save, max_queue=config.max_queue, executor=self._executor(),
                                model_of=self.model_name, validate=self.validate, identify=self.weights_identity,
-                               cache_entries=config.cache_entries, time_limit_s=config.job_time_limit_s,
+                               cache_entries=config.cache_entries, cache_scope=config.cache_scope,
+                               time_limit_s=config.job_time_limit_s,
                                batch_images=config.batch_images,
                                limits=UserLimits(config.rate_per_minute, config.rate_burst, config.max_active_jobs),
                                check_storage=self.check_storage, check=self.engine.check)

@@ -2,7 +2,8 @@
 
 The key is small and explicit (as ComfyUI's cache keys are): the canonical request parameters (input images as
 digests) plus the identity of the model's weights, so new weights under the same name never hit old results.
-Requests without a seed are random by definition and never cached.
+Requests without a seed are random by definition and never cached. Entries are each user's own unless the studio
+shares them on purpose (`cache_scope = "global"`): a shared hit would tell one user that another ran that prompt.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ class ResultCache:
         self._entries: OrderedDict[str, str] = OrderedDict()  # key -> id of the job holding the result
 
     @staticmethod
-    def key(request: GenerationRequest, model_identity: str) -> str | None:
+    def key(request: GenerationRequest, model_identity: str, user: str | None = None) -> str | None:
+        """`user`: whose entry (None: one entry for everyone)."""
         if request.seed is None:
             return None
-        canonical = json.dumps({"request": request.parameters(), "model": model_identity}, sort_keys=True)
+        canonical = json.dumps({"request": request.parameters(), "model": model_identity, "user": user},
+                               sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def get(self, key: str) -> str | None:

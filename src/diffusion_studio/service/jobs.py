@@ -181,12 +181,13 @@ class JobService:
                  time_limit_s: float | None = None, limits: UserLimits | None = None, batch_images: int = 8,
                  check_storage: Callable[[], None] | None = None,
                  check: Callable[[GenerationRequest], None] | None = None, executor: Executor | None = None,
-                 model_of: Callable[[GenerationRequest], str] | None = None):
+                 model_of: Callable[[GenerationRequest], str] | None = None, cache_scope: str = "user"):
         """Work runs on `executor`, or (without one) on `run_batch` in `workers` threads of this process.
         `identify(request)` names the weights a request would use (for cache keys; called off the event loop);
         without it, no cache. `check(request)` refuses, before queueing, what the engine can tell from names and
         file headers (an unknown model or LoRA); it too runs off the event loop. `model_of(request)`: the name of
         the base model it runs on, matched against what workers hold (default: the request's `model` as given).
+        `cache_scope`: "user" (each user's repeats hit only their own results) or "global" (shared).
         `batch_images`: most images in one cross-user batch (1: every job runs alone). `check_storage()` raises
         while the data dir can't be written (default: the store's own probe)."""
         self.store = store
@@ -195,6 +196,7 @@ class JobService:
         self.time_limit_s = time_limit_s
         self.limits = limits
         self.cache = ResultCache(cache_entries)
+        self.cache_scope = cache_scope
         self.executor = executor or LocalExecutor.threads(run_batch, workers)
         self._model_of = model_of
         self.batch_images = batch_images
@@ -249,7 +251,7 @@ class JobService:
         """A job recovered after a restart: validated again, then queued with its batch and cache keys."""
         try:
             request = await asyncio.to_thread(self._validate, record.request)
-            cache_key = await self._cache_key(request)
+            cache_key = await self._cache_key(request, record.user)
         except Exception as exc:
             job = Job(record, GenerationRequest(), None, None)
             self._finish(job, JobStatus.failed, classify(exc))
@@ -266,7 +268,7 @@ class JobService:
             self.limits.admit(user, self.active_jobs(user))
         if self._check is not None:
             await asyncio.to_thread(self._check, request)
-        cache_key = await self._cache_key(request)
+        cache_key = await self._cache_key(request, user)
         if self.storage_fault:
             raise StudioError(self._storage_error())
         if cache_key:
@@ -699,11 +701,11 @@ class JobService:
             return request.model
 
     # -- the cache ------------------------------------------------------------------------------------------
-    async def _cache_key(self, request: GenerationRequest) -> str | None:
+    async def _cache_key(self, request: GenerationRequest, user: str) -> str | None:
         if self._identify is None or request.seed is None or self.cache.max_entries == 0:
             return None
         identity = await asyncio.to_thread(self._identify, request)  # it may read the model's files
-        return self.cache.key(request, identity)
+        return self.cache.key(request, identity, user if self.cache_scope == "user" else None)
 
     def _from_cache(self, key: str, request: GenerationRequest, user: str, priority: int,
                     listener: asyncio.Queue | None) -> Job | None:
