@@ -158,11 +158,16 @@ def img2img_tab(page: Page, work: Path) -> None:
     tab = open_tab(page, "img2img")
     set_file(tab, "Input image (drop or paste)", shape_png(work, ShapeSpec("red", "circle", "white", "center")))
     expect(block(tab, "Input image (drop or paste)").locator("img").first).to_be_visible()
-    tab.get_by_label("Prompt", exact=True).fill("a blue circle on a white background in the center")
     set_number(tab, "Strength", 0.5)
-    tab.get_by_label("Seed", exact=True).fill("42")
+    generate_before_after(page, tab, "a blue circle on a white background in the center", 42)
+
+
+def generate_before_after(page: Page, tab, prompt: str, seed: int) -> None:
+    """Generate with this prompt and seed, and wait for the tab's before/after comparison."""
+    tab.get_by_label("Prompt", exact=True).fill(prompt)
+    tab.get_by_label("Seed", exact=True).fill(str(seed))
     tab.get_by_role("button", name="Generate", exact=True).click()
-    wait_for_text(page, tab, r"Done in .* seed 42")
+    wait_for_text(page, tab, rf"Done in .* seed {seed}")
     expect(block(tab, "Before / after").locator("img").first).to_be_visible()
 
 
@@ -179,11 +184,7 @@ def inpaint_tab(page: Page, work: Path) -> None:
             page.mouse.move(cx - 45 + 9 * (step + 1), cy + dy)
         page.mouse.up()
     expect(block(tab, "Mask preview").locator("img").first).to_be_visible(timeout=30_000)
-    tab.get_by_label("Prompt", exact=True).fill("a blue star on a white background in the center")
-    tab.get_by_label("Seed", exact=True).fill("3")
-    tab.get_by_role("button", name="Generate", exact=True).click()
-    wait_for_text(page, tab, r"Done in .* seed 3")
-    expect(block(tab, "Before / after").locator("img").first).to_be_visible()
+    generate_before_after(page, tab, "a blue star on a white background in the center", 3)
 
 
 def controlnet_tab(page: Page, work: Path) -> None:

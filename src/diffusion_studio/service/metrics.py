@@ -37,8 +37,8 @@ class StudioMetrics:
         self.it_per_s = Gauge("studio_last_it_per_second", "Denoising steps per second, last job", registry=r)
         self.peak_memory = Gauge("studio_last_peak_memory_bytes", "Peak memory of the last job", registry=r)
         self.cache_hits = Counter("studio_cache_hits_total", "Jobs answered from the result cache", registry=r)
-        self.worker_restarts = Counter("studio_worker_restarts_total", "Job worker tasks that died and were "
-                                       "restarted", registry=r)
+        self.worker_restarts = Counter("studio_worker_restarts_total", "Job batch tasks or the dispatcher "
+                                       "that died of a bug of ours (their jobs failed worker_lost)", registry=r)
         self.worker_deaths = Counter("studio_worker_deaths_total", "Workers lost while running a batch (process "
                                      "killed, node lost); their jobs ran again on another worker", registry=r)
         self.storage_faults = Counter("studio_storage_faults_total", "Writes to the data dir or the history "

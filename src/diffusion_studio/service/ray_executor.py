@@ -215,7 +215,7 @@ class RayExecutor(Executor):
 
     def _place(self, gpu: bool) -> None:
         device = "cuda" if gpu else "cpu"
-        actor = RemoteEngine.options(num_gpus=1 if gpu else 0, num_cpus=1, name=None).remote(
+        actor = RemoteEngine.options(num_gpus=1 if gpu else 0, num_cpus=1).remote(
             self.config.model_dump(mode="json"), device, self.config.torch_threads)
         key = secrets.token_hex(4)
         self._pending[key], self._gpu[key] = (actor, actor.info.remote()), gpu
