@@ -119,6 +119,27 @@ class StudioConfig(BaseSettings):
     rate_burst: int = Field(20, ge=1, description="per-user burst above the rate")
     max_active_jobs: int = Field(16, ge=1, description="per-user queued + running jobs")
 
+    login_max_failures: int = Field(5, ge=1, description="wrong passwords for one user name within "
+                                                         "login_window_s before that name is locked out")
+    login_address_max_failures: int = Field(20, ge=1, description="failed logins (any names) from one client "
+                                                                  "address within login_window_s before that "
+                                                                  "address is locked out")
+    login_window_s: float = Field(600, gt=0, description="how far back failed logins count")
+    login_lockout_s: float = Field(300, gt=0, description="how long a locked-out name or address waits (HTTP "
+                                                          "429 with Retry-After)")
+    allowed_origins: list[str] = Field(default_factory=list, description="web origins besides the studio's own "
+                                                                         "that browsers may call it from (CORS), "
+                                                                         "e.g. [\"https://app.example.com\"]; "
+                                                                         "default: none")
+
+    retention_days: float | None = Field(None, gt=0, description="history: finished jobs older than this are "
+                                                                  "deleted with their images (unset: kept)")
+    retention_max_jobs: int | None = Field(None, ge=1, description="history: most finished jobs kept overall, "
+                                                                   "oldest deleted first (unset: no bound)")
+    retention_max_jobs_per_user: int | None = Field(None, ge=1, description="history: most finished jobs kept "
+                                                                            "per user (unset: no bound)")
+    retention_interval_s: float = Field(3600, gt=0, description="how often retention prunes the history")
+
     auth: Literal["auto", "on", "off"] = Field(
         "auto", description="auto: required whenever the studio listens on a non-loopback address")
     users_file: Path | None = Field(None, description="users and API tokens (default: <data_dir>/users.json)")
@@ -133,6 +154,15 @@ class StudioConfig(BaseSettings):
             if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", device):
                 raise ValueError(f"'{device}' is not a device: use cpu, mps, cuda or cuda:N")
         return devices
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins_are_origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", origin):
+                raise ValueError(f"'{origin}' is not a web origin: use scheme://host[:port], e.g. "
+                                 "https://app.example.com (no path, no trailing slash, no wildcard)")
+        return origins
 
     def worker_devices(self) -> list[str]:
         """The local executor's devices: `devices`, or the one `device`."""

@@ -22,7 +22,6 @@ from .api.docs import install_docs
 from .api.routes import build_router, build_share_router, install_error_handlers
 from .config import StudioConfig
 from .requests import RequestError
-from .service.auth import Users
 from .studio import Studio
 from .ui.app import CSS, PAGE_JS, THEME, build_blocks
 
@@ -36,7 +35,7 @@ class Health(BaseModel):
 
 def build_app(config: StudioConfig, studio: Studio | None = None) -> FastAPI:
     studio = studio or Studio(config)
-    users = Users(config.users_path()) if config.auth_required() else None
+    users = studio.users
     if users is not None and not users.names():
         raise RequestError("auth", f"auth is required (host {config.host}, auth={config.auth}) but "
                                    f"{config.users_path()} has no users: add one with `diffusion-studio users add "
@@ -95,7 +94,7 @@ def build_app(config: StudioConfig, studio: Studio | None = None) -> FastAPI:
     app.openapi = openapi
 
     studio.outputs_dir.mkdir(parents=True, exist_ok=True)
-    blocks = build_blocks(studio, (lambda user: True) if users is None else users.is_admin)
+    blocks = build_blocks(studio, studio.is_admin)
     # Gradio's mount sets the page's css and js itself (the Blocks' own would be overwritten): they go here.
     return gr.mount_gradio_app(app, blocks, path="/", theme=THEME, css=CSS, js=PAGE_JS,
                                allowed_paths=[str(studio.outputs_dir)], footer_links=["api", "settings"],

@@ -26,6 +26,7 @@ from .requests import GenerationRequest, GenerationResult, RequestError
 from .service.executor import Executor, LocalDevice, LocalExecutor
 from .service.jobs import JobNotFound, JobService
 from .service.limits import UserLimits
+from .service.auth import Users
 from .service.store import JobRecord, JobStore
 from .service.training import TrainingService
 
@@ -57,6 +58,12 @@ class Studio:
                                limits=UserLimits(config.rate_per_minute, config.rate_burst, config.max_active_jobs),
                                check_storage=self.check_storage, check=self.engine.check)
         self.training = TrainingService(config)
+        # Who may do what: None while auth is off (every caller is the one local user, an admin).
+        self.users = Users(config.users_path()) if config.auth_required() else None
+
+    def is_admin(self, user: str | None) -> bool:
+        """Admins act on everyone's work and may load models by path; with auth off everyone is."""
+        return self.users is None or (user is not None and self.users.is_admin(user))
 
     def validate(self, data: dict) -> GenerationRequest:
         """Build a request against this studio's limits (raises pydantic.ValidationError naming each field)."""

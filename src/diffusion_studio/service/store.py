@@ -62,6 +62,7 @@ CREATE TABLE IF NOT EXISTS images (
     path TEXT NOT NULL, seed INTEGER NOT NULL, position INTEGER NOT NULL, share_token TEXT
 );
 CREATE INDEX IF NOT EXISTS images_job ON images (job_id);
+CREATE INDEX IF NOT EXISTS images_path ON images (path);
 CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at REAL NOT NULL);
 """
 
@@ -174,6 +175,12 @@ class JobStore:
         with self._lock:
             row = self._db.execute("SELECT * FROM images WHERE id=?", (image_id,)).fetchone()
         return dict(row) if row else None
+
+    def image_owner(self, path: Path | str) -> str | None:
+        """The user whose job made the image at `path` (as saved); None: no image of the history is there."""
+        with self._lock:
+            row = self._db.execute("SELECT user FROM images WHERE path=? LIMIT 1", (str(path),)).fetchone()
+        return row["user"] if row else None
 
     def share(self, image_id: str) -> str:
         """An unguessable token that opens this one image without an account."""
