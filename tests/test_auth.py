@@ -1,8 +1,9 @@
 """Auth on a running server: every route refuses an anonymous call, tokens and login sessions work, users see
-only their own work, a share link opens exactly one image."""
+only their own work, a share link opens exactly one image; a password check costs the same for any name."""
 
 import json
 import re
+import statistics
 import time
 
 import httpx
@@ -125,3 +126,28 @@ def test_only_admins_pause_the_queue_and_unload_models(secured):
     assert httpx.post(f"{base}/api/v1/queue/pause", headers=as_admin).json()["paused"] is True
     assert httpx.get(f"{base}/api/v1/queue", headers=as_user).json()["paused"] is True
     assert httpx.post(f"{base}/api/v1/queue/resume", headers=as_admin).json()["paused"] is False
+
+
+def test_password_checks_cost_one_scrypt_for_any_name(tmp_path):
+    """Unknown names and broken stored hashes are checked against a dummy hash: refused, never an error, and no
+    quicker than a known name's wrong password (interleaved medians, as ratios)."""
+    users_file = tmp_path / "users.json"
+    users, _ = make_users(users_file, {"alice": "alice-password"})
+    data = json.loads(users_file.read_text())
+    broken = {"not-hex": "scrypt$zz$00", "other-scheme": "md5$00$00", "no-parts": "plaintext", "not-text": None}
+    for name, stored in broken.items():
+        data["users"][name] = {"password": stored, "created": 0, "admin": False}
+    users_file.write_text(json.dumps(data))
+    assert users.check_password("alice", "alice-password")
+    for name in (*broken, "nobody"):
+        assert not users.check_password(name, "alice-password")
+
+    times: dict[str, list[float]] = {"alice": [], "nobody": [], "not-hex": []}
+    for _ in range(7):
+        for name, series in times.items():
+            started = time.perf_counter()
+            users.check_password(name, "wrong-password")
+            series.append(time.perf_counter() - started)
+    known = statistics.median(times["alice"])
+    for name in ("nobody", "not-hex"):
+        assert 0.5 <= statistics.median(times[name]) / known <= 2, (name, times)

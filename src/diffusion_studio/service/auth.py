@@ -4,6 +4,7 @@ sessions. The CLI writes the file (`diffusion-studio users add|token`); a runnin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -22,15 +23,31 @@ def hash_password(password: str) -> str:
     return f"scrypt${salt.hex()}${digest.hex()}"
 
 
-def password_matches(password: str, stored: str) -> bool:
+def _parse(stored) -> tuple[bytes, str] | None:
+    """(salt, hex digest) of a well-formed stored hash, else None."""
+    if not isinstance(stored, str):
+        return None
+    scheme, _, rest = stored.partition("$")
+    salt, _, digest = rest.partition("$")
     try:
-        scheme, salt, digest = stored.split("$")
-    except ValueError:
-        return False
-    if scheme != "scrypt":
-        return False
-    candidate = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt), **SCRYPT)
-    return hmac.compare_digest(candidate.hex(), digest)
+        return (bytes.fromhex(salt), digest) if scheme == "scrypt" and salt and digest else None
+    except ValueError:  # not hex
+        return None
+
+
+@functools.cache
+def _dummy_hash() -> tuple[bytes, str]:
+    """Checked instead when there is no usable hash, so that an unknown name (or a broken entry) costs the same
+    scrypt as a real one and the time taken does not say which names exist."""
+    return _parse(hash_password(secrets.token_urlsafe(16)))
+
+
+def password_matches(password: str, stored) -> bool:
+    """Whether `password` is the one `stored` hashes; one scrypt either way, also when `stored` is malformed."""
+    parsed = _parse(stored)
+    salt, digest = parsed or _dummy_hash()
+    candidate = hashlib.scrypt(password.encode(errors="surrogatepass"), salt=salt, **SCRYPT)
+    return hmac.compare_digest(candidate.hex(), digest) and parsed is not None
 
 
 def _token_digest(token: str) -> str:
@@ -44,6 +61,7 @@ class Users:
         self._data: dict = {"users": {}, "tokens": {}}
         self._mtime = None
         self._sessions: dict[str, tuple[str, float]] = {}  # session id -> (user, expiry)
+        _dummy_hash()  # made now, or the first unknown name would take two scrypts' time
 
     def _load(self) -> dict:
         try:
@@ -90,9 +108,11 @@ class Users:
 
     # -- checks (server) ------------------------------------------------------------------------------------
     def check_password(self, name: str, password: str) -> bool:
+        """Whether `name` is a user with this password: the same work (one scrypt) for a name that is no user."""
         with self._lock:
             user = self._load()["users"].get(name)
-        return user is not None and password_matches(password, user["password"])
+        stored = user.get("password") if isinstance(user, dict) else None
+        return password_matches(password, stored) and user is not None
 
     def is_admin(self, name: str) -> bool:
         """Admins may pause the queue and unload models for everyone."""
