@@ -1,15 +1,18 @@
 """Prometheus metrics for jobs and the service, in the studio's own registry (served at /metrics), and the last
 hour of them as a ring buffer of samples (`MetricsHistory`) for the System tab's charts: Prometheus keeps only
-totals and the current value, a chart needs the values over time."""
+totals and the current value, a chart needs the values over time. `StorageUsage` is what the history holds on
+disk (outputs folder, database), read cheaply enough for every scrape."""
 
 from __future__ import annotations
 
 import asyncio
 import math
+import os
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import psutil
@@ -54,6 +57,20 @@ class StudioMetrics:
                 self._gpu)
         self._queue_length, self._running = queue_length, running
         self.history = MetricsHistory()
+        self.storage: StorageUsage | None = None
+
+    def watch_storage(self, outputs_dir: Path, db_path: Path) -> "StorageUsage":
+        """Expose the outputs folder's size and file count and the database's size (the sampler walks the folder
+        every OUTPUTS_WALK_S and after a prune, in a thread)."""
+        self.storage = usage = StorageUsage(outputs_dir, db_path)
+        r = self.registry
+        Gauge("studio_outputs_bytes", "Bytes in the outputs folder (hard-linked names counted once; NaN until the "
+              "first walk)", registry=r).set_function(lambda: usage.outputs_bytes)
+        Gauge("studio_outputs_files", "Files in the outputs folder (hard-linked names counted once)",
+              registry=r).set_function(lambda: usage.outputs_files)
+        Gauge("studio_db_bytes", "Bytes of the history database (with its WAL)", registry=r).set_function(
+            usage.db_bytes)
+        return usage
 
     def observe(self, status: str, queue_wait_s: float | None, result: dict, error_kind: str | None) -> None:
         timings = result.get("timings") if status == "done" else None
@@ -89,10 +106,18 @@ class StudioMetrics:
             gpu_percent=self.gpu_utilisation())
 
     async def keep_sampling(self) -> None:
-        """Sample once per interval until cancelled (the server runs this for its lifetime)."""
-        while True:
-            self.sample()
-            await asyncio.sleep(self.history.every_s)
+        """Sample once per interval until cancelled (the server runs this for its lifetime); walk the outputs
+        folder when due, in a thread of its own so a large folder never delays a sample."""
+        walk: asyncio.Future | None = None
+        try:
+            while True:
+                self.sample()
+                if self.storage is not None and self.storage.due() and (walk is None or walk.done()):
+                    walk = asyncio.ensure_future(asyncio.to_thread(self.storage.refresh))
+                await asyncio.sleep(self.history.every_s)
+        finally:
+            if walk is not None:
+                walk.cancel()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -110,8 +135,67 @@ def _gpu_utilisation() -> Callable[[], float] | None:
 
 
 SAMPLE_EVERY_S = 10.0
+OUTPUTS_WALK_S = 60.0  # a walk stats every file (~1 s per 100k on a local disk): once a minute is plenty for a size
 HISTORY_S = 3600.0
 GIB = 2**30
+
+
+class StorageUsage:
+    """The outputs folder's bytes and files, from a walk (`refresh`, in a thread) when one is due: every `every_s`,
+    and at the next sample after a prune (`stale`); the database's bytes from three stats at each read. Hard-linked
+    names (a cached job's copies) are counted once, as they take the space once. Between walks the values lag the
+    images saved since: a walk per scrape would stat every file each time."""
+
+    def __init__(self, outputs_dir: Path, db_path: Path, every_s: float = OUTPUTS_WALK_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self.outputs_dir, self.db_path, self.every_s, self._clock = Path(outputs_dir), Path(db_path), every_s, clock
+        self.outputs_bytes = math.nan  # unknown until the first walk, not zero
+        self.outputs_files = math.nan
+        self._walked_at: float | None = None
+        self._lock = threading.Lock()
+
+    def due(self) -> bool:
+        with self._lock:
+            return self._walked_at is None or self._clock() - self._walked_at >= self.every_s
+
+    def stale(self) -> None:
+        """Files went (a prune): walk again at the next sample rather than at the next interval."""
+        with self._lock:
+            self._walked_at = None
+
+    def refresh(self) -> None:
+        """Walk the outputs folder (blocking: call it in a thread)."""
+        started = self._clock()
+        seen: set[tuple[int, int]] = set()
+        size = 0
+        pending = [self.outputs_dir]
+        while pending:
+            try:
+                with os.scandir(pending.pop()) as entries:
+                    for entry in entries:
+                        try:
+                            if entry.is_dir(follow_symlinks=False):
+                                pending.append(Path(entry.path))
+                            elif entry.is_file(follow_symlinks=False):
+                                stat = entry.stat(follow_symlinks=False)
+                                if (stat.st_dev, stat.st_ino) not in seen:
+                                    seen.add((stat.st_dev, stat.st_ino))
+                                    size += stat.st_size
+                        except OSError:  # removed while we walked (a prune, a probe file): not there any more
+                            continue
+            except OSError:  # the folder not made yet, or a folder removed while we walked
+                continue
+        with self._lock:
+            self.outputs_bytes, self.outputs_files, self._walked_at = size, len(seen), started
+
+    def db_bytes(self) -> float:
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                total += os.stat(f"{self.db_path}{suffix}").st_size
+            except FileNotFoundError:
+                continue
+        return total
 
 
 @dataclass

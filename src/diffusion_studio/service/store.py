@@ -1,7 +1,8 @@
 """JobStore: job records and their images in SQLite (WAL), so the queue and the history outlive a restart.
 
 One connection, guarded by a lock: SQLite serialises writers anyway, and the studio's write rate (a few rows per
-job) is far below what one connection sustains.
+job) is far below what one connection sustains. Retention's search of the whole history reads on a second
+connection of its own (WAL lets it read while the first writes), so it never holds the lock the event loop takes.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 from .outcomes import ErrorKind, JobError, Outcome
 
@@ -30,6 +31,10 @@ class JobStatus(str, enum.Enum):
     @property
     def finished(self) -> bool:
         return self not in (JobStatus.queued, JobStatus.running)
+
+
+FINISHED = tuple(status.value for status in JobStatus if status.finished)
+_FINISHED_SQL = ", ".join(f"'{status}'" for status in FINISHED)  # our own enum's values: no input reaches this
 
 
 @dataclass
@@ -57,6 +62,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at REAL NOT NULL, started_at REAL, finished_at REAL, error TEXT, result TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_user_created ON jobs (user, created_at);
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at);
 CREATE TABLE IF NOT EXISTS images (
     id TEXT PRIMARY KEY, job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE, user TEXT NOT NULL,
     path TEXT NOT NULL, seed INTEGER NOT NULL, position INTEGER NOT NULL, share_token TEXT
@@ -80,6 +86,10 @@ class JobStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(SCHEMA)
+        self._reader = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._reader.row_factory = sqlite3.Row
+        self._reader.execute("PRAGMA query_only=ON")
+        self._reader_lock = threading.Lock()
 
     # -- jobs -----------------------------------------------------------------------------------------------
     def add(self, job: JobRecord) -> None:
@@ -160,6 +170,55 @@ class JobStore:
             self._db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
         return paths
 
+    def prunable(self, *, created_before: float | None = None, keep_newest: int | None = None,
+                 keep_newest_per_user: int | None = None, limit: int = 10_000,
+                 skip: Collection[str] = ()) -> list[tuple[str, list[Path]]]:
+        """Finished jobs (never queued or running) that a retention rule lets go, oldest first, at most `limit`, with
+        their image files: created before `created_before` (unix seconds), beyond the newest `keep_newest` finished
+        jobs, or beyond each user's newest `keep_newest_per_user`. None turns a rule off; `skip`: ids left out.
+        One query for all the rules, on the reader connection."""
+        rules = []  # each a SELECT of (id, created_at) from `finished`
+        values: list[Any] = []
+        if created_before is not None:
+            rules.append("SELECT id, created_at FROM finished WHERE created_at < ?")
+            values.append(created_before)
+        if keep_newest is not None:
+            rules.append("SELECT id, created_at FROM (SELECT id, created_at FROM finished "
+                         "ORDER BY created_at DESC, id DESC LIMIT -1 OFFSET ?)")
+            values.append(keep_newest)
+        if keep_newest_per_user is not None:
+            rules.append("SELECT id, created_at FROM (SELECT id, created_at, ROW_NUMBER() OVER (PARTITION BY user "
+                         "ORDER BY created_at DESC, id DESC) AS newest FROM finished) WHERE newest > ?")
+            values.append(keep_newest_per_user)
+        if not rules:
+            return []
+        query = (f"WITH finished AS (SELECT id, user, created_at FROM jobs WHERE status IN ({_FINISHED_SQL})), "
+                 f"doomed AS ({' UNION '.join(rules)}), "
+                 "batch AS (SELECT id, created_at FROM doomed WHERE id NOT IN (SELECT value FROM json_each(?)) "
+                 "ORDER BY created_at, id LIMIT ?) "
+                 "SELECT batch.id AS id, images.path AS path FROM batch LEFT JOIN images ON images.job_id = batch.id "
+                 "ORDER BY batch.created_at, batch.id, images.position")
+        with self._reader_lock:
+            rows = self._reader.execute(query, (*values, json.dumps(list(skip)), limit)).fetchall()
+        return _grouped(rows)
+
+    def images_of(self, job_ids: Collection[str]) -> list[tuple[str, list[Path]]]:
+        """These jobs (those that exist), each with its image files: what `prunable` gives, for jobs chosen by id."""
+        with self._lock:
+            rows = self._db.execute("SELECT jobs.id AS id, images.path AS path FROM jobs LEFT JOIN images ON "
+                                    "images.job_id = jobs.id WHERE jobs.id IN (SELECT value FROM json_each(?)) "
+                                    "ORDER BY jobs.created_at, jobs.id, images.position",
+                                    (json.dumps(list(job_ids)),)).fetchall()
+        return _grouped(rows)
+
+    def delete_many(self, job_ids: Collection[str]) -> int:
+        """Remove these jobs and their image rows (share tokens with them: the rows cascade) in one transaction;
+        returns how many jobs were removed. The caller deals with the files."""
+        with self._lock:
+            cursor = self._db.execute("DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?))",
+                                      (json.dumps(list(job_ids)),))
+        return cursor.rowcount
+
     # -- images ---------------------------------------------------------------------------------------------
     def add_images(self, job: JobRecord, paths: list[Path], seeds: list[int]) -> list[str]:
         ids = [secrets.token_hex(8) for _ in paths]
@@ -193,6 +252,16 @@ class JobStore:
         with self._lock:
             row = self._db.execute("SELECT * FROM images WHERE share_token=?", (token,)).fetchone()
         return dict(row) if row else None
+
+
+def _grouped(rows: list[sqlite3.Row]) -> list[tuple[str, list[Path]]]:
+    """(id, path) rows of jobs LEFT JOIN images -> each job once, in order, with its image files."""
+    jobs: dict[str, list[Path]] = {}
+    for row in rows:
+        paths = jobs.setdefault(row["id"], [])
+        if row["path"] is not None:  # a job without images (failed, cancelled early) has one NULL row
+            paths.append(Path(row["path"]))
+    return list(jobs.items())
 
 
 def _record(row: sqlite3.Row) -> JobRecord:
