@@ -20,7 +20,7 @@ from .engine.metadata import HashLookup, image_request, save_png
 from .engine.resources import collect_hashes, hash_lookup, queue_hashes, queue_listed, run_files
 from .engine.runner import CancelFlag, Engine, StepCallback, WorkItem
 from .engine.library import LibraryEntry, import_model, library_for
-from .engine.sources import list_loras, list_vaes, list_models, resolve
+from .engine.sources import ANY_NAME, NamePolicy, list_loras, list_models, list_vaes, resolve
 from .engine.upscale import list_upscalers, upscale_image
 from .requests import GenerationRequest, GenerationResult, RequestError
 from .service.executor import Executor, LocalDevice, LocalExecutor
@@ -28,7 +28,8 @@ from .service.jobs import JobNotFound, JobService
 from .service.limits import UserLimits
 from .service.auth import Users
 from .service.store import JobRecord, JobStore
-from .service.training import TrainingService
+from .service.training import TrainingRun, TrainingService, lora_owners
+from .training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class Studio:
                                time_limit_s=config.job_time_limit_s,
                                batch_images=config.batch_images,
                                limits=UserLimits(config.rate_per_minute, config.rate_burst, config.max_active_jobs),
-                               check_storage=self.check_storage, check=self.engine.check)
+                               check_storage=self.check_storage, check=self.check)
         self.training = TrainingService(config)
         # Who may do what: None while auth is off (every caller is the one local user, an admin).
         self.users = Users(config.users_path()) if config.auth_required() else None
@@ -64,6 +65,20 @@ class Studio:
     def is_admin(self, user: str | None) -> bool:
         """Admins act on everyone's work and may load models by path; with auth off everyone is."""
         return self.users is None or (user is not None and self.users.is_admin(user))
+
+    def name_policy(self, user: str | None) -> NamePolicy:
+        """Which model, LoRA and VAE names `user` may use: admins any (a server path, a hub id too); other users
+        only what the studio lists, less the LoRAs other users trained. None: nobody in particular (with auth on,
+        only what every user may use)."""
+        if self.is_admin(user):
+            return ANY_NAME
+        hidden = frozenset(name for name, owner in lora_owners(self.config).items() if owner != user)
+        return NamePolicy(listed_only=True, hidden_loras=hidden)
+
+    def check(self, request: GenerationRequest, user: str | None = None) -> None:
+        """Refuse before queueing what the names and file headers already tell (the job service calls this at
+        submit and for each job recovered after a restart): unknown names, and names `user` may not use."""
+        self.engine.check(request, self.name_policy(user))
 
     def validate(self, data: dict) -> GenerationRequest:
         """Build a request against this studio's limits (raises pydantic.ValidationError naming each field)."""
@@ -207,9 +222,12 @@ class Studio:
             probe.unlink(missing_ok=True)
         self.store.probe()
 
-    def models(self, kind: str | None = None) -> list[dict]:
-        """The models listing; its files not hashed yet are queued behind run-time hashing."""
-        rows = list_models(self.config, kind)
+    def models(self, kind: str | None = None, user: str | None = None) -> list[dict]:
+        """The models listing as `user` may see it (other users' trained LoRAs left out; None: what every user may
+        see); its files not hashed yet are queued behind run-time hashing."""
+        hidden = self.name_policy(user).hidden_loras
+        rows = [row for row in list_models(self.config, kind)
+                if not (row["kind"] == "lora" and row["origin"] == "data dir" and row["name"] in hidden)]
         queue_listed(self.hasher, self.config)
         return rows
 
@@ -217,8 +235,9 @@ class Studio:
         """Short hash -> a listed model's name, from known hashes only (for PNG info; call off the event loop)."""
         return hash_lookup(self.hasher, self.config)
 
-    def loras(self) -> list[str]:
-        return list_loras(self.config)
+    def loras(self, user: str | None = None) -> list[str]:
+        """LoRA names `user` may use (None: those every user may use)."""
+        return list_loras(self.config, self.name_policy(user))
 
     def vaes(self) -> list[str]:
         return list_vaes(self.config)
@@ -243,9 +262,24 @@ class Studio:
                                         "pixels (limits.max_input_pixels)")
         return upscale_image(image, upscaler, size, self.config, self.engine.device)
 
-    def model_entries(self, kind: str | None = None) -> list[LibraryEntry]:
-        """The models folders' entries (with their LoRA metadata and embedding details), for the A1111 listings."""
-        return library_for(self.config).entries(kind)
+    def model_entries(self, kind: str | None = None, user: str | None = None) -> list[LibraryEntry]:
+        """The models folders' entries (with their LoRA metadata and embedding details), for the A1111 listings;
+        other users' trained LoRAs left out (None: what every user may see)."""
+        hidden = self.name_policy(user).hidden_loras
+        return [entry for entry in library_for(self.config).entries(kind)
+                if not (entry.kind == "lora" and entry.folder < 0 and entry.name in hidden)]
+
+    def check_training(self, name: str, user: str | None = None) -> None:
+        """Refuse a LoRA run's name before its dataset is written (see TrainingService.check_start)."""
+        self.training.check_start(name, self._owner(user), not self.is_admin(user))
+
+    def start_training(self, name: str, train: TrainConfig, user: str | None = None) -> TrainingRun:
+        """A LoRA run for `user`: the LoRA is theirs (with auth on); a user who is not an admin trains on a listed
+        base and an uploaded dataset only."""
+        return self.training.start(name, train, self._owner(user), self.name_policy(user))
+
+    def _owner(self, user: str | None) -> str | None:
+        return user if self.users is not None else None  # auth off: a LoRA is everyone's
 
     def refresh_models(self) -> None:
         """Read the models folders again (new, removed or changed files), as A1111's refresh buttons do."""

@@ -9,12 +9,13 @@ from importlib import metadata
 
 import psutil
 import torch
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 
 from ..samplers import SAMPLERS
 from ..studio import Studio
 from .a1111_fields import A1111_SCHEDULES, HONOURED_SCHEDULES, SAMPLER_ALIASES
 from .a1111_options import Catalog
+from .access import current_user
 
 
 def studio_version() -> str:
@@ -64,12 +65,12 @@ def build_listings_router(studio: Studio) -> APIRouter:
                 for entry in studio.model_entries("vae") if entry.usable]
 
     @router.get("/loras", operation_id="a1111_loras")
-    def loras() -> list[dict]:
+    def loras(user: str = Depends(current_user)) -> list[dict]:
         """LoRAs as A1111's Lora extension lists them (`metadata`: the file's kohya training notes); `path` is
-        relative to its models folder."""
+        relative to its models folder. LoRAs other users trained here are left out (admins see every one)."""
         return [{"name": entry.name, "alias": entry.details.get("metadata", {}).get("ss_output_name") or entry.stem,
                  "path": entry.relative, "metadata": entry.details.get("metadata", {})}
-                for entry in studio.model_entries("lora") if entry.usable]
+                for entry in studio.model_entries("lora", user) if entry.usable]
 
     @router.get("/embeddings", operation_id="a1111_embeddings")
     def embeddings() -> dict:

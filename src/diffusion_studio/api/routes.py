@@ -315,10 +315,12 @@ def build_router(studio: Studio) -> APIRouter:
         return {"url": studio.share_link(image_id, user)}
 
     @router.get("/models", tags=["models"], operation_id="list_models")
-    def models(kind: Kind | None = Query(None, description="only this kind")) -> dict:
+    def models(kind: Kind | None = Query(None, description="only this kind"),
+               user: str = Depends(current_user)) -> dict:
         """Every model the studio knows, of every kind (or one): built-ins, configured ones and the models folders'
-        (usable or not, with the reason), and which are loaded now. Paths are relative to their models folder."""
-        return {"available": studio.models(kind), "loaded": studio.loaded_models()}
+        (usable or not, with the reason), and which are loaded now. Paths are relative to their models folder.
+        LoRAs trained here by other users are not listed (nor usable) unless the caller is an admin."""
+        return {"available": studio.models(kind, user), "loaded": studio.loaded_models()}
 
     @router.post("/models", tags=["models"], operation_id="import_model", status_code=201,
                  openapi_extra=IMPORT_BODY, responses=IMPORT_RESPONSES)
@@ -329,10 +331,11 @@ def build_router(studio: Studio) -> APIRouter:
         return JSONResponse(await import_from(request, studio), status_code=201)
 
     @router.post("/models/refresh", tags=["models"], operation_id="refresh_models")
-    def refresh_models(kind: Kind | None = Query(None, description="only this kind in the answer")) -> dict:
+    def refresh_models(kind: Kind | None = Query(None, description="only this kind in the answer"),
+                       user: str = Depends(current_user)) -> dict:
         """Read the models folders again (files added, removed or changed in place), then list them."""
         studio.refresh_models()
-        return {"available": studio.models(kind), "loaded": studio.loaded_models()}
+        return {"available": studio.models(kind, user), "loaded": studio.loaded_models()}
 
     @router.post("/models/{name:path}/unload", tags=["models"], operation_id="unload_model")
     def unload(name: str, admin: str = Depends(require_admin)) -> dict:

@@ -38,7 +38,7 @@ from .memory import MemorySampler, check_fits
 from .pipelines import LoadedModel, PipelineManager, estimator_source
 from .preview import latents_to_preview, preview_map
 from .prompts import SYNTAX, PromptEncoder, needs_encoding
-from .sources import ModelSource, resolve, resolve_lora, resolve_vae
+from .sources import ANY_NAME, ModelSource, NamePolicy, resolve, resolve_lora, resolve_vae
 from .upscale import is_latent, resize_latents, resolve_upscaler, upscale_image
 
 
@@ -151,14 +151,18 @@ class Engine:
             parts.append(self.manager.identity(estimator_source(kind, folder)))
         return "+".join(parts)
 
-    def check(self, request: GenerationRequest) -> None:
-        """What can be refused before a request is queued, from names and file headers only: its model, its LoRAs
-        (an unknown name lists those that exist; a LyCORIS LoHa/LoKr file is named as such) and its VAE."""
-        resolve(request.model, self.config)
+    def check(self, request: GenerationRequest, policy: NamePolicy = ANY_NAME) -> None:
+        """What can be refused before a request is queued, from names and file headers only: its model, its
+        ControlNet, its LoRAs (an unknown name lists those that exist; a LyCORIS LoHa/LoKr file is named as such),
+        its VAE and its hires upscaler. `policy`: which names the caller may use (a path or hub id only if it says
+        so); the run itself resolves the same names, which this check has let through."""
+        resolve(request.model, self.config, policy=policy)
+        if request.controlnet and request.mode in (Mode.controlnet, Mode.inpaint):  # the modes that use one
+            resolve(request.controlnet, self.config, "controlnet", policy)
         for lora in request.loras:
-            check_lora_file(lora.name, resolve_lora(lora.name, self.config))
+            check_lora_file(lora.name, resolve_lora(lora.name, self.config, policy))
         if request.vae:
-            resolve_vae(request.vae, self.config)
+            resolve_vae(request.vae, self.config, policy)
         if request.hires is not None:
             resolve_upscaler(request.hires.upscaler, self.config)
 

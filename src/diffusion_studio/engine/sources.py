@@ -2,6 +2,11 @@
 `.safetensors`/`.ckpt` file by path, a name in the models folders (engine/library.py: the studio's own, A1111/Forge
 and ComfyUI layouts), or a Hugging Face hub id. LoRAs, VAEs and embeddings are found by name the same way.
 
+Listed names are looked up first, so a name means the same model whoever sends it. A `NamePolicy` says what else a
+caller may name: admins (and everyone while auth is off) also a server path or a hub id; other users only what the
+studio lists, and anything else is refused with one message that does not depend on what the disk holds (no path
+is looked at), so the refusal can't be used to probe the server's files.
+
 Resolution reads headers and small JSON files only and never writes (built-in stand-ins are built at start-up, see
 builtin/catalog.py's `ensure_standins`); loading the weights is the PipelineManager's job.
 """
@@ -24,7 +29,22 @@ from .library import KINDS, LibraryEntry, beside_config, folder_model, library_f
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 ROLES = {"checkpoint": "base", "controlnet": "controlnet"}
 NAMES_SHOWN = 20  # an unknown name's error lists this many of the names that exist
+NAME_SHOWN_CHARS = 80  # a refused name is echoed up to this many characters
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class NamePolicy:
+    """Which names a caller may use. The default (`ANY_NAME`, an admin's): every listed name, a server path or a hub
+    id. `listed_only` (a user who is not an admin): only what the studio lists (built-ins, configured models, the
+    models folders' entries, and trained LoRAs other than `hidden_loras`, which are other users' own); anything
+    else is refused without looking at the disk. The engine gets a policy, never a user name."""
+
+    listed_only: bool = False
+    hidden_loras: frozenset[str] = frozenset()  # names of trained LoRAs (in <data_dir>/loras) this caller can't use
+
+
+ANY_NAME = NamePolicy()
 
 
 @dataclass(frozen=True)
@@ -54,8 +74,9 @@ class ModelSource:
         return f"{self.name}@{stamp.hexdigest()[:12]}"
 
 
-def resolve(name: str, config: StudioConfig, field: str = "model") -> ModelSource:
-    """Find the model (a base or a ControlNet) called `name`; unknown names get an error listing what exists."""
+def resolve(name: str, config: StudioConfig, field: str = "model", policy: NamePolicy = ANY_NAME) -> ModelSource:
+    """Find the model (a base or a ControlNet) called `name`; unknown names get an error listing what exists (and,
+    under a `listed_only` policy, so does every path and hub id, whether or not it exists)."""
     if name.startswith("builtin:"):
         short = name.removeprefix("builtin:")
         if short not in BUILTINS:
@@ -68,26 +89,48 @@ def resolve(name: str, config: StudioConfig, field: str = "model") -> ModelSourc
         source = _resolve_location(entry.source, config, entry.config, field)
         return ModelSource(name, source.kind, source.location, source.role, source.family, source.config_folder,
                            file_kind=source.file_kind)
-    return _resolve_location(name, config, None, field)
+    return _resolve_location(name, config, None, field, policy)
 
 
-def _resolve_location(text: str, config: StudioConfig, config_folder: str | None, field: str) -> ModelSource:
-    path = Path(text).expanduser()
+def _resolve_location(text: str, config: StudioConfig, config_folder: str | None, field: str,
+                      policy: NamePolicy = ANY_NAME) -> ModelSource:
+    """A name in the models folders, else (unless `policy.listed_only`) a path on the server or a hub id. A
+    configured model's own source is the admin's configuration: it is resolved with the default policy."""
     library = library_for(config)
-    if path.exists():
-        return _path_source(text, path, config_folder, field, library)
     for kind in ROLES:
         entry = library.find(kind, text)
         if entry is not None:
             if entry.reason:
                 raise RequestError(field, f"'{text}' ({entry.relative}) can't be used: {entry.reason}")
             return _path_source(entry.name, entry.path, config_folder, field, library)
-    if HUB_ID.match(text):
-        return ModelSource(text, "hub", text, "base", None)
     names = [f"builtin:{short}" for short in BUILTINS] + list(config.models) + \
         [name for kind in ROLES for name in library.names(kind)]
+    if policy.listed_only:  # no path is looked at: the answer is the same whatever the disk holds
+        raise not_listed(field, text, "a model", "models", names)
+    path = existing_path(text)
+    if path is not None:
+        return _path_source(text, path, config_folder, field, library)
+    if HUB_ID.match(text):
+        return ModelSource(text, "hub", text, "base", None)
     raise RequestError(field, f"'{text}' is not a built-in, a configured model, a model in the models folders, a "
                               f"folder, a checkpoint file or a hub id like 'org/name'; models: {_some(names)}")
+
+
+def not_listed(field: str, text: str, what: str, plural: str, names: list[str]) -> RequestError:
+    """The one refusal of a name the studio doesn't list, for callers who may use listed names only: the same text
+    for a path that exists, one that doesn't, `~user`, `../x` or a hub id (only the name itself differs)."""
+    shown = text if len(text) <= NAME_SHOWN_CHARS else text[:NAME_SHOWN_CHARS] + "…"
+    return RequestError(field, f"'{shown}' is not {what} this studio lists; {plural}: {_some(names)}")
+
+
+def existing_path(text: str) -> Path | None:
+    """`text` as a path on the server when something is there (`~` expanded); None otherwise, also for text that
+    can't be a path (an unknown `~user`, a NUL byte, a name too long)."""
+    try:
+        path = Path(text).expanduser()
+        return path if path.exists() else None
+    except (OSError, ValueError, RuntimeError):
+        return None
 
 
 def _path_source(name: str, path: Path, config_folder: str | None, field: str, library) -> ModelSource:
@@ -181,9 +224,10 @@ def builtin_origin(short: str) -> str:
     return "built-in"
 
 
-def list_loras(config: StudioConfig) -> list[str]:
-    """Usable LoRA names (trained ones in <data_dir>/loras, then each models folder's LoRA folders)."""
-    return _usable_names(config, "lora")
+def list_loras(config: StudioConfig, policy: NamePolicy = ANY_NAME) -> list[str]:
+    """Usable LoRA names (trained ones in <data_dir>/loras, then each models folder's LoRA folders), less the
+    trained ones `policy` hides."""
+    return [name for name in _usable_names(config, "lora") if name not in policy.hidden_loras]
 
 
 def list_vaes(config: StudioConfig) -> list[str]:
@@ -199,14 +243,14 @@ def _usable_names(config: StudioConfig, kind: str) -> list[str]:
     return [entry.name for entry in library_for(config).entries(kind) if entry.usable]
 
 
-def resolve_lora(name: str, config: StudioConfig) -> Path:
-    """A LoRA by path, or by name in `<data_dir>/loras` and every models folder's LoRA folders."""
-    return _resolve_file("lora", name, config, "loras", "LoRA")
+def resolve_lora(name: str, config: StudioConfig, policy: NamePolicy = ANY_NAME) -> Path:
+    """A LoRA by name in `<data_dir>/loras` and every models folder's LoRA folders, or (admins) by path."""
+    return _resolve_file("lora", name, config, "loras", "LoRA", policy)
 
 
-def resolve_vae(name: str, config: StudioConfig) -> Path:
-    """A VAE (a file or a diffusers AutoencoderKL folder) by path or by name in the models folders."""
-    return _resolve_file("vae", name, config, "vae", "VAE")
+def resolve_vae(name: str, config: StudioConfig, policy: NamePolicy = ANY_NAME) -> Path:
+    """A VAE (a file or a diffusers AutoencoderKL folder) by name in the models folders, or (admins) by path."""
+    return _resolve_file("vae", name, config, "vae", "VAE", policy)
 
 
 def resolve_embedding(name: str, config: StudioConfig, field: str = "prompt") -> Path:
@@ -214,14 +258,20 @@ def resolve_embedding(name: str, config: StudioConfig, field: str = "prompt") ->
     return _resolve_file("embedding", name, config, field, "embedding")
 
 
-def _resolve_file(kind: str, name: str, config: StudioConfig, field: str, label: str) -> Path:
-    path = Path(name).expanduser()
-    if path.is_file() or (path.is_dir() and folder_model(path) is not None):
-        return path
+def _resolve_file(kind: str, name: str, config: StudioConfig, field: str, label: str,
+                  policy: NamePolicy = ANY_NAME) -> Path:
     library = library_for(config)
     entry = library.find(kind, name)
+    if entry is not None and entry.folder < 0 and entry.name in policy.hidden_loras:
+        entry = None  # another user's trained LoRA: as if it weren't there
     if entry is not None:
         if entry.reason:
             raise RequestError(field, f"{label} '{name}' ({entry.relative}) can't be used: {entry.reason}")
         return entry.path
-    raise RequestError(field, f"{label} '{name}' not found; {label}s: {_some(_usable_names(config, kind))}")
+    names = [each for each in _usable_names(config, kind) if kind != "lora" or each not in policy.hidden_loras]
+    if policy.listed_only:  # no path is looked at: the answer is the same whatever the disk holds
+        raise not_listed(field, name, f"a {label}", f"{label}s", names)
+    path = existing_path(name)
+    if path is not None and (path.is_file() or (path.is_dir() and folder_model(path) is not None)):
+        return path
+    raise RequestError(field, f"{label} '{name}' not found; {label}s: {_some(names)}")

@@ -180,12 +180,13 @@ class JobService:
                  identify: Callable[[GenerationRequest], str] | None = None, cache_entries: int = 1024,
                  time_limit_s: float | None = None, limits: UserLimits | None = None, batch_images: int = 8,
                  check_storage: Callable[[], None] | None = None,
-                 check: Callable[[GenerationRequest], None] | None = None, executor: Executor | None = None,
+                 check: Callable[[GenerationRequest, str], None] | None = None, executor: Executor | None = None,
                  model_of: Callable[[GenerationRequest], str] | None = None, cache_scope: str = "user"):
         """Work runs on `executor`, or (without one) on `run_batch` in `workers` threads of this process.
         `identify(request)` names the weights a request would use (for cache keys; called off the event loop);
-        without it, no cache. `check(request)` refuses, before queueing, what the engine can tell from names and
-        file headers (an unknown model or LoRA); it too runs off the event loop. `model_of(request)`: the name of
+        without it, no cache. `check(request, user)` refuses, before queueing, what the engine can tell from names
+        and file headers (an unknown model or LoRA, a name this user may not use); it too runs off the event loop,
+        and jobs recovered after a restart pass it again before they are queued. `model_of(request)`: the name of
         the base model it runs on, matched against what workers hold (default: the request's `model` as given).
         `cache_scope`: "user" (each user's repeats hit only their own results) or "global" (shared).
         `batch_images`: most images in one cross-user batch (1: every job runs alone). `check_storage()` raises
@@ -251,6 +252,8 @@ class JobService:
         """A job recovered after a restart: validated again, then queued with its batch and cache keys."""
         try:
             request = await asyncio.to_thread(self._validate, record.request)
+            if self._check is not None:  # as at submit: a name the user may not use never runs
+                await asyncio.to_thread(self._check, request, record.user)
             cache_key = await self._cache_key(request, record.user)
         except Exception as exc:
             job = Job(record, GenerationRequest(), None, None)
@@ -267,7 +270,7 @@ class JobService:
         if self.limits is not None:
             self.limits.admit(user, self.active_jobs(user))
         if self._check is not None:
-            await asyncio.to_thread(self._check, request)
+            await asyncio.to_thread(self._check, request, user)
         cache_key = await self._cache_key(request, user)
         if self.storage_fault:
             raise StudioError(self._storage_error())

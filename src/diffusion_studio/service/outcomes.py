@@ -159,13 +159,29 @@ def storage_reason(exc: BaseException) -> str:
 
 
 _OBJECT_REPR = re.compile(r"<[^<>]*? object at 0x[0-9a-fA-F]+>")
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])(/[^\s'\",:;()<>]+)")
+# Where a path on the server starts: `/`, `~/` or `~user/`, `file://`, a Windows drive.
+_PATH_START = r"(?:file://)?(?:/|~[\w.-]*/|[A-Za-z]:[\\/])"
+_QUOTED_PATH = re.compile(rf"(['\"])({_PATH_START}[^'\"\n]*)\1")  # quoted: spaces and all
+_BARE_PATH = re.compile(rf"(?<![\w.:/\\~])({_PATH_START}[^\s'\",:;()<>]*)")
+# The studio's own routes, which messages name for the client to call: kept as they are.
+ROUTE_PREFIXES = ("/api/", "/sdapi/", "/v1/", "/share/", "/gradio_api/", "/login", "/metrics", "/health")
+
+
+def last_part(path: str) -> str:
+    """A path shown by its last part ('/etc/passwd' -> 'passwd'; a root alone stays '/')."""
+    if path.startswith(ROUTE_PREFIXES):
+        return path
+    return re.split(r"[\\/]", path.rstrip("/\\"))[-1] or "/"
 
 
 def scrub(message: str) -> str:
-    """Drop object reprs and absolute server paths (a path is shown by its last part only)."""
+    """A message fit for users: object reprs dropped, and every path on the server (absolute, `~user/...`,
+    `file://`, a Windows drive; in the data dir, a models folder or anywhere else) shown by its last part only, so
+    an error never tells where the studio keeps its files or what else the disk holds. The studio's own routes
+    (`/api/v1/...`) stay whole."""
     message = _OBJECT_REPR.sub("<object>", message)
-    return _ABSOLUTE_PATH.sub(lambda match: match.group(1).rstrip("/").rsplit("/", 1)[-1] or "/", message)
+    message = _QUOTED_PATH.sub(lambda match: match.group(1) + last_part(match.group(2)) + match.group(1), message)
+    return _BARE_PATH.sub(lambda match: last_part(match.group(1)), message)
 
 
 @dataclass(frozen=True)

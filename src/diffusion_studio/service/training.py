@@ -3,10 +3,16 @@
 It keeps every event of the current run (for plots that a page opened mid-run can draw from the start), exposes
 pause / resume / stop, and installs a finished LoRA as `<data_dir>/loras/<name>.safetensors`, where generation
 looks LoRAs up by name, so it is usable at once without a restart.
+
+With auth on, a trained LoRA belongs to whoever trained it: `<name>.owner.json` beside it records the user, and
+the Studio lets only that user (and admins) list and use it. A LoRA without that record (trained with auth off,
+or put there by hand) is everyone's. A user who is not an admin trains on a listed base model only, on the shapes
+world or images uploaded into `<data_dir>/datasets`, and never over another user's LoRA.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -16,7 +22,7 @@ from pathlib import Path
 
 from ..config import StudioConfig
 from ..engine.pipelines import LOADING, pick_device
-from ..engine.sources import resolve
+from ..engine.sources import ANY_NAME, NamePolicy, resolve
 from ..requests import RequestError
 from ..training.config import TrainConfig
 from ..training.events import EventBus, JsonlLog, TrainingEvent
@@ -24,13 +30,17 @@ from ..training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,47}$")
+OWNER_SUFFIX = ".owner.json"  # beside a trained LoRA: who trained it
+SHAPES = "shapes"  # the dataset that is no folder
 
 
-def lora_trainer(config: StudioConfig, train: TrainConfig, bus: EventBus) -> Trainer:
-    """A LoRA trainer on an SD-family base (built-in or diffusers folder)."""
+def lora_trainer(config: StudioConfig, train: TrainConfig, bus: EventBus,
+                 policy: NamePolicy = ANY_NAME) -> Trainer:
+    """A LoRA trainer on an SD-family base (built-in or diffusers folder); `policy`: which base names the caller
+    may use (sources.py)."""
     from diffusers import StableDiffusionPipeline
 
-    source = resolve(train.base, config)
+    source = resolve(train.base, config, "base", policy)
     if source.role != "base" or source.family != "sd" or source.kind in ("hub", "single_file"):
         raise RequestError("base", "LoRA training takes an SD-family diffusers folder or built-in for now")
     with LOADING:  # not beside a job's load (see engine/pipelines.LOADING)
@@ -38,17 +48,57 @@ def lora_trainer(config: StudioConfig, train: TrainConfig, bus: EventBus) -> Tra
     return Trainer(train, pipeline, bus=bus, device=pick_device(config.device))
 
 
-def install_lora(config: StudioConfig, output: Path, name: str) -> Path:
-    target = Path(config.data_dir) / "loras" / f"{name}.safetensors"
+def trained_lora(config: StudioConfig, name: str) -> Path:
+    return Path(config.data_dir) / "loras" / f"{name}.safetensors"
+
+
+def install_lora(config: StudioConfig, output: Path, name: str, owner: str | None = None) -> Path:
+    """Copy a finished LoRA to `<data_dir>/loras/<name>.safetensors`; `owner`: the user it belongs to (None:
+    everyone's, and an earlier owner's record goes)."""
+    target = trained_lora(config, name)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(output, target)
+    record = target.with_name(name + OWNER_SUFFIX)
+    if owner is None:
+        record.unlink(missing_ok=True)
+    else:
+        record.write_text(json.dumps({"owner": owner}))
     return target
+
+
+def lora_owners(config: StudioConfig) -> dict[str, str]:
+    """Trained LoRA name -> the user who trained it, for those that record one (the others are everyone's)."""
+    owners = {}
+    for record in sorted((Path(config.data_dir) / "loras").glob("*" + OWNER_SUFFIX)):
+        try:
+            owner = json.loads(record.read_text()).get("owner")
+        except (OSError, ValueError, AttributeError):
+            log.warning("unreadable LoRA owner record %s: the LoRA is kept from everyone but admins", record.name)
+            owner = ""  # nobody's: an unreadable record must not open the LoRA to every user
+        owners[record.name.removesuffix(OWNER_SUFFIX)] = owner if isinstance(owner, str) else ""
+    return owners
+
+
+def check_dataset(config: StudioConfig, dataset: str) -> None:
+    """For a user who is not an admin: the shapes world or a folder under `<data_dir>/datasets` (where the UI puts
+    uploaded images). Any other folder is refused with one message, whether or not it exists."""
+    if dataset == SHAPES:
+        return
+    allowed = (Path(config.data_dir) / "datasets").absolute()
+    try:
+        inside = Path(dataset).absolute().resolve().is_relative_to(allowed.resolve())
+    except (OSError, ValueError, RuntimeError):
+        inside = False
+    if not inside:
+        raise RequestError("dataset", "must be 'shapes' or images uploaded to the studio; a folder on the server is "
+                                      "for admins")
 
 
 @dataclass
 class TrainingRun:
     name: str
     config: TrainConfig
+    owner: str | None = None  # who started it (None: auth off); the LoRA it makes is theirs
     state: str = "starting"  # starting | running | paused | stopped | done | failed
     events: list[dict] = field(default_factory=list)  # step events (loss, grad norm, lr, stability, eta)
     samples: list[str] = field(default_factory=list)  # sample image paths, newest last
@@ -73,20 +123,33 @@ class TrainingService:
         self.current: TrainingRun | None = None
         self._lock = threading.Lock()
 
-    def start(self, name: str, train: TrainConfig) -> TrainingRun:
-        """Start a LoRA run named `name` in a background thread; refused while another run is going."""
+    def check_start(self, name: str, owner: str | None = None, listed_only: bool = False) -> None:
+        """Refuse, before anything is written, a run that `start` would refuse for its name: not a usable LoRA
+        name, another run still going, or (`listed_only`: a user who is not an admin) a LoRA of that name that
+        is not `owner`'s."""
         if not NAME.match(name):
             raise RequestError("name", "use 1-48 letters, digits, '-' or '_' (it becomes the LoRA's name)")
+        if self.current is not None and not self.current.finished:
+            raise RequestError("name", f"'{self.current.name}' is still training; stop it first")
+        if listed_only and trained_lora(self.config, name).exists() and lora_owners(self.config).get(name) != owner:
+            raise RequestError("name", f"a LoRA called '{name}' exists and is not yours; choose another name")
+
+    def start(self, name: str, train: TrainConfig, owner: str | None = None,
+              policy: NamePolicy = ANY_NAME) -> TrainingRun:
+        """Start a LoRA run named `name` in a background thread; refused while another run is going. `owner`: the
+        user the LoRA will belong to (None: everyone's). `policy.listed_only` (a user who is not an admin): a
+        listed base, the shapes world or an uploaded dataset, and not another user's LoRA name."""
         if train.method != "lora":
             raise RequestError("method", "the studio trains LoRAs; built-ins are trained with the CLI")
+        if policy.listed_only:
+            check_dataset(self.config, train.dataset)
         with self._lock:
-            if self.current is not None and not self.current.finished:
-                raise RequestError("name", f"'{self.current.name}' is still training; stop it first")
-            run = TrainingRun(name, train)
+            self.check_start(name, owner, policy.listed_only)
+            run = TrainingRun(name, train, owner)
             bus = EventBus()
             bus.subscribe(lambda event: self._record(run, event))
-            bus.subscribe(JsonlLog(Path(train.output_dir) / "log.jsonl"))
-            run.trainer = lora_trainer(self.config, train, bus)  # a bad base fails here, in the caller
+            run.trainer = lora_trainer(self.config, train, bus, policy)  # a bad base fails here, in the caller
+            bus.subscribe(JsonlLog(Path(train.output_dir) / "log.jsonl"))  # its folder made once the base is known
             self.current = run
         threading.Thread(target=self._train, args=(run,), name=f"training-{name}", daemon=True).start()
         return run
@@ -107,7 +170,7 @@ class TrainingService:
         try:
             output = run.trainer.run()
             if run.trainer.state == "done":
-                run.lora_path = str(install_lora(self.config, output, run.name))
+                run.lora_path = str(install_lora(self.config, output, run.name, run.owner))
         except Exception as exc:  # reported on the run, never lost in a thread
             log.exception("training run %s failed", run.name)
             run.messages.append(f"{type(exc).__name__}: {exc}")

@@ -119,7 +119,8 @@ def prompt_boxes(value: str = "", placeholder: str = "a red circle on a white ba
 def params_panel(studio: Studio, batch: bool = True) -> Params:
     limits = studio.config.limits
     model = gr.Dropdown(studio.base_model_names(), value=studio.config.default_model, label="Model",
-                        allow_custom_value=True, info="built-ins first; or a hub id, folder or checkpoint path")
+                        allow_custom_value=True, info="built-ins first; admins may also give a hub id, folder or "
+                                                      "checkpoint path")
     note = gr.Markdown(model_note_for(studio, studio.config.default_model))
     model.change(lambda name: model_note_for(studio, name), model, note, api_visibility="private")
     with gr.Row():
@@ -133,8 +134,13 @@ def params_panel(studio: Studio, batch: bool = True) -> Params:
         scheduler = gr.Dropdown(list(SAMPLERS), value=default_of("scheduler"), label="Scheduler")
         batch_size = gr.Slider(1, limits.max_batch_size, value=1, step=1, label="Batch size", visible=batch)
     loras = gr.Dropdown(studio.loras(), value=[], multiselect=True, allow_custom_value=True, label="LoRAs",
-                        info="NAME or NAME:WEIGHT (default weight 1); trained LoRAs appear here")
-    loras.focus(lambda: gr.Dropdown(choices=studio.loras()), None, loras, api_visibility="private")
+                        info="NAME or NAME:WEIGHT (default weight 1); LoRAs you train appear here")
+
+    def own_loras(request: gr.Request) -> gr.Dropdown:
+        """The page is built once for everyone: each user's own trained LoRAs join the list when it opens."""
+        return gr.Dropdown(choices=studio.loras(request.username or "local"))
+
+    loras.focus(own_loras, None, loras, api_visibility="private")
     with gr.Row():
         clip_skip = gr.Slider(1, 12, value=default_of("clip_skip"), step=1, label="CLIP skip",
                               info="A1111's: 1 = the text encoder's last layer, 2 = the one before")

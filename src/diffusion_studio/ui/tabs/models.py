@@ -17,9 +17,10 @@ HEADERS = ["name", "kind", "family", "status"]
 ANY_KIND = "any kind"
 
 
-def model_rows(studio: Studio, kind: str | None = None) -> list[list[str]]:
+def model_rows(studio: Studio, kind: str | None = None, user: str | None = None) -> list[list[str]]:
+    """The table's rows as `user` may see them (other users' trained LoRAs left out)."""
     rows = []
-    for row in studio.models(kind):
+    for row in studio.models(kind, user):
         status = ("ok" if row["usable"] else f"unusable: {row['reason']}") if row["path"] else row["origin"]
         rows.append([row["name"], row["kind"], row["family"] or "?", status])
     return rows
@@ -64,20 +65,20 @@ def build(studio: Studio, is_admin: Callable[[str], bool], tab: gr.Tab) -> None:
                     do_import = gr.Button("Import", variant="primary")
             outcome = gr.Markdown()
 
-        def listing(kind_value):
-            return model_rows(studio, None if kind_value == ANY_KIND else kind_value)
+        def listing(request: gr.Request, kind_value):
+            return model_rows(studio, None if kind_value == ANY_KIND else kind_value, request.username or "local")
 
-        def refreshed(kind_value):
+        def refreshed(request: gr.Request, kind_value):
             studio.refresh_models()
-            return listing(kind_value)
+            return listing(request, kind_value)
 
         def imported(request: gr.Request, file, name_value, kind_value, replace_value, shown_kind):
             text = import_file(studio, request.username or "local", is_admin, file, name_value, kind_value,
                                replace_value)
-            return text, listing(shown_kind)
+            return text, listing(request, shown_kind)
 
         def opened(request: gr.Request, kind_value):
-            return gr.update(visible=is_admin(request.username or "local")), listing(kind_value)
+            return gr.update(visible=is_admin(request.username or "local")), listing(request, kind_value)
 
         refresh.click(refreshed, kind, table, api_name="models")
         kind.change(listing, kind, table, api_visibility="private")

@@ -79,9 +79,13 @@ def build(studio: Studio) -> None:
                     "rank": rank, "steps": steps, "learning_rate": learning_rate, "batch": batch,
                     "sample_every": sample_every, "layers": layers, "text_encoder": text_encoder}
 
-        def start_run(*, base, name, dataset, files, instance_prompt, rank, steps, learning_rate, batch, sample_every,
-                      layers, text_encoder):
+        def start_run(request: gr.Request, *, base, name, dataset, files, instance_prompt, rank, steps, learning_rate,
+                      batch, sample_every, layers, text_encoder):
+            user = request.username or "local"
             try:
+                # The name becomes a folder below: refused (a bad name, another run going, another user's LoRA)
+                # before anything is written there.
+                studio.check_training(name, user)
                 if dataset == "uploaded images":
                     if not files:
                         raise gr.Error("dataset: upload some images first", title="Invalid input")
@@ -96,7 +100,7 @@ def build(studio: Studio) -> None:
                     sample_prompts=[instance_prompt or "a red circle on a white background"], sample_steps=10,
                     pool_size=256, checkpoint_every=max(10, int(steps) // 4),
                     output_dir=Path(studio.config.data_dir) / "training" / f"lora-{name}-{int(time.time())}")
-                studio.training.start(name, train)
+                studio.start_training(name, train, user)
             except gr.Error:
                 raise
             except Exception as exc:
