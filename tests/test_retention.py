@@ -423,24 +423,8 @@ def test_a_served_studio_keeps_at_most_retention_max_jobs_and_shows_its_outputs_
     config = StudioConfig(data_dir=tmp_path / "data", models_dir=tmp_path / "models", retention_max_jobs=2,
                           retention_interval_s=0.2)
     studio = Studio(config)
-    # The wiring the report asks for (Studio.__init__ and the lifespan), done here by hand.
-    usage = studio.jobs.metrics.watch_storage(studio.outputs_dir, Path(config.data_dir) / "studio.db")
-    studio.retention = Retention.from_config(config, studio.store, studio.outputs_dir, cache=studio.jobs.cache,
-                                             usage=usage)
+    usage = studio.jobs.metrics.storage
     app = build_app(config, studio)
-    served_lifespan = app.router.lifespan_context
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        async with served_lifespan(app):
-            retention = asyncio.create_task(studio.retention.run(), name="history-retention")
-            try:
-                yield
-            finally:
-                retention.cancel()
-                await asyncio.gather(retention, return_exceptions=True)
-
-    app.router.lifespan_context = lifespan
 
     def submit(base, prompt):
         created = httpx.post(f"{base}/api/v1/jobs", json={"prompt": prompt, "steps": 2, "seed": 3, "width": 64,

@@ -27,6 +27,8 @@ from .service.executor import Executor, LocalDevice, LocalExecutor
 from .service.jobs import JobNotFound, JobService
 from .service.limits import UserLimits
 from .service.auth import Users
+from .service.outcomes import ErrorKind, JobError, StudioError
+from .service.retention import Retention
 from .service.store import JobRecord, JobStore
 from .service.training import TrainingRun, TrainingService, lora_owners
 from .training.config import TrainConfig
@@ -58,6 +60,10 @@ class Studio:
                                batch_images=config.batch_images,
                                limits=UserLimits(config.rate_per_minute, config.rate_burst, config.max_active_jobs),
                                check_storage=self.check_storage, check=self.check)
+        # The history's size on /metrics, and its bound (off unless a retention_* key is set).
+        usage = self.jobs.metrics.watch_storage(self.outputs_dir, Path(config.data_dir) / "studio.db")
+        self.retention = Retention.from_config(config, self.store, self.outputs_dir, cache=self.jobs.cache,
+                                               usage=usage)
         self.training = TrainingService(config)
         # Who may do what: None while auth is off (every caller is the one local user, an admin).
         self.users = Users(config.users_path()) if config.auth_required() else None
@@ -152,11 +158,10 @@ class Studio:
         job = self.jobs.get(job_id, user)
         if not job.status.finished:
             raise RequestError("job_id", "is still queued or running; cancel it first")
-        removed = self.store.delete(job_id)
-        for path in removed:
-            path.unlink(missing_ok=True)
-        self.jobs.cache.forget(job_id)
-        return len(removed)
+        counts = self.retention.delete_jobs([job_id])  # as retention deletes: cache entry, files, then the rows
+        if counts.kept:
+            raise StudioError(JobError(ErrorKind.storage, "could not delete this job's images; try again later"))
+        return counts.images
 
     def share_link(self, image_id: str, user: str) -> str:
         """An unguessable path that opens this one image of `user`'s without an account."""

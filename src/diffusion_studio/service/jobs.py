@@ -737,6 +737,9 @@ class JobService:
         except Exception as exc:
             for copy in copies:
                 copy.unlink(missing_ok=True)
+            if isinstance(exc, FileNotFoundError):  # its files went (deleted, pruned) after the lookup: a miss
+                self.cache.forget(source.id)
+                return None
             if isinstance(exc, StudioError) or not is_storage_fault(exc):
                 raise
             self._storage_failed(exc)
