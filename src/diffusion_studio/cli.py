@@ -169,6 +169,7 @@ def cmd_models(args) -> int:
 
 
 SHUTDOWN_GRACE_S = 2
+KEEP_ALIVE_S = 75
 
 
 def cmd_serve(args) -> int:
@@ -183,8 +184,10 @@ def cmd_serve(args) -> int:
     print(f"Diffusion Studio on http://{config.host}:{config.port}/  (API docs: /docs)", file=sys.stderr)
     # Open browser tabs, SSE streams and WebSockets never end by themselves: after a stop signal, give them
     # SHUTDOWN_GRACE_S, then close them, so SIGTERM / Ctrl-C stop the server within seconds.
+    # An idle keep-alive connection is kept longer than clients keep theirs (httpx 5 s, aiohttp 15 s; nginx's
+    # default is 75 s): with uvicorn's 5 s, a client reusing one as the server closes it got a dropped request.
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning",
-                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+                timeout_graceful_shutdown=SHUTDOWN_GRACE_S, timeout_keep_alive=KEEP_ALIVE_S)
     return 0
 
 
