@@ -151,3 +151,48 @@ def test_password_checks_cost_one_scrypt_for_any_name(tmp_path):
     known = statistics.median(times["alice"])
     for name in ("nobody", "not-hex"):
         assert 0.5 <= statistics.median(times[name]) / known <= 2, (name, times)
+
+
+def test_a_training_run_is_its_owners_to_see_and_steer(secured):
+    """One LoRA trains at a time for the whole studio: another user sees only that the trainer is busy, and may
+    not pause, resume or stop it; its owner and admins may."""
+    from diffusion_studio.service.training import TrainingRun
+    from diffusion_studio.training.config import TrainConfig
+
+    base, app, tokens = secured
+
+    class Trainer:  # stands in for the training thread's trainer: records what it was told
+        def __init__(self):
+            self.told = []
+
+        def __getattr__(self, action):
+            return lambda: self.told.append(action)
+
+    trainer = Trainer()
+    run = TrainingRun("alices-secret-lora", TrainConfig(base="builtin:shapes", method="lora", dataset="shapes",
+                                                        steps=40), owner="alice", state="running",
+                      events=[{"step": 7, "loss": 0.25}], samples=[], trainer=trainer)
+    studio = app.state.studio
+    studio.training.current = run
+    try:
+        def client(name):
+            return Client(base, headers={"Authorization": f"Bearer {tokens[name]}"}, download_files=False,
+                          verbose=False)
+
+        bob = client("bob")
+        _, text, *plots, samples = bob.predict(api_name="/train_status")
+        assert "alices-secret-lora" not in text and "Another user's LoRA is training (step 7/40)" in text
+        assert all(plot is None for plot in plots) and samples == []
+        for action in ("pause", "resume", "stop"):
+            with pytest.raises(Exception, match="only its owner or an admin"):
+                bob.predict(api_name=f"/train_{action}")
+        assert trainer.told == [] and run.state == "running"
+
+        alice = client("alice")
+        _, text, *_ = alice.predict(api_name="/train_status")
+        assert "alices-secret-lora" in text and "step 7/40" in text
+        alice.predict(api_name="/train_pause")
+        client("root").predict(api_name="/train_stop")  # an admin may stop anyone's run
+        assert trainer.told == ["pause", "stop"]
+    finally:
+        studio.training.current = None

@@ -154,17 +154,32 @@ class TrainingService:
         threading.Thread(target=self._train, args=(run,), name=f"training-{name}", daemon=True).start()
         return run
 
-    def pause(self) -> None:
-        if self.current and self.current.trainer and not self.current.finished:
-            self.current.trainer.pause()
+    def visible(self, run: TrainingRun, user: str | None, admin: bool) -> bool:
+        """Whether `user` may see a run's figures and samples: its owner, an admin, or anyone for a run of
+        nobody's (auth off)."""
+        return admin or run.owner is None or run.owner == user
 
-    def resume(self) -> None:
-        if self.current and self.current.trainer and not self.current.finished:
-            self.current.trainer.resume()
+    def pause(self, user: str | None = None, admin: bool = True) -> None:
+        if (run := self._steerable(user, admin)) is not None:
+            run.trainer.pause()
 
-    def stop(self) -> None:
-        if self.current and self.current.trainer and not self.current.finished:
-            self.current.trainer.stop()
+    def resume(self, user: str | None = None, admin: bool = True) -> None:
+        if (run := self._steerable(user, admin)) is not None:
+            run.trainer.resume()
+
+    def stop(self, user: str | None = None, admin: bool = True) -> None:
+        if (run := self._steerable(user, admin)) is not None:
+            run.trainer.stop()
+
+    def _steerable(self, user: str | None, admin: bool) -> TrainingRun | None:
+        """The run going now, if `user` may pause, resume or stop it (None: none is going)."""
+        run = self.current
+        if run is None or run.trainer is None or run.finished:
+            return None
+        if not self.visible(run, user, admin):
+            raise RequestError("run", "another user's run is training: only its owner or an admin may pause, "
+                                      "resume or stop it")
+        return run
 
     def _train(self, run: TrainingRun) -> None:
         try:

@@ -107,11 +107,17 @@ def build(studio: Studio) -> None:
                 raise user_error(exc) from None
             return gr.Timer(active=True), f"Starting **{name}** (building the dataset)…"
 
-        def refresh():
+        def refresh(request: gr.Request):
             run = studio.training.current
             if run is None:
                 return [gr.Timer(active=False), "No training run yet.", *[gr.skip()] * (len(plots) + 1)]
             summary = run.summary()
+            user = request.username or "local"
+            if not studio.training.visible(run, user, studio.is_admin(user)):  # its name, figures and samples
+                text = (f"Another user's LoRA is training (step {summary['step']}/{summary['total']}); the trainer "
+                        "is free for a run of yours when it ends." if not run.finished else
+                        "No training run of yours yet.")
+                return [gr.Timer(active=not run.finished), text, *[None] * len(plots), []]
             frame = pd.DataFrame(run.events or [{"step": 0, **{key: 0.0 for key in METRICS}}])
             eta = f" · about {summary['eta_s']:.0f}s left" if summary["eta_s"] and not run.finished else ""
             loss = f" · loss {summary['loss']:.4f}" if summary["loss"] is not None else ""
@@ -126,6 +132,15 @@ def build(studio: Studio) -> None:
         start.click(start_run, inputs_kwargs=settings, outputs=[timer, status], api_name="train_start")
         timer.tick(refresh, None, [timer, status, *plots.values(), samples], api_name="train_status",
                    show_progress="hidden")
-        pause.click(lambda: studio.training.pause(), None, None, api_name="train_pause")
-        resume.click(lambda: studio.training.resume(), None, None, api_name="train_resume")
-        stop.click(lambda: studio.training.stop(), None, None, api_name="train_stop")
+        def steer(action: str):
+            def handler(request: gr.Request) -> None:
+                user = request.username or "local"
+                try:
+                    getattr(studio.training, action)(user, studio.is_admin(user))
+                except Exception as exc:
+                    raise user_error(exc) from None
+            return handler
+
+        pause.click(steer("pause"), None, None, api_name="train_pause")
+        resume.click(steer("resume"), None, None, api_name="train_resume")
+        stop.click(steer("stop"), None, None, api_name="train_stop")
