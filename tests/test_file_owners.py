@@ -100,9 +100,8 @@ def test_no_other_spelling_of_the_path_gets_through(studio, alices_image, tmp_pa
     folder = alices_image.parent
     link = tmp_path / "link.png"
     link.symlink_to(alices_image)
-    cache_link = Path(gradio.utils.get_upload_folder()) / "test-links" / "innocent.png"
-    cache_link.parent.mkdir(parents=True, exist_ok=True)
-    cache_link.unlink(missing_ok=True)
+    Path(gradio.utils.get_upload_folder()).mkdir(parents=True, exist_ok=True)
+    cache_link = Path(tempfile.mkdtemp(dir=gradio.utils.get_upload_folder())) / "innocent.png"
     cache_link.symlink_to(alices_image)  # a link where Gradio serves anything: it is alice's image all the same
     spellings = [
         f"{folder}/../{folder.name}/{alices_image.name}",  # ..
@@ -123,6 +122,7 @@ def test_no_other_spelling_of_the_path_gets_through(studio, alices_image, tmp_pa
         assert httpx.get(base + url, headers=who["alice"]).status_code == 200, url
     assert fetch(base, alices_image, who["bob"], method="HEAD").status_code == 403
     assert fetch(base, alices_image, who["alice"], method="HEAD").status_code == 200
+    shutil.rmtree(cache_link.parent)
 
 
 def test_a_file_in_the_outputs_that_is_nobodys_is_for_admins_only(studio):
