@@ -37,7 +37,7 @@ def site(sd_folder, tmp_path_factory):
                           users_file=root / "users.json", preview_interval=0,
                           limits={"max_body_bytes": 2**20, "max_model_upload_bytes": 8 * 2**20})
     app = build_app(config)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:  # a loopback studio answers only as such
         yield {"client": client, "studio": app.state.studio, "tokens": tokens, "own": root / "own",
                "webui": webui, "files": files, "sd_folder": sd_folder, "data_dir": data_dir}
 

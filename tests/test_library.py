@@ -127,7 +127,7 @@ def test_listed_and_used_through_api_a1111_and_cli_writing_nothing(config, trees
 
     before = [tree_state(tree) for tree in trees]
     app = build_app(config)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:  # a loopback studio answers only as such
         everything = client.get("/api/v1/models").json()["available"]
         assert {row["kind"] for row in everything} == {"checkpoint", "controlnet", "lora", "vae", "embedding"}
         loras = client.get("/api/v1/models", params={"kind": "lora"}).json()["available"]

@@ -105,7 +105,10 @@ def test_no_answer_carries_cors_headers_for_a_foreign_origin(served, request):
         plain = httpx.request(method, base + path, headers=auth, json=body)
         for origin in foreign_origins(base):
             reply = httpx.request(method, base + path, headers={**auth, "Origin": origin}, json=body)
-            assert reply.status_code == plain.status_code, (origin, path)  # answered as before, ...
+            if method == "GET":
+                assert reply.status_code == plain.status_code, (origin, path)  # answered as before, ...
+            else:  # a change a foreign page asks for is refused (below)
+                assert reply.status_code == 403 and reply.json()["field"] == "Origin", (origin, path)
             assert cors_headers(reply) == {}, (origin, path, cors_headers(reply))  # ... but not for that page
             checked += 1
     assert checked == 55
@@ -125,6 +128,39 @@ def test_preflights_from_a_foreign_origin_are_refused(served, request):
                                                          "Access-Control-Request-Headers": "authorization"})
             assert reply.status_code == 403 and cors_headers(reply) == {}, (origin, path)
             assert reply.json()["field"] == "Origin" and "allowed_origins" in reply.json()["detail"]
+
+
+@pytest.mark.parametrize("served", ["guarded", "unguarded"])
+def test_a_foreign_page_cannot_make_the_studio_do_anything(served, request):
+    """CORS keeps a foreign page from reading; a form or text/plain POST needs no preflight and carries the
+    user's cookie (SameSite=Lax sends it from another port of the same host), so it is refused by its Origin."""
+    base, auth = request.getfixturevalue(served)
+    studio_jobs = len(httpx.get(base + "/api/v1/history", headers=auth).json())
+    body = json.dumps({"prompt": "queued by a foreign page", "steps": 2, "width": 32, "height": 32})
+    for origin in foreign_origins(base):
+        for path in ("/api/v1/jobs", "/sdapi/v1/txt2img", "/gradio_api/upload", "/login"):
+            reply = httpx.post(base + path, headers={**auth, "Origin": origin, "Content-Type": "text/plain"},
+                               content=body)
+            assert reply.status_code == 403, (origin, path, reply.status_code)
+            assert reply.json()["field"] == "Origin" and "allowed_origins" in reply.json()["detail"]
+        assert httpx.delete(base + "/api/v1/jobs/x", headers={**auth, "Origin": origin}).status_code == 403
+    assert len(httpx.get(base + "/api/v1/history", headers=auth).json()) == studio_jobs  # nothing was queued
+    mine = httpx.post(base + "/api/v1/jobs", headers={**auth, "Origin": base, "Content-Type": "text/plain"},
+                      content=body)
+    assert mine.status_code == 202, mine.text  # the studio's own page may
+
+
+def test_a_loopback_studio_without_auth_answers_only_to_loopback_names(unguarded):
+    """DNS rebinding: a page of evil.example whose name resolves to 127.0.0.1 calls the studio as same-origin,
+    Host: evil.example. A studio that trusts every caller because it is on loopback refuses other Host names."""
+    base, _ = unguarded
+    port = base.rsplit(":", 1)[1]
+    for host in (f"evil.example:{port}", "evil.example", f"192.168.1.5:{port}", f"127.0.0.1.evil.example:{port}"):
+        reply = httpx.get(base + "/api/v1/queue", headers={"Host": host})
+        assert reply.status_code == 400 and reply.json()["field"] == "Host", host
+        assert httpx.post(base + "/api/v1/jobs", headers={"Host": host}, json={"prompt": "x"}).status_code == 400
+    for host in (f"localhost:{port}", f"127.0.0.2:{port}", f"[::1]:{port}", "app.localhost"):
+        assert httpx.get(base + "/api/v1/queue", headers={"Host": host}).status_code == 200, host
 
 
 def test_an_allowed_origin_may_call_with_credentials(guarded):
@@ -224,3 +260,16 @@ def test_a_page_of_another_origin_cannot_read_the_studio_in_a_real_browser(guard
                 assert page.evaluate(read, [base + path, None]) == outcome, (origin, path)
                 assert page.evaluate(read, [base + path, auth["Authorization"]]) == outcome, (origin, path)
         chromium.close()
+
+
+def test_behind_a_tls_proxy_that_keeps_the_host_the_page_is_still_the_studios_own():
+    from diffusion_studio.api.origins import is_own
+
+    behind_proxy = {"type": "http", "scheme": "http", "headers": [(b"host", b"studio.example")]}
+    assert is_own(origin_key("https://studio.example"), behind_proxy)
+    assert is_own(origin_key("http://studio.example"), behind_proxy)
+    assert not is_own(origin_key("https://studio.example:8443"), behind_proxy)
+    assert not is_own(origin_key("https://evil.example"), behind_proxy)
+    with_port = {**behind_proxy, "headers": [(b"host", b"studio.example:7860")]}
+    assert is_own(origin_key("http://studio.example:7860"), with_port)
+    assert not is_own(origin_key("https://studio.example:7860"), with_port)  # a port: the scheme must match too

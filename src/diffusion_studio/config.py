@@ -171,7 +171,7 @@ class StudioConfig(BaseSettings):
     def auth_required(self) -> bool:
         if self.auth != "auto":
             return self.auth == "on"
-        return not _is_loopback(self.host)
+        return not is_loopback(self.host)
 
     def all_models_dirs(self) -> list[Path]:
         """Every models folder in precedence order: `models_dir` first, then `models_dirs` (duplicates once)."""
@@ -193,7 +193,7 @@ class StudioConfig(BaseSettings):
                 TomlConfigSettingsSource(settings_cls, toml_file=os.environ.get("DS_CONFIG_FILE")))
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     import ipaddress
 
     if host == "localhost":

@@ -1,26 +1,31 @@
-"""The server's composition root: one FastAPI app with the API routers, the access gate, /metrics and /health,
-/docs and /redoc (offline), the metrics sampler behind the System charts, and the Gradio page (ui/) mounted at
-the root path. The only module that knows both api/ and ui/."""
+"""The server's composition root: one FastAPI app with the API routers, the access gate, the origin policy (CORS
+for the studio's own origin and allowed_origins only), the owners of Gradio's files, /metrics and /health, /docs
+and /redoc (offline), the metrics sampler behind the System charts, and the Gradio page (ui/) mounted at the root
+path. The only module that knows both api/ and ui/."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from pathlib import Path
 
 import gradio as gr
+import gradio.utils as gradio_utils
 from fastapi import FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 
 from .api.a1111 import build_router as build_a1111_router
-from .api.openai_images import build_router as build_openai_router
 from .api.access import AccessControl, build_login_router
 from .api.bodies import BodyLimit, add_body_schemas
 from .api.docs import install_docs
+from .api.gradio_files import FileOwners
+from .api.openai_images import build_router as build_openai_router
+from .api.origins import OriginPolicy
 from .api.routes import build_router, build_share_router, install_error_handlers
-from .config import StudioConfig
+from .config import StudioConfig, is_loopback
 from .requests import RequestError
 from .studio import Studio
 from .ui.app import CSS, PAGE_JS, THEME, build_blocks
@@ -45,20 +50,35 @@ def build_app(config: StudioConfig, studio: Studio | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         await studio.jobs.start()  # on the server's own event loop
         sampler = asyncio.create_task(studio.jobs.metrics.keep_sampling(), name="metrics-sampler")  # System charts
+        retention = asyncio.create_task(studio.retention.run(), name="history-retention")  # warns; prunes if on
         try:
             yield
         finally:
             sampler.cancel()
-            await asyncio.gather(sampler, return_exceptions=True)
+            retention.cancel()
+            await asyncio.gather(sampler, retention, return_exceptions=True)
             await studio.jobs.stop()
 
     app = FastAPI(title="Diffusion Studio", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.studio = studio
-    app.add_middleware(AccessControl, users=users)
-    # Outermost: before auth reads anything. Gradio's upload route carries the Models panel's imports (GBs), so it
+    # Folders Gradio may serve files from, so that the UI can return them (it hands the page copies in its cache).
+    private_dirs = [studio.outputs_dir, Path(config.data_dir) / "training"]
+    # Middleware runs outermost-last-added: OriginPolicy > BodyLimit > AccessControl > FileOwners > the routes.
+    # Innermost, so it knows the caller: Gradio's file routes serve each user only their own history images.
+    app.add_middleware(FileOwners, private_dirs=private_dirs, owner_of=studio.store.image_owner,
+                       gradio_cache_dir=gradio_utils.get_upload_folder())
+    app.add_middleware(AccessControl, users=users, login_max_failures=config.login_max_failures,
+                       login_address_max_failures=config.login_address_max_failures,
+                       login_window_s=config.login_window_s, login_lockout_s=config.login_lockout_s)
+    # Before auth reads anything. Gradio's upload route carries the Models panel's imports (GBs), so it
     # has the model-upload limit; issue 16 is where uploads get per-user limits.
     app.add_middleware(BodyLimit, max_bytes=config.limits.max_body_bytes,
                        route_limits={("POST", "/gradio_api/upload"): config.limits.max_model_upload_bytes})
+    # Outermost: answers preflights before the access gate (they carry no credentials) and takes every other
+    # CORS header off the answers, Gradio's echo of any Origin included.
+    # Outermost also because a studio on loopback without auth must refuse other Host names (DNS rebinding).
+    app.add_middleware(OriginPolicy, allowed_origins=config.allowed_origins,
+                       loopback_only=users is None and is_loopback(config.host))
     app.include_router(build_login_router(users))
     app.include_router(build_router(studio))
     app.include_router(build_share_router(studio))
@@ -96,7 +116,12 @@ def build_app(config: StudioConfig, studio: Studio | None = None) -> FastAPI:
     studio.outputs_dir.mkdir(parents=True, exist_ok=True)
     blocks = build_blocks(studio, studio.is_admin)
     # Gradio's mount sets the page's css and js itself (the Blocks' own would be overwritten): they go here.
-    return gr.mount_gradio_app(app, blocks, path="/", theme=THEME, css=CSS, js=PAGE_JS,
-                               allowed_paths=[str(studio.outputs_dir)], footer_links=["api", "settings"],
-                               max_file_size=config.limits.max_model_upload_bytes,
-                               auth_dependency=lambda request: request.state.user)
+    app = gr.mount_gradio_app(app, blocks, path="/", theme=THEME, css=CSS, js=PAGE_JS,
+                              allowed_paths=[str(folder) for folder in private_dirs], footer_links=["api", "settings"],
+                              max_file_size=config.limits.max_model_upload_bytes,
+                              auth_dependency=lambda request: request.state.user)
+    # Gradio checks the files named in an event's inputs (they must be uploads, in its cache) only once its Blocks
+    # has launched, which a mounted one never does: without this, any caller could name any file on the server as
+    # an image or file input (PNG info would read alice's prompt from her image's path, training would copy it).
+    blocks.has_launched = True
+    return app

@@ -13,6 +13,8 @@ Gradio does (absolute, `..` and symlinks resolved), then:
   The UI never needs these paths: Gradio hands the page its own copies (below);
 - a file in Gradio's cache named as a history image is the copy Gradio made when the UI showed that image (it
   keeps the name, in a folder named by a seeded hash of the content): it belongs to the original's owner;
+- a URL (`file=https://...`, which Gradio would fetch and stream from any public host: an open proxy for every
+  signed-in user) is refused; the UI never asks for one;
 - anything else (Gradio's assets, uploads, other cache files) is Gradio's to decide, as before.
 
 Admins read everything. A refusal is Gradio's own answer for a missing file, byte for byte (403, "File not
@@ -35,6 +37,7 @@ from starlette.responses import JSONResponse
 FILE_ROUTE = re.compile(r"^/gradio_api/file[=/](?P<path>.*)$")
 HISTORY_IMAGE_NAME = re.compile(r"\d{6}-[0-9a-f]{6}-[a-z0-9_]+--?\d+-\d+\.png")  # as Studio.save names them
 FILE_METHODS = ("GET", "HEAD")
+REMOTE_URL = re.compile(r"^https?://", re.IGNORECASE)  # as gradio_client's is_http_url_like
 
 
 def route_path(scope) -> str:
@@ -83,6 +86,8 @@ class FileOwners:
 
     def may_read(self, requested: str, user: str | None) -> bool:
         """Whether `user` (not an admin) may have Gradio serve `requested`, a path as the route received it."""
+        if REMOTE_URL.match(requested):  # Gradio would fetch it (public hosts only): the UI never needs that
+            return False
         try:
             path = resolved(requested)
             for folder in self.private_dirs:

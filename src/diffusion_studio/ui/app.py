@@ -48,7 +48,8 @@ PAGE_JS = """
 
 def build_blocks(studio: Studio, is_admin=lambda user: True) -> gr.Blocks:
     """Every tab, one module each; tabs that hand work to others (History) get the components they fill."""
-    with gr.Blocks(title="Diffusion Studio") as blocks:
+    # Gradio copies every image it shows into its cache; a day on, the copies go (the originals stay in the history).
+    with gr.Blocks(title="Diffusion Studio", delete_cache=(3600, 86400)) as blocks:
         gr.Markdown("# Diffusion Studio\nText to image, image to image, inpainting, ControlNet, batches, "
                     "comparison grids, LoRA training and a persistent history: every run goes through the shared "
                     "job queue.")
