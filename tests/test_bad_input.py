@@ -141,7 +141,7 @@ def test_a_body_over_the_limit_is_413_before_it_is_read(server):
     limit = studio.config.limits.max_body_bytes
     url = urlparse(base)
     with socket.create_connection((url.hostname, url.port), timeout=10) as connection:
-        connection.sendall(f"POST /api/v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        connection.sendall(f"POST /api/v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                            f"Content-Length: {limit + 1}\r\n\r\n{{".encode())  # the body never comes
         reply = b""
         while b"max_body_bytes" not in reply and (chunk := connection.recv(65536)):

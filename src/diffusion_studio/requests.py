@@ -176,7 +176,8 @@ MAX_LORA_WEIGHT = 4.0
 class LoraSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(min_length=1, description="LoRA name or path to a .safetensors file / folder")
+    name: str = Field(min_length=1, description="a listed LoRA name (admins: also a path to a .safetensors file "
+                                                "or folder)")
     weight: float = Field(1.0, ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT,
                           description="the UNet's weight (and the text encoders', unless text_encoder_weight)")
     text_encoder_weight: float | None = Field(None, ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT,
@@ -277,7 +278,8 @@ class GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, validate_assignment=False)
 
     mode: Mode = Mode.txt2img
-    model: str = Field("builtin:shapes", min_length=1)
+    model: str = Field("builtin:shapes", min_length=1, description="a listed model name (admins: also a folder, "
+                                                                   "a checkpoint path or a hub id)")
     prompt: str = ""
     negative_prompt: str = ""
     steps: int = Field(20, ge=1)
@@ -293,8 +295,9 @@ class GenerationRequest(BaseModel):
                                                                   "prompts, which are moved here")
     clip_skip: int = Field(1, ge=1, le=12, description="A1111's CLIP skip: 1 = the text encoder's last layer, "
                                                        "2 = the one before it, ...")
-    vae: str | None = Field(None, min_length=1, description="a VAE file or folder by name or path for this "
-                                                            "request; default: the model's own")
+    vae: str | None = Field(None, min_length=1, description="a VAE by its listed name (admins: also a file or "
+                                                            "folder path) for this request; default: the model's "
+                                                            "own")
 
     init_image: InputImage | None = None
     strength: float = Field(0.75, gt=0.0, le=1.0)
@@ -319,7 +322,8 @@ class GenerationRequest(BaseModel):
     control_preprocess: bool = Field(True, description="run the preprocessor; False: control_image is the map")
     canny_low: int = Field(100, ge=0, le=255)
     canny_high: int = Field(200, ge=0, le=255)
-    controlnet: str | None = Field(None, description="ControlNet model; default: the base's built-in for the type "
+    controlnet: str | None = Field(None, description="a listed ControlNet name (admins: also a path); default: "
+                                                     "the base's built-in for the type "
                                                      "(inpaint mode: its trained inpainting ControlNet, if any)")
     control_scale: float = Field(1.0, ge=0.0, le=2.0)
     control_start: float = Field(0.0, ge=0.0, le=1.0)
