@@ -26,6 +26,7 @@ from diffusion_studio.server import build_app
 from servers import make_users, serving
 
 PASSWORDS = {"alice": "alice-password", "bob": "bob-password", "root": "root-password"}
+UPLOAD_LIMIT = 256 * 1024  # max_body_bytes here: what anyone but an admin may upload at once
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def studio(tmp_path_factory, elsewhere):
     users_file = tmp_path_factory.mktemp("owners") / "users.json"
     _, tokens = make_users(users_file, PASSWORDS, admins=("root",))
     config = StudioConfig(data_dir=elsewhere, models_dir=tmp_path_factory.mktemp("none"), auth="on",
-                          users_file=users_file)
+                          users_file=users_file, limits={"max_body_bytes": UPLOAD_LIMIT})
     app = build_app(config)
     with serving(app) as url:
         yield url, app.state.studio, {name: {"Authorization": f"Bearer {token}"} for name, token in tokens.items()}
@@ -226,3 +227,15 @@ def test_owners_are_found_however_the_outputs_folder_was_spelled(tmp_path, monke
     owners = FileOwners(None, [Path("data/outputs")], tmp_path / "cache", {str(image): "alice"}.get)
     for spelling in (str(image), str(tmp_path / image), f"./data/../{image}"):
         assert owners.may_read(spelling, "alice") and not owners.may_read(spelling, "bob"), spelling
+
+
+def test_only_admins_may_upload_model_sized_files(studio):
+    """Gradio's upload route carries the Models panel's imports (GBs), an admin's job; anyone else's uploads
+    (images, datasets) are held to max_body_bytes, or one user could fill the disk 20 GB at a time."""
+    base, _, who = studio
+    big = {"files": ("big.bin", b"\0" * (UPLOAD_LIMIT + 1), "application/octet-stream")}
+    refused = httpx.post(f"{base}/gradio_api/upload", headers=who["bob"], files=big)
+    assert refused.status_code == 413 and "max_body_bytes" in refused.json()["detail"], refused.text
+    assert httpx.post(f"{base}/gradio_api/upload", headers=who["root"], files=big).status_code == 200
+    small = {"files": ("small.bin", b"\0" * 1000, "application/octet-stream")}
+    assert httpx.post(f"{base}/gradio_api/upload", headers=who["bob"], files=small).status_code == 200

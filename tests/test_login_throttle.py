@@ -227,3 +227,25 @@ def test_a_huge_name_is_kept_small():
     fail(throttle, "a", name)
     assert fail(throttle, "b", name) is not None  # still counted as one name
     assert all(len(key) < 200 for key in throttle._names._records)
+
+
+def test_a_flood_of_one_try_names_does_not_wipe_a_guessed_names_count():
+    clock = Clock()
+    throttle = LoginThrottle(max_failures=5, address_max_failures=10_000, window_s=600, lockout_s=600, max_keys=500,
+                             clock=clock)
+    for _ in range(4):  # one try short of the lockout
+        assert fail(throttle, "a", "alice") is None
+    for i in range(5_000):
+        fail(throttle, f"10.1.{i // 256}.{i % 256}", f"junk-{i}")
+    assert fail(throttle, "b", "alice") is not None  # the fifth still locks her name out
+
+
+def test_an_ipv6_client_counts_as_its_whole_64():
+    from diffusion_studio.api.access import client_address
+
+    def address(peer):
+        return client_address({"client": (peer, 40000)})
+
+    assert address("2001:db8:1:2::1") == address("2001:db8:1:2:ffff:ffff:ffff:ffff") == "2001:db8:1:2::/64"
+    assert address("2001:db8:1:3::1") != address("2001:db8:1:2::1")
+    assert address("::ffff:192.0.2.7") == address("192.0.2.7") == "192.0.2.7"

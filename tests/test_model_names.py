@@ -125,6 +125,15 @@ def test_a_user_runs_the_listed_name_and_an_admin_the_path(site):
     by_path = site.job("root", model=str(site.sd_folder))
     assert by_path.status_code == 202, by_path.text
     assert site.finished("root", by_path.json()["id"])["status"] == "done"
+    # Loaded by path: the listings name it so for the admin, by its last part for everyone else.
+    def loaded(name, route):
+        answer = httpx.get(f"{site.url}{route}", headers=site.headers[name]).json()
+        return answer["loaded"] if "loaded" in answer else [{"name": model} for worker in answer["worker_list"]
+                                                             for model in worker["models"]]
+    for route in ("/api/v1/models", "/health", "/api/v1/queue"):
+        assert str(site.sd_folder) in {row["name"] for row in loaded("root", route)}, route
+        names = {row["name"] for row in loaded("bob", route)}
+        assert site.sd_folder.name in names and not any("/" in name for name in names), (route, names)
     # The admin's own typing gets the full answer (what the path is), with the path shown by its last part.
     detail = refusal(site.job("root", model="/etc"))
     assert "folder 'etc' is not a diffusers pipeline" in detail and NOT_LISTED not in detail
@@ -240,6 +249,16 @@ def test_training_takes_listed_bases_and_uploaded_datasets_for_users(site, tmp_p
     with pytest.raises(RequestError, match="'bob-style' exists and is not yours"):
         studio.check_training("bob-style", "alice")
     studio.check_training("alice-style", "alice")  # retraining one's own is fine
+    # A trained LoRA is found before the models folders': named like a shared one, it would hide it from everyone
+    # else and swap its weights under them.
+    shared = kohya_lora(site.sd_folder, studio.config.models_dir / "loras" / "folder-style.safetensors")
+    studio.refresh_models()
+    try:
+        with pytest.raises(RequestError, match="'folder-style' exists and is not yours"):
+            studio.check_training("folder-style", "alice")
+    finally:  # the module's other tests list LoRAs
+        shared.unlink()
+        studio.refresh_models()
     studio.check_training("bob-style", "root")  # and an admin may replace any
 
 
@@ -254,3 +273,7 @@ def test_scrub_shows_every_server_path_by_its_last_part():
     for kept in ("checkpoints (GET /sdapi/v1/sd-models): a", "POST /api/v1/models with {\"path\": ...}",
                  "5/10 steps of a/b", "between 1 and 8 (got 9)"):
         assert scrub(kept) == kept
+    for kept in ("see GET /health", "log in at /login?next=/", "scrape /metrics"):
+        assert scrub(kept) == kept
+    # A server folder whose name begins like a route is still a server path.
+    assert scrub("no /healthcheck/x.ckpt, /metrics_data/a.bin or /api/../etc/passwd") == "no x.ckpt, a.bin or passwd"

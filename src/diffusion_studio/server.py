@@ -63,17 +63,19 @@ def build_app(config: StudioConfig, studio: Studio | None = None) -> FastAPI:
     app.state.studio = studio
     # Folders Gradio may serve files from, so that the UI can return them (it hands the page copies in its cache).
     private_dirs = [studio.outputs_dir, Path(config.data_dir) / "training"]
-    # Middleware runs outermost-last-added: OriginPolicy > BodyLimit > AccessControl > FileOwners > the routes.
+    # Middleware runs outermost-last-added: OriginPolicy > AccessControl > BodyLimit > FileOwners > the routes.
     # Innermost, so it knows the caller: Gradio's file routes serve each user only their own history images.
     app.add_middleware(FileOwners, private_dirs=private_dirs, owner_of=studio.store.image_owner,
                        gradio_cache_dir=gradio_utils.get_upload_folder())
+    # Before any route reads a body (the gate reads none, and refuses strangers before theirs is read). Gradio's
+    # upload route carries the Models panel's imports (GBs): the model-upload limit there is for admins only
+    # (importing is theirs); anyone else's uploads (images, datasets) have max_body_bytes.
+    app.add_middleware(BodyLimit, max_bytes=config.limits.max_body_bytes,
+                       route_limits={("POST", "/gradio_api/upload"): config.limits.max_model_upload_bytes},
+                       trusted=lambda scope: scope.get("state", {}).get("admin", False))
     app.add_middleware(AccessControl, users=users, login_max_failures=config.login_max_failures,
                        login_address_max_failures=config.login_address_max_failures,
                        login_window_s=config.login_window_s, login_lockout_s=config.login_lockout_s)
-    # Before auth reads anything. Gradio's upload route carries the Models panel's imports (GBs), so it
-    # has the model-upload limit; issue 16 is where uploads get per-user limits.
-    app.add_middleware(BodyLimit, max_bytes=config.limits.max_body_bytes,
-                       route_limits={("POST", "/gradio_api/upload"): config.limits.max_model_upload_bytes})
     # Outermost: answers preflights before the access gate (they carry no credentials) and takes every other
     # CORS header off the answers, Gradio's echo of any Origin included.
     # Outermost also because a studio on loopback without auth must refuse other Host names (DNS rebinding).
@@ -102,7 +104,8 @@ def build_app(config: StudioConfig, studio: Studio | None = None) -> FastAPI:
         (the reasons say which). Device and loaded models only for a signed-in caller."""
         state = await studio.jobs.health()
         if request.state.user is not None:
-            state |= {"device": studio.device, "loaded": await asyncio.to_thread(studio.loaded_models)}
+            state |= {"device": studio.device, "loaded": await asyncio.to_thread(studio.loaded_models,
+                                                                              request.state.user)}
         return JSONResponse(state, status_code=200 if state["status"] == "ok" else 503)
 
     def openapi() -> dict:

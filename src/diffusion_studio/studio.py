@@ -27,7 +27,7 @@ from .service.executor import Executor, LocalDevice, LocalExecutor
 from .service.jobs import JobNotFound, JobService
 from .service.limits import UserLimits
 from .service.auth import Users
-from .service.outcomes import ErrorKind, JobError, StudioError
+from .service.outcomes import ErrorKind, JobError, StudioError, scrub
 from .service.retention import Retention
 from .service.store import JobRecord, JobStore
 from .service.training import TrainingRun, TrainingService, lora_owners
@@ -37,6 +37,12 @@ log = logging.getLogger(__name__)
 
 STORAGE_PROBE_BYTES = 64 * 1024
 HASH_WAIT_S = 30.0  # how long saving a PNG waits for its files' hashes (a 2 GB file hashes in a few seconds)
+
+
+def shown_model_name(name: str) -> str:
+    """A loaded model's name for users who are not admins: one loaded by path (a VAE is loaded as `vae:<path>`) by
+    the path's last part only."""
+    return "vae:" + scrub(name[4:]) if name.startswith("vae:") else scrub(name)
 
 
 class Studio:
@@ -194,9 +200,22 @@ class Studio:
         """Jobs created in the last `window_s` seconds, by status."""
         return self.store.status_counts(time.time() - window_s)
 
-    def loaded_models(self) -> list[dict]:
-        """Every worker's loaded models (rows name the worker and its device; blocking)."""
-        return self.jobs.executor.loaded()
+    def queue_status(self, user: str | None = None) -> dict:
+        """The job service's status, its workers' models named for `user` as `loaded_models` names them."""
+        status = self.jobs.status()
+        if user is None or self.is_admin(user):
+            return status
+        return {**status, "worker_list": [{**worker, "models": [shown_model_name(name) for name in worker["models"]]}
+                                          for worker in status["worker_list"]]}
+
+    def loaded_models(self, user: str | None = None) -> list[dict]:
+        """Every worker's loaded models (rows name the worker and its device; blocking). Shown to `user`, a user
+        who is not an admin, a model an admin loaded by path (a VAE is loaded as `vae:<path>`) is named by the
+        path's last part only."""
+        rows = self.jobs.executor.loaded()
+        if user is None or self.is_admin(user):
+            return rows
+        return [{**row, "name": shown_model_name(row["name"])} for row in rows]
 
     def preload(self, name: str) -> None:
         """Load a base model now (blocking) on the worker that would run it, so the first generation doesn't wait."""

@@ -28,6 +28,7 @@ import base64
 import binascii
 import hashlib
 import html
+import ipaddress
 import json
 import time
 from http.cookies import SimpleCookie
@@ -57,7 +58,17 @@ def client_address(scope) -> str:
     any client can write those headers, so trusting them would let a guesser pick a fresh address per try. Behind
     a reverse proxy every client has the proxy's address (raise login_address_max_failures there)."""
     client = scope.get("client")
-    return client[0] if client else "unknown"
+    if not client:
+        return "unknown"
+    try:
+        address = ipaddress.ip_address(client[0])
+    except ValueError:  # a Unix socket's peer, a test client's name
+        return client[0]
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    if address.version == 6:  # one IPv6 client holds a whole /64: a fresh address per guess costs it nothing
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 class AccessControl:
@@ -88,7 +99,7 @@ class AccessControl:
         """The caller's user, None if anonymous; raises LockedOut when its credentials are refused unchecked or
         their failure locks it out. A public path's answer does not depend on the caller, so a wrong token there
         tells a guesser nothing and is not counted."""
-        headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         scheme, _, token = headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and token:
             user = self.users.user_for_token(token.strip())
@@ -146,7 +157,7 @@ class AccessControl:
     async def _refuse(self, scope, receive, send):
         if scope["type"] == "websocket":
             return await send({"type": "websocket.close", "code": 1008, "reason": "authentication required"})
-        headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if scope["method"] == "GET" and "text/html" in headers.get("accept", "") and \
                 not scope["path"].startswith(BASIC_PREFIX):
             target = "/login?next=" + quote(scope["path"], safe="")

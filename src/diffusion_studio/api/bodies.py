@@ -5,7 +5,7 @@ OpenAPI declarations (request bodies by their models, error responses) that let 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -80,19 +80,23 @@ class BodyLimit:
     """ASGI middleware: a body over `max_bytes` is refused with 413 before it is parsed; by its Content-Length
     when it has one, else as soon as the bytes read pass the limit. `OWN_LIMIT_ROUTES` are left to their own;
     `route_limits` gives (method, path) routes a limit of their own (e.g. Gradio's upload, for the Models panel's
-    import: {("POST", "/gradio_api/upload"): limits.max_model_upload_bytes})."""
+    import: {("POST", "/gradio_api/upload"): limits.max_model_upload_bytes}), for callers `trusted(scope)` says
+    may have them (e.g. admins: anyone else could fill the disk 20 GB at a time); others get `max_bytes`."""
 
-    def __init__(self, app, max_bytes: int, route_limits: dict[tuple[str, str], int] | None = None):
+    def __init__(self, app, max_bytes: int, route_limits: dict[tuple[str, str], int] | None = None,
+                 trusted: Callable[[dict], bool] = lambda scope: True):
         self.app = app
         self.max_bytes = max_bytes
         self.route_limits = dict(route_limits or {})
+        self.trusted = trusted
 
     async def __call__(self, scope, receive, send):
         route = (scope.get("method"), scope.get("path", "").rstrip("/"))
         if scope["type"] != "http" or route in OWN_LIMIT_ROUTES:
             return await self.app(scope, receive, send)
-        max_bytes = self.route_limits.get(route, self.max_bytes)
-        setting = "limits.max_body_bytes" if route not in self.route_limits else "this route's limit"
+        own_limit = route in self.route_limits and self.trusted(scope)
+        max_bytes = self.route_limits[route] if own_limit else self.max_bytes
+        setting = "this route's limit" if own_limit else "limits.max_body_bytes"
         length = dict(scope.get("headers", [])).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > max_bytes):
             response = error_response(self._too_large(max_bytes, setting))

@@ -35,7 +35,8 @@ from starlette.responses import JSONResponse
 # As Starlette matches Gradio's "/gradio_api/file={path_or_url:path}" and "/gradio_api/file/{path:path}": re.match
 # with a `$` that also matches before a final newline, so "...png%0A" reaches Gradio as "...png" and must here too.
 FILE_ROUTE = re.compile(r"^/gradio_api/file[=/](?P<path>.*)$")
-HISTORY_IMAGE_NAME = re.compile(r"\d{6}-[0-9a-f]{6}-[a-z0-9_]+--?\d+-\d+\.png")  # as Studio.save names them
+# As Studio.save names them, and a cache hit's copies of them (`-<job id>` added).
+HISTORY_IMAGE_NAME = re.compile(r"\d{6}-[0-9a-f]{6}-[a-z0-9_]+--?\d+-\d+(?:-[0-9a-f]{16})?\.png")
 FILE_METHODS = ("GET", "HEAD")
 REMOTE_URL = re.compile(r"^https?://", re.IGNORECASE)  # as gradio_client's is_http_url_like
 

@@ -320,7 +320,7 @@ def build_router(studio: Studio) -> APIRouter:
         """Every model the studio knows, of every kind (or one): built-ins, configured ones and the models folders'
         (usable or not, with the reason), and which are loaded now. Paths are relative to their models folder.
         LoRAs trained here by other users are not listed (nor usable) unless the caller is an admin."""
-        return {"available": studio.models(kind, user), "loaded": studio.loaded_models()}
+        return {"available": studio.models(kind, user), "loaded": studio.loaded_models(user)}
 
     @router.post("/models", tags=["models"], operation_id="import_model", status_code=201,
                  openapi_extra=IMPORT_BODY, responses=IMPORT_RESPONSES)
@@ -335,7 +335,7 @@ def build_router(studio: Studio) -> APIRouter:
                        user: str = Depends(current_user)) -> dict:
         """Read the models folders again (files added, removed or changed in place), then list them."""
         studio.refresh_models()
-        return {"available": studio.models(kind, user), "loaded": studio.loaded_models()}
+        return {"available": studio.models(kind, user), "loaded": studio.loaded_models(user)}
 
     @router.post("/models/{name:path}/unload", tags=["models"], operation_id="unload_model")
     def unload(name: str, admin: str = Depends(require_admin)) -> dict:
@@ -345,7 +345,7 @@ def build_router(studio: Studio) -> APIRouter:
     @router.get("/queue", tags=["system"], operation_id="queue_status")
     def queue_status(user: str = Depends(current_user)) -> dict:
         """The shared queue: waiting and running jobs, whether it is paused, how it batches."""
-        return studio.jobs.status()
+        return studio.queue_status(user)
 
     @router.post("/queue/pause", tags=["system"], operation_id="pause_queue")
     async def pause_queue(admin: str = Depends(require_admin)) -> dict:

@@ -722,7 +722,10 @@ class JobService:
         copies = []
         try:
             for image_id in source.result["image_ids"]:
-                original = Path(self.store.image(image_id)["path"])
+                row = self.store.image(image_id)
+                if row is None:  # deleted after the lookup: its file is going too
+                    raise FileNotFoundError(image_id)
+                original = Path(row["path"])
                 copy = original.with_name(f"{original.stem}-{record.id}{original.suffix}")
                 try:  # each job owns a name for its files: deleting one never breaks another
                     os.link(original, copy)

@@ -164,12 +164,13 @@ _PATH_START = r"(?:file://)?(?:/|~[\w.-]*/|[A-Za-z]:[\\/])"
 _QUOTED_PATH = re.compile(rf"(['\"])({_PATH_START}[^'\"\n]*)\1")  # quoted: spaces and all
 _BARE_PATH = re.compile(rf"(?<![\w.:/\\~])({_PATH_START}[^\s'\",:;()<>]*)")
 # The studio's own routes, which messages name for the client to call: kept as they are.
-ROUTE_PREFIXES = ("/api/", "/sdapi/", "/v1/", "/share/", "/gradio_api/", "/login", "/metrics", "/health")
+# Whole segments, so a server folder like /healthcheck/ or /api/../etc is still a path.
+_ROUTE = re.compile(r"/(?:api|sdapi|v1|share|gradio_api)/(?!\S*\.\.)\S*|/(?:login|logout|metrics|health)(?:\?\S*)?")
 
 
 def last_part(path: str) -> str:
     """A path shown by its last part ('/etc/passwd' -> 'passwd'; a root alone stays '/')."""
-    if path.startswith(ROUTE_PREFIXES):
+    if _ROUTE.fullmatch(path):
         return path
     return re.split(r"[\\/]", path.rstrip("/\\"))[-1] or "/"
 

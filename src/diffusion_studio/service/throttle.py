@@ -123,15 +123,20 @@ class _Table:
         return record
 
     def _make_room(self, now: float) -> None:
-        """Drop what is over; if a flood of live keys fills the table, drop a tenth of it, the least recently
-        used unlocked keys first (dropping a lockout would let a flood of fresh names lift it)."""
+        """Drop what is over; if a flood of live keys fills the table, drop a tenth of it: unlocked keys with the
+        fewest failures first (dropping a lockout would let a flood of fresh names lift it)."""
         for key, record in list(self._records.items()):
             self._forget_old(record, now)
             if not record.failures and not record.in_flight and record.locked_until <= now:
                 del self._records[key]
         target = self.max_keys - max(1, self.max_keys // 10)
+        # Fewest failures first (least recently used among equals): a flood of one-try names must not wipe the
+        # count of a name someone has been guessing at.
+        by_failures = sorted(self._records.items(), key=lambda item: len(item[1].failures))
         for unlocked_only in (True, False):
-            for key, record in list(self._records.items()):
+            for key, record in by_failures:
+                if key not in self._records:
+                    continue
                 if len(self._records) <= target:
                     return
                 if record.in_flight or (unlocked_only and record.locked_until > now):

@@ -22,11 +22,13 @@ from pathlib import Path
 
 from ..config import StudioConfig
 from ..engine.pipelines import LOADING, pick_device
+from ..engine.library import library_for
 from ..engine.sources import ANY_NAME, NamePolicy, resolve
 from ..requests import RequestError
 from ..training.config import TrainConfig
 from ..training.events import EventBus, JsonlLog, TrainingEvent
 from ..training.trainer import Trainer
+from .outcomes import scrub
 
 log = logging.getLogger(__name__)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,47}$")
@@ -131,8 +133,13 @@ class TrainingService:
             raise RequestError("name", "use 1-48 letters, digits, '-' or '_' (it becomes the LoRA's name)")
         if self.current is not None and not self.current.finished:
             raise RequestError("name", f"'{self.current.name}' is still training; stop it first")
-        if listed_only and trained_lora(self.config, name).exists() and lora_owners(self.config).get(name) != owner:
-            raise RequestError("name", f"a LoRA called '{name}' exists and is not yours; choose another name")
+        if listed_only:
+            # Trained LoRAs are found before the models folders' ones: a run named like a shared LoRA would hide
+            # it from everyone else and swap its weights under them.
+            trained = trained_lora(self.config, name).exists()
+            yours = trained and lora_owners(self.config).get(name) == owner
+            if not yours and (trained or library_for(self.config).find("lora", name) is not None):
+                raise RequestError("name", f"a LoRA called '{name}' exists and is not yours; choose another name")
 
     def start(self, name: str, train: TrainConfig, owner: str | None = None,
               policy: NamePolicy = ANY_NAME) -> TrainingRun:
@@ -188,7 +195,7 @@ class TrainingService:
                 run.lora_path = str(install_lora(self.config, output, run.name, run.owner))
         except Exception as exc:  # reported on the run, never lost in a thread
             log.exception("training run %s failed", run.name)
-            run.messages.append(f"{type(exc).__name__}: {exc}")
+            run.messages.append(scrub(f"{type(exc).__name__}: {exc}"))  # shown in the UI: no server paths
             run.state = "failed"
             return
         run.state = run.trainer.state
@@ -202,4 +209,4 @@ class TrainingService:
         elif event.kind == "sample":
             run.samples += event.data.get("images", [])
         elif event.kind in ("warning", "error"):
-            run.messages.append(event.message)
+            run.messages.append(scrub(event.message))

@@ -46,11 +46,11 @@ def service_text(studio: Studio, window_s: float = 3600) -> str:
             f"error rate {rate:.1%}")
 
 
-def worker_rows(studio: Studio) -> list[list]:
+def worker_rows(studio: Studio, user: str | None = None) -> list[list]:
     """One row per worker now: where it runs, what it holds, what it runs."""
     return [[worker["id"], worker["device"], worker["node"], ", ".join(worker["models"]) or "none",
              ", ".join(worker["jobs"]) or "idle", worker["batches"]]
-            for worker in studio.jobs.status()["worker_list"]]
+            for worker in studio.queue_status(user)["worker_list"]]
 
 
 # chart -> (y column, colour column or None, title, y axis title). Jobs' own measurements (speed, queue wait) exist
@@ -108,16 +108,16 @@ def build(studio: Studio, is_admin: Callable[[str], bool]) -> None:
         models.build(studio, is_admin, tab)
 
         def snapshot(request: gr.Request):
-            models = studio.loaded_models()
+            user = request.username or "local"
+            models = studio.loaded_models(user)
             rows = [[m["name"], m["role"], round(m["weight_bytes"] / 1e6, 1), m["in_use"], m.get("worker", "")]
                     for m in models]
-            user = request.username or "local"
             failed = studio.history(None if is_admin(user) else user, status=JobStatus.failed, limit=10)
             error_rows = [[time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.finished_at or job.created_at)),
                            job.request.get("prompt", "")[:50], (job.error.text() if job.error else "")[:120]]
                           for job in failed]
             return (device_text(studio), service_text(studio), rows,
-                    gr.Dropdown(choices=sorted({m["name"] for m in models})), error_rows, worker_rows(studio))
+                    gr.Dropdown(choices=sorted({m["name"] for m in models})), error_rows, worker_rows(studio, user))
 
         def unload_model(request: gr.Request, name):
             if not is_admin(request.username or "local"):
