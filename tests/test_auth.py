@@ -196,3 +196,20 @@ def test_a_training_run_is_its_owners_to_see_and_steer(secured):
         assert trainer.told == ["pause", "stop"]
     finally:
         studio.training.current = None
+
+
+def test_a_header_that_is_not_utf8_is_no_server_error(secured):
+    """HTTP allows any byte from 0x80 in a header value; the gate reads them as Latin-1, as Starlette does."""
+    import socket
+    from urllib.parse import urlparse
+
+    base, _, tokens = secured
+    url = urlparse(base)
+    for path, auth in (("/health", b""), ("/api/v1/queue", f"Authorization: Bearer {tokens['bob']}\r\n".encode())):
+        with socket.create_connection((url.hostname, url.port), timeout=10) as connection:
+            connection.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Note: caf\xe9\r\n" + auth +
+                               b"Connection: close\r\n\r\n")
+            reply = b""
+            while chunk := connection.recv(65536):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 200"), (path, reply[:200])
