@@ -169,6 +169,14 @@ def test_no_one_names_a_file_on_the_server_as_an_input(studio, alices_image):
             answer = call(base, who[user], "png_info", [{"path": path, "meta": {"_type": "gradio.FileData"}}])
             assert "event: error" in answer and "not uploaded by a user" in answer, (user, path, answer)
             assert "alice's secret" not in answer
+    # Nor a URL: Gradio would fetch it from any public host into its cache.
+    for path in ("https://example.com/a.png", " HTTP://example.com/a.png"):
+        refused = httpx.post(f"{base}/gradio_api/call/png_info", headers=who["bob"],
+                             json={"data": [{"path": path, "meta": {"_type": "gradio.FileData"}}]})
+        assert refused.status_code == 422 and refused.json()["field"] == "data", refused.text
+        joined = httpx.post(f"{base}/gradio_api/queue/join", headers=who["bob"], json={
+            "data": [[{"image": {"path": path}}]], "fn_index": 0, "session_hash": "x"})
+        assert joined.status_code == 422, joined.text
     parameters = PngInfo()
     parameters.add_text("parameters", "bob's own prompt\nSteps: 2, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 32x32")
     buffer = io.BytesIO()

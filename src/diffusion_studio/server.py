@@ -21,7 +21,7 @@ from .api.a1111 import build_router as build_a1111_router
 from .api.access import AccessControl, build_login_router
 from .api.bodies import BodyLimit, add_body_schemas
 from .api.docs import install_docs
-from .api.gradio_files import FileOwners
+from .api.gradio_files import FileOwners, RemoteInputs
 from .api.openai_images import build_router as build_openai_router
 from .api.origins import OriginPolicy
 from .api.routes import build_router, build_share_router, install_error_handlers
@@ -63,8 +63,10 @@ def build_app(config: StudioConfig, studio: Studio | None = None) -> FastAPI:
     app.state.studio = studio
     # Folders Gradio may serve files from, so that the UI can return them (it hands the page copies in its cache).
     private_dirs = [studio.outputs_dir, Path(config.data_dir) / "training"]
-    # Middleware runs outermost-last-added: OriginPolicy > AccessControl > BodyLimit > FileOwners > the routes.
+    # Middleware runs outermost-last-added: OriginPolicy > AccessControl > BodyLimit > FileOwners > RemoteInputs >
+    # the routes.
     # Innermost, so it knows the caller: Gradio's file routes serve each user only their own history images.
+    app.add_middleware(RemoteInputs)  # nor may an event's file input be a URL for the studio to fetch
     app.add_middleware(FileOwners, private_dirs=private_dirs, owner_of=studio.store.image_owner,
                        gradio_cache_dir=gradio_utils.get_upload_folder())
     # Before any route reads a body (the gate reads none, and refuses strangers before theirs is read). Gradio's

@@ -25,6 +25,7 @@ studio's, not a Gradio file route, and are not affected.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -107,3 +108,59 @@ class FileOwners:
         spellings = dict.fromkeys(str(spelling / relative) for spelling in (
             folder, Path(os.path.abspath(folder)), resolved(folder)))
         return next((owner for spelling in spellings if (owner := self.owner_of(spelling)) is not None), None)
+
+
+# Gradio's routes that run an event with its inputs in a JSON body.
+EVENT_ROUTE = re.compile(r"^/gradio_api/(?:queue/join|call/[^/]+|run/[^/]+|api/[^/]+)/?$")
+
+
+class RemoteInputs:
+    """ASGI middleware: an event input naming a remote file (`{"path": "https://..."}`) is refused. Gradio checks
+    that a file input is an upload, except for http(s) URLs, which it downloads into its cache from any public host:
+    every signed-in user could have the studio fetch whatever they like. The UI only ever sends uploads. Admins are
+    not held to it."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope.get("state", {}).get("admin") or \
+                not EVENT_ROUTE.match(route_path(scope)):
+            return await self.app(scope, receive, send)
+        messages, body = [], b""
+        while True:  # bounded: BodyLimit, outside, counts these bytes
+            message = await receive()
+            messages.append(message)
+            body += message.get("body", b"")
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+        if names_remote_file(body):
+            refusal = JSONResponse({"detail": "a file input must be an upload (POST /gradio_api/upload), not a URL "
+                                              "for the studio to fetch", "kind": "invalid_request", "field": "data"},
+                                   status_code=422)
+            return await refusal(scope, receive, send)
+        pending = iter(messages)
+
+        async def replay():
+            return next(pending, None) or await receive()
+
+        await self.app(scope, replay, send)
+
+
+def names_remote_file(body: bytes) -> bool:
+    """Whether a JSON body holds, anywhere, an object whose `path` is an http(s) URL (Gradio's FileData)."""
+    try:
+        stack = [json.loads(body)]
+    except ValueError:  # not JSON: Gradio refuses it itself
+        return False
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            path = item.get("path")
+            if isinstance(path, str) and REMOTE_URL.match(path.strip()):
+                return True
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
