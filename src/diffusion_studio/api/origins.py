@@ -30,12 +30,13 @@ there, a request whose `Host` is not a loopback name (localhost, 127.x.x.x, [::1
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import JSONResponse, Response
+
+from ..config import is_loopback
 
 ALLOWED_METHODS = "DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}  # change nothing, so a foreign page may send them (it can't read them)
@@ -87,12 +88,7 @@ def is_loopback_host(host: str | None) -> bool:
     if key is None:
         return False
     name = key[1].strip("[]")
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+    return name.endswith(".localhost") or is_loopback(name)  # the rule auth="auto" uses for the listening host
 
 
 class OriginPolicy:
