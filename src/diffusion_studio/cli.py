@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib.abc
+import importlib.util
 import logging
 import os
 import sys
@@ -12,16 +14,50 @@ from pathlib import Path
 from .requests import Mode, RequestError, default_of
 
 
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Calls `then(module)` once the module `name` has been imported, by whoever imports it first: a library is
+    configured when it arrives, never imported just to be configured (diffusers and transformers take seconds to
+    import, and `serve` needs neither until a model loads)."""
+
+    def __init__(self, name: str, then):
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)  # once; and the search below must not come back here
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            loader, then = spec.loader, self.then
+
+            class Configured(importlib.abc.Loader):
+                def create_module(self, spec):
+                    return loader.create_module(spec)
+
+                def exec_module(self, module):
+                    loader.exec_module(module)
+                    then(module)
+
+                def __getattr__(self, attribute):  # get_source, get_resource_reader, ...: the real loader's
+                    return getattr(loader, attribute)
+
+            spec.loader = Configured()
+        return spec
+
+
+def _quiet_library(logging_module) -> None:
+    logging_module.set_verbosity_error()
+    logging_module.disable_progress_bar()
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
+        if name in sys.modules:
+            _quiet_library(sys.modules[name])
+        elif not any(isinstance(finder, _AfterImport) and finder.name == name for finder in sys.meta_path):
+            sys.meta_path.insert(0, _AfterImport(name, _quiet_library))
 
 
 def _config(args, **more):

@@ -17,10 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from diffusers import UNet2DConditionModel
-
-from .architectures import TinySize, build_controlnet, build_sd_pipeline, build_sdxl_pipeline
-
 COMMITTED_DIR = Path(__file__).parent / "models"
 STANDIN_MARKER = "STANDIN.txt"
 
@@ -99,6 +95,11 @@ def ensure_standins(data_dir: Path) -> list[str]:
 
 
 def _build_standin(spec: BuiltinSpec, target: Path, data_dir: Path) -> None:
+    # Only here: naming and finding built-ins must not import diffusers (seconds, on every start of the studio).
+    from diffusers import UNet2DConditionModel
+
+    from .architectures import TinySize, build_controlnet, build_sd_pipeline, build_sdxl_pipeline
+
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename, so a crash never leaves a half-written model that looks complete.
     scratch = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=target.parent))

@@ -24,10 +24,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from diffusers.loaders.single_file_utils import (
-    CHECKPOINT_KEY_NAMES,
-    infer_diffusers_model_type,
-)
 
 from ..requests import RequestError
 
@@ -258,11 +254,11 @@ def classify(path: Path, header: Header) -> FileKind:
     if any(name.startswith(("control_model.", "input_hint_block.", "controlnet_cond_embedding.")) for name in names):
         return _controlnet(tensors, dtype)
     try:
-        model_type = infer_diffusers_model_type(MetaTensors(tensors))
+        model_type = diffusers_model_type(tensors)
     except (IndexError, KeyError, TypeError, ValueError, RuntimeError):  # a known key with a shape no model has
         raise RequestError("model", f"'{path.name}' names the tensors of a checkpoint but their shapes fit no "
                                     "known model (damaged or unusual)") from None
-    if model_type == "v1" and CHECKPOINT_KEY_NAMES["v1"] not in tensors:
+    if model_type == "v1" and not has_v1_key(tensors):
         model_type = None  # diffusers' fallback, not a match
     if model_type in CONTROLNET_VARIANTS:
         return _controlnet(tensors, dtype)
@@ -369,12 +365,28 @@ def _vae(names: list[str], dtype: str) -> FileKind | None:
     return None
 
 
+def diffusers_model_type(tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> str | None:
+    """diffusers' own detection of a checkpoint's family from its tensors' names and shapes. Imported on the first
+    checkpoint to identify, not with this module: diffusers' single-file loader takes seconds to import, and a
+    studio listing no checkpoint files never needs it."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    return infer_diffusers_model_type(MetaTensors(tensors))
+
+
+def has_v1_key(tensors: Mapping) -> bool:
+    """Whether the tensors hold the key diffusers checks for SD 1.x (its fallback type when nothing matches)."""
+    from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES
+
+    return CHECKPOINT_KEY_NAMES["v1"] in tensors
+
+
 def _controlnet(tensors, dtype: str) -> FileKind:
     """Original-layout ControlNets (`control_model.` or bare `input_hint_block.`: SDXL ones have `label_emb`) and
     diffusers-layout ones (diffusers' own names: controlnet_xl_large/mid/small)."""
     names = list(tensors)
     if any(name.startswith("controlnet_cond_embedding.") for name in names):
-        model_type = infer_diffusers_model_type(MetaTensors(tensors))
+        model_type = diffusers_model_type(tensors)
         if model_type not in CONTROLNET_VARIANTS:
             model_type = "controlnet"
     elif any(name.removeprefix("control_model.").startswith("label_emb.") for name in names):

@@ -12,14 +12,11 @@ before this module existed (`needs_encoding` decides). Runs of an encoded prompt
 
 from __future__ import annotations
 
+import functools
 import re
+from types import SimpleNamespace
+
 import torch
-from compel.embeddings_provider import (
-    BaseTextualInversionManager,
-    EmbeddingsProvider,
-    ReturnedEmbeddingsType,
-    SplitLongTextMode,
-)
 
 ROUND, SQUARE = 1.1, 1 / 1.1  # A1111's multipliers for (word) and [word]
 SYNTAX = re.compile(r"[()\[\]\\]|\bBREAK\b")
@@ -103,43 +100,56 @@ def needs_encoding(text: str, tokenizer, convert=None) -> bool:
     return bool(SYNTAX.search(text)) or token_count(text, tokenizer, convert) > chunk_tokens(tokenizer)
 
 
-class _ExpandEmbeddings(BaseTextualInversionManager):
-    """A multi-vector textual-inversion token `name` is `name name_1 name_2 ...` (diffusers' convention), by id."""
+@functools.cache
+def _compel() -> SimpleNamespace:
+    """compel and our two providers on its classes, defined on first use: compel imports transformers and
+    diffusers (seconds), which a studio needs only once it encodes a prompt, not to start."""
+    from compel.embeddings_provider import (
+        BaseTextualInversionManager,
+        EmbeddingsProvider,
+        ReturnedEmbeddingsType,
+        SplitLongTextMode,
+    )
 
-    def __init__(self, tokenizer):
-        self._added = tokenizer.get_added_vocab()  # str -> id
-        self._names = {index: token for token, index in self._added.items()}
+    class _ExpandEmbeddings(BaseTextualInversionManager):
+        """A multi-vector textual-inversion token `name` is `name name_1 name_2 ...` (diffusers' convention), by id."""
 
-    def expand_textual_inversion_token_ids_if_necessary(self, token_ids: list[int]) -> list[int]:
-        expanded = []
-        for token_id in token_ids:
-            expanded.append(token_id)
-            name, extra = self._names.get(token_id), 1
-            while name is not None and f"{name}_{extra}" in self._added:
-                expanded.append(self._added[f"{name}_{extra}"])
-                extra += 1
-        return expanded
+        def __init__(self, tokenizer):
+            self._added = tokenizer.get_added_vocab()  # str -> id
+            self._names = {index: token for token, index in self._added.items()}
 
+        def expand_textual_inversion_token_ids_if_necessary(self, token_ids: list[int]) -> list[int]:
+            expanded = []
+            for token_id in token_ids:
+                expanded.append(token_id)
+                name, extra = self._names.get(token_id), 1
+                while name is not None and f"{name}_{extra}" in self._added:
+                    expanded.append(self._added[f"{name}_{extra}"])
+                    extra += 1
+            return expanded
 
-class _LayerEmbeddings(EmbeddingsProvider):
-    """compel's provider, taking the hidden layer the diffusers pipeline takes for a `clip_skip` (A1111's minus
-    one): SD the last layer normalised (or an earlier one through the final layer norm), SDXL the penultimate
-    (or an earlier one) un-normalised. No attention mask, as the pipelines pass none to CLIP."""
+    class _LayerEmbeddings(EmbeddingsProvider):
+        """compel's provider, taking the hidden layer the diffusers pipeline takes for a `clip_skip` (A1111's minus
+        one): SD the last layer normalised (or an earlier one through the final layer norm), SDXL the penultimate
+        (or an earlier one) un-normalised. No attention mask, as the pipelines pass none to CLIP."""
 
-    def __init__(self, *, skip: int, sdxl: bool, **kwargs):
-        super().__init__(**kwargs)
-        self.skip, self.sdxl = skip, sdxl
+        def __init__(self, *, skip: int, sdxl: bool, **kwargs):
+            super().__init__(**kwargs)
+            self.skip, self.sdxl = skip, sdxl
 
-    def _encode_token_ids_to_embeddings(self, token_ids, attention_mask=None):
-        output = self.text_encoder(token_ids.to(self.text_encoder.device, torch.long), output_hidden_states=True)
-        if self.sdxl:
-            return output.hidden_states[-(self.skip + 2)]
-        if self.skip == 0:
-            return output[0]
-        # transformers 5's CLIPTextModel holds the norm itself (diffusers' SD clip_skip path still looks for
-        # `.text_model` and fails, so SD runs with clip_skip > 1 always come through here)
-        encoder = getattr(self.text_encoder, "text_model", self.text_encoder)
-        return encoder.final_layer_norm(output.hidden_states[-(self.skip + 1)])
+        def _encode_token_ids_to_embeddings(self, token_ids, attention_mask=None):
+            output = self.text_encoder(token_ids.to(self.text_encoder.device, torch.long), output_hidden_states=True)
+            if self.sdxl:
+                return output.hidden_states[-(self.skip + 2)]
+            if self.skip == 0:
+                return output[0]
+            # transformers 5's CLIPTextModel holds the norm itself (diffusers' SD clip_skip path still looks for
+            # `.text_model` and fails, so SD runs with clip_skip > 1 always come through here)
+            encoder = getattr(self.text_encoder, "text_model", self.text_encoder)
+            return encoder.final_layer_norm(output.hidden_states[-(self.skip + 1)])
+
+    return SimpleNamespace(ExpandEmbeddings=_ExpandEmbeddings, LayerEmbeddings=_LayerEmbeddings,
+                           ReturnedEmbeddingsType=ReturnedEmbeddingsType, SplitLongTextMode=SplitLongTextMode)
 
 
 class PromptEncoder:
@@ -154,15 +164,16 @@ class PromptEncoder:
         pairs = [(pipe.tokenizer, pipe.text_encoder)]
         if self.sdxl:
             pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+        compel = _compel()
         self.providers = [
-            _LayerEmbeddings(skip=skip, sdxl=self.sdxl, tokenizer=tokenizer, text_encoder=encoder,
-                             textual_inversion_manager=_ExpandEmbeddings(tokenizer), truncate=False,
-                             returned_embeddings_type=ReturnedEmbeddingsType.LAST_HIDDEN_STATES_NORMALIZED,
-                             split_long_text_mode=SplitLongTextMode.BRUTAL)
+            compel.LayerEmbeddings(skip=skip, sdxl=self.sdxl, tokenizer=tokenizer, text_encoder=encoder,
+                                   textual_inversion_manager=compel.ExpandEmbeddings(tokenizer), truncate=False,
+                                   returned_embeddings_type=compel.ReturnedEmbeddingsType.LAST_HIDDEN_STATES_NORMALIZED,
+                                   split_long_text_mode=compel.SplitLongTextMode.BRUTAL)
             for tokenizer, encoder in pairs
         ]
 
-    def _segment(self, provider: EmbeddingsProvider, fragments: list[tuple[str, float]]):
+    def _segment(self, provider, fragments: list[tuple[str, float]]):
         texts, weights = [text for text, _ in fragments], [weight for _, weight in fragments]
         embeds, tokens = provider.get_embeddings_for_weighted_prompt_fragments(
             text_batch=[texts], fragment_weights_batch=[weights], should_return_tokens=True,

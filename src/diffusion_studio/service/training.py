@@ -19,6 +19,7 @@ import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import StudioConfig
 from ..engine.pipelines import LOADING, pick_device
@@ -27,8 +28,10 @@ from ..engine.sources import ANY_NAME, NamePolicy, resolve
 from ..requests import RequestError
 from ..training.config import TrainConfig
 from ..training.events import EventBus, JsonlLog, TrainingEvent
-from ..training.trainer import Trainer
 from .outcomes import scrub
+
+if TYPE_CHECKING:  # the trainer imports diffusers (seconds): only a run imports it, not the studio's start
+    from ..training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,47}$")
@@ -41,6 +44,8 @@ def lora_trainer(config: StudioConfig, train: TrainConfig, bus: EventBus,
     """A LoRA trainer on an SD-family base (built-in or diffusers folder); `policy`: which base names the caller
     may use (sources.py)."""
     from diffusers import StableDiffusionPipeline
+
+    from ..training.trainer import Trainer
 
     source = resolve(train.base, config, "base", policy)
     if source.role != "base" or source.family != "sd" or source.kind in ("hub", "single_file"):

@@ -1,0 +1,57 @@
+"""A cold start stays cheap: the CLI quiets diffusers and transformers without importing them (seconds `serve`
+does not need before a model loads) and the quieting still applies when they arrive; bench/startup.py times the
+real `serve` to the port and to the first 200 of `/`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import startup  # noqa: E402  (bench/startup.py)
+
+def run_python(code: str) -> str:
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, **startup.ENV}, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_the_libraries_are_quieted_when_they_arrive():
+    """_quiet_libraries imports neither library; whichever imports one first gets it quiet: errors only, no
+    progress bars (as when the CLI imported both to quiet them)."""
+    code = """
+import logging, sys
+import diffusion_studio.cli as cli
+cli._quiet_libraries()
+cli._quiet_libraries()  # twice (main() runs again in one process): still one hook per library
+print("diffusers" in sys.modules, "transformers" in sys.modules,
+      sum(isinstance(finder, cli._AfterImport) for finder in sys.meta_path))
+import diffusers, transformers
+print(diffusers.utils.logging.get_verbosity() == logging.ERROR, diffusers.utils.logging.is_progress_bar_enabled(),
+      transformers.utils.logging.get_verbosity() == logging.ERROR, transformers.utils.logging.is_progress_bar_enabled(),
+      sum(isinstance(finder, cli._AfterImport) for finder in sys.meta_path))
+import inspect
+print(bool(inspect.getsource(diffusers.utils.logging.set_verbosity_error)))  # the real loader still answers
+"""
+    before, after, source = run_python(code).splitlines()[-3:]
+    assert before == "False False 2"
+    assert after == "True False True False 0"
+    assert source == "True"
+
+
+def test_bench_times_the_real_serve_to_the_port_and_the_page(tmp_path):
+    """One start of the console script: the port accepts no later than `/` answers 200; a history data dir the
+    bench makes is one the studio lists."""
+    timing = startup.start_once(tmp_path / "fresh")
+    assert 0 < timing["port_s"] <= timing["page_s"] < startup.LAUNCH_TIMEOUT_S
+    startup.make_history(tmp_path / "history", 3)
+    from diffusion_studio.service.store import JobStatus, JobStore
+
+    jobs = JobStore(tmp_path / "history" / "studio.db").find(user="local")
+    assert [job.status for job in jobs] == [JobStatus.done] * 3
+    assert all(Path(path).is_file() for path in (tmp_path / "history" / "outputs").glob("*/*.png"))
+    assert len(list((tmp_path / "history" / "outputs").glob("*/*.png"))) == 3
