@@ -55,3 +55,46 @@ def test_bench_times_the_real_serve_to_the_port_and_the_page(tmp_path):
     assert [job.status for job in jobs] == [JobStatus.done] * 3
     assert all(Path(path).is_file() for path in (tmp_path / "history" / "outputs").glob("*/*.png"))
     assert len(list((tmp_path / "history" / "outputs").glob("*/*.png"))) == 3
+
+
+def test_the_engine_libraries_are_imported_in_the_background_after_start(tmp_path, monkeypatch):
+    """The server imports the engine's libraries once, IMPORT_LIBRARIES_AFTER_S after its start, in a thread of its
+    own; a server stopped sooner never does."""
+    import threading
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from diffusion_studio import server
+    from diffusion_studio.config import StudioConfig
+
+    calls = []
+    monkeypatch.setattr(server, "import_libraries", lambda: calls.append(threading.current_thread().name))
+    monkeypatch.setattr(server, "IMPORT_LIBRARIES_AFTER_S", 0.2)
+    app = server.build_app(StudioConfig(data_dir=tmp_path, models_dir=tmp_path / "models"))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        assert client.get("/").status_code == 200 and calls == []  # not before the delay
+        deadline = time.monotonic() + 30
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert len(calls) == 1 and calls[0] != threading.main_thread().name
+    monkeypatch.setattr(server, "IMPORT_LIBRARIES_AFTER_S", 2.0)
+    with TestClient(server.build_app(StudioConfig(data_dir=tmp_path, models_dir=tmp_path / "models"))):
+        started = time.monotonic()
+    stopped = time.monotonic() - started
+    time.sleep(3.0)
+    assert stopped < 2.0 and len(calls) == 1  # stopped before its time: it never ran
+
+
+def test_import_libraries_imports_what_a_first_job_needs():
+    code = """
+import sys
+from diffusion_studio.engine import import_libraries
+print(sorted(name for name in ("diffusers", "compel", "transformers") if name in sys.modules))
+import_libraries()
+print(sorted(name for name in ("diffusers", "compel", "transformers", "diffusers.pipelines.stable_diffusion")
+             if name in sys.modules))
+"""
+    before, after = run_python(code).splitlines()[-2:]
+    assert before == "[]"
+    assert after == "['compel', 'diffusers', 'diffusers.pipelines.stable_diffusion', 'transformers']"

@@ -1,12 +1,18 @@
 """The server's composition root: one FastAPI app with the API routers, the access gate, the origin policy (CORS
 for the studio's own origin and allowed_origins only), the owners of Gradio's files, /metrics and /health, /docs
 and /redoc (offline), the metrics sampler behind the System charts, and the Gradio page (ui/) mounted at the root
-path. The only module that knows both api/ and ui/."""
+path. The only module that knows both api/ and ui/.
+
+Nothing here needs diffusers or transformers: the engine imports them on first use, and the server in the
+background a moment after it starts answering (see IMPORT_LIBRARIES_AFTER_S), so a cold start waits only for
+Gradio, FastAPI, torch and the page's build."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -26,9 +32,24 @@ from .api.openai_images import build_router as build_openai_router
 from .api.origins import OriginPolicy
 from .api.routes import build_router, build_share_router, install_error_handlers
 from .config import StudioConfig, is_loopback
+from .engine import import_libraries
 from .requests import RequestError
 from .studio import Studio
 from .ui.app import CSS, PAGE_JS, THEME, build_blocks
+
+
+log = logging.getLogger(__name__)
+
+# The engine's libraries are imported this long after start-up, in the background: by then the first page has been
+# served (the start does not wait for them), and a first job seldom comes sooner (it would import what it needs).
+IMPORT_LIBRARIES_AFTER_S = 2.0
+
+
+def import_engine_libraries() -> None:
+    try:
+        import_libraries()
+    except Exception:  # noqa: BLE001 (the first model load will import them again and report what fails)
+        log.warning("could not import the engine's libraries ahead of the first job", exc_info=True)
 
 
 class Health(BaseModel):
@@ -51,9 +72,14 @@ def build_app(config: StudioConfig, studio: Studio | None = None) -> FastAPI:
         await studio.jobs.start()  # on the server's own event loop
         sampler = asyncio.create_task(studio.jobs.metrics.keep_sampling(), name="metrics-sampler")  # System charts
         retention = asyncio.create_task(studio.retention.run(), name="history-retention")  # warns; prunes if on
+        # A daemon thread: a stop never waits for an import under way.
+        libraries = threading.Timer(IMPORT_LIBRARIES_AFTER_S, import_engine_libraries)
+        libraries.daemon = True
+        libraries.start()
         try:
             yield
         finally:
+            libraries.cancel()
             sampler.cancel()
             retention.cancel()
             await asyncio.gather(sampler, retention, return_exceptions=True)

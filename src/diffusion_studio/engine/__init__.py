@@ -1,0 +1,19 @@
+"""The engine: generation on diffusers (runner.py's Engine), the models it loads, lists and identifies, and what it
+reads from model files. Knows nothing of HTTP or Gradio.
+
+Its heaviest libraries (diffusers, transformers, compel: seconds to import) are imported where they are first used,
+not with the engine's modules, so that a server answers before it has them; `import_libraries` imports them ahead
+of need.
+"""
+
+from __future__ import annotations
+
+
+def import_libraries() -> None:
+    """Import what a first model load and prompt encoding use: diffusers' SD pipelines (with transformers' CLIP)
+    and compel. Blocking, seconds: the server runs it in a background thread once it answers, so that neither its
+    start nor its first job waits for them."""
+    import compel  # noqa: F401
+    import diffusers
+
+    diffusers.StableDiffusionPipeline  # noqa: B018 (a lazy attribute: reading it imports the pipeline's modules)
