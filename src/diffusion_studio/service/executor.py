@@ -12,7 +12,6 @@ mid-batch raises `WorkerLost` from `run`: the service runs its jobs again once o
 
 from __future__ import annotations
 
-import asyncio
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from typing import Any
 
 from ..engine.runner import WorkItem
 from ..requests import GenerationResult
+from .engine_thread import EngineThread
 
 BatchRunner = Callable[[list[WorkItem]], list[GenerationResult]]  # Engine.run_batch
 
@@ -119,8 +119,8 @@ class LocalDevice:
 
 
 class LocalExecutor(Executor):
-    """Engines in this process: `threads` workers per device, each batch in a thread (the engine is thread-safe;
-    threads on one device share its loaded models)."""
+    """Engines in this process: `threads` workers per device, each running its batches on a long-lived thread of
+    its own (service/engine_thread.py; the engine is thread-safe; threads on one device share its loaded models)."""
 
     kind = "local"
 
@@ -133,6 +133,7 @@ class LocalExecutor(Executor):
                 worker = Worker(id=f"local-{len(self._workers)}", device=device.device)
                 self._workers.append(worker)
                 self._device_of[worker.id] = device
+        self._threads = {worker.id: EngineThread(f"engine-{worker.id}") for worker in self._workers}
 
     @classmethod
     def threads(cls, run_batch: BatchRunner, workers: int = 1, device: str = "local") -> LocalExecutor:
@@ -143,8 +144,11 @@ class LocalExecutor(Executor):
         return list(self._workers)
 
     async def run(self, worker: Worker, items: list[WorkItem]) -> list[GenerationResult]:
-        device = self._device_of[worker.id]
-        return await asyncio.to_thread(self._run_on, device, items)
+        return await self._threads[worker.id].call(self._run_on, self._device_of[worker.id], items)
+
+    async def stop(self) -> None:
+        for thread in self._threads.values():
+            thread.close()
 
     def _run_on(self, device: LocalDevice, items: list[WorkItem]) -> list[GenerationResult]:
         """In the worker's thread: the batch, then what the device holds now (the manager's lock may be held by
