@@ -82,11 +82,11 @@ def switching(engine: Engine, args) -> None:
     print(f"mode_switch_weight_bytes_added {added}  (base weights {before} bytes; goal 0)")
     # The same switches through diffusers' own from_pipe, for comparison.
     with manager.use("builtin:shapes") as (base, _):
-        from diffusion_studio.engine.pipelines import MODE_PIPELINES
+        from diffusion_studio.engine.pipelines import mode_pipeline
 
         started = time.perf_counter()
         for mode in modes[:3]:
-            MODE_PIPELINES["sd"][mode].from_pipe(base.pipeline, dtype=manager.dtype)
+            mode_pipeline("sd", mode).from_pipe(base.pipeline, dtype=manager.dtype)
         print(f"from_pipe_switch_ms {(time.perf_counter() - started) * 1000 / 3:.2f}  (diffusers from_pipe, for "
               "comparison)")
 

@@ -69,15 +69,18 @@ def test_the_engine_libraries_are_imported_in_the_background_after_start(tmp_pat
     from diffusion_studio.config import StudioConfig
 
     calls = []
-    monkeypatch.setattr(server, "import_libraries", lambda: calls.append(threading.current_thread().name))
-    monkeypatch.setattr(server, "IMPORT_LIBRARIES_AFTER_S", 0.2)
+    monkeypatch.setattr(server, "import_libraries",
+                        lambda: calls.append((threading.current_thread().name, time.monotonic())))
+    monkeypatch.setattr(server, "IMPORT_LIBRARIES_AFTER_S", 1.0)
     app = server.build_app(StudioConfig(data_dir=tmp_path, models_dir=tmp_path / "models"))
     with TestClient(app, base_url="http://127.0.0.1") as client:
-        assert client.get("/").status_code == 200 and calls == []  # not before the delay
+        serving = time.monotonic()
+        assert client.get("/").status_code == 200
         deadline = time.monotonic() + 30
         while not calls and time.monotonic() < deadline:
             time.sleep(0.05)
-    assert len(calls) == 1 and calls[0] != threading.main_thread().name
+    assert len(calls) == 1 and calls[0][0] != threading.main_thread().name
+    assert calls[0][1] - serving >= 0.9  # not before the delay
     monkeypatch.setattr(server, "IMPORT_LIBRARIES_AFTER_S", 2.0)
     with TestClient(server.build_app(StudioConfig(data_dir=tmp_path, models_dir=tmp_path / "models"))):
         started = time.monotonic()
@@ -98,3 +101,31 @@ print(sorted(name for name in ("diffusers", "compel", "transformers", "diffusers
     before, after = run_python(code).splitlines()[-2:]
     assert before == "[]"
     assert after == "['compel', 'diffusers', 'diffusers.pipelines.stable_diffusion', 'transformers']"
+
+
+ENGINE_ONLY = ("diffusers", "transformers", "peft", "scipy", "ray")
+
+
+def test_serving_builds_the_app_without_the_engine_libraries(tmp_path):
+    """What `serve` does before it listens (the CLI's set-up, build_app on a fresh data dir) imports none of
+    ENGINE_ONLY; the page is still there and a model still loads and runs on first use."""
+    code = f"""
+import sys
+from pathlib import Path
+import diffusion_studio.cli as cli
+cli._quiet_libraries()
+from diffusion_studio.config import StudioConfig
+from diffusion_studio.server import build_app
+from fastapi.testclient import TestClient
+data = Path({str(tmp_path)!r})
+app = build_app(StudioConfig(data_dir=data, models_dir=data / "models"))
+with TestClient(app, base_url="http://127.0.0.1") as client:
+    assert client.get("/").status_code == 200
+    print(sorted(name for name in {ENGINE_ONLY!r} if name in sys.modules))
+    studio = app.state.studio
+    result = studio.generate(studio.validate({{"prompt": "a red circle", "steps": 2, "width": 64, "height": 64}}))
+    print(len(result.images), "diffusers" in sys.modules)
+"""
+    imported, generated = run_python(code).splitlines()[-2:]
+    assert imported == "[]"
+    assert generated == "1 True"

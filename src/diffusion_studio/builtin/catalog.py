@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from ..engine import import_libraries
+
 COMMITTED_DIR = Path(__file__).parent / "models"
 STANDIN_MARKER = "STANDIN.txt"
 
@@ -96,6 +98,7 @@ def ensure_standins(data_dir: Path) -> list[str]:
 
 def _build_standin(spec: BuiltinSpec, target: Path, data_dir: Path) -> None:
     # Only here: naming and finding built-ins must not import diffusers (seconds, on every start of the studio).
+    import_libraries()  # one importer at a time (engine/__init__.py)
     from diffusers import UNet2DConditionModel
 
     from .architectures import TinySize, build_controlnet, build_sd_pipeline, build_sdxl_pipeline

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import import_libraries
 from ..requests import RequestError
 
 EstimatorKind = Literal["depth", "pose"]
@@ -50,6 +51,7 @@ def estimator_folder(kind: EstimatorKind, folder: str | None) -> str:
 
 def load_estimator(kind: EstimatorKind, folder: str) -> Estimator:
     """Read an estimator from a local transformers folder (never the hub); a clear error when it can't be."""
+    import_libraries()  # one importer at a time (engine/__init__.py)
     from transformers import (
         AutoImageProcessor,
         AutoModelForDepthEstimation,

@@ -25,6 +25,7 @@ from typing import Literal
 
 import torch
 
+from . import import_libraries
 from ..requests import RequestError
 
 Kind = Literal["checkpoint", "controlnet", "lora", "embedding", "vae"]
@@ -369,6 +370,7 @@ def diffusers_model_type(tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]
     """diffusers' own detection of a checkpoint's family from its tensors' names and shapes. Imported on the first
     checkpoint to identify, not with this module: diffusers' single-file loader takes seconds to import, and a
     studio listing no checkpoint files never needs it."""
+    import_libraries()  # one importer at a time (engine/__init__.py)
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
     return infer_diffusers_model_type(MetaTensors(tensors))
@@ -376,6 +378,7 @@ def diffusers_model_type(tensors: dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 def has_v1_key(tensors: Mapping) -> bool:
     """Whether the tensors hold the key diffusers checks for SD 1.x (its fallback type when nothing matches)."""
+    import_libraries()  # one importer at a time (engine/__init__.py)
     from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES
 
     return CHECKPOINT_KEY_NAMES["v1"] in tensors

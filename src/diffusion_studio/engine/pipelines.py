@@ -16,46 +16,58 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import diffusers
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline
 from safetensors import SafetensorError
 
 from ..config import StudioConfig
+from . import import_libraries
 from ..requests import Mode, ModelLoadError, RequestError
 from ..samplers import SAMPLERS
 from .control import Estimator, EstimatorKind, load_estimator
 from .embeddings import load_into as load_embedding
 from .loras import check_lora_file
-from . import single_file
 from .sources import ModelSource, resolve
 from .invariance import make_batch_invariant, make_pipeline_batch_invariant
 
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline
+
 log = logging.getLogger(__name__)
 
+# diffusers' pipeline classes by name: diffusers is imported when the first model loads, not with this module
+# (importing it takes seconds, and the studio's start needs none of it).
 MODE_PIPELINES = {
     "sd": {
-        Mode.txt2img: diffusers.StableDiffusionPipeline,
-        Mode.img2img: diffusers.StableDiffusionImg2ImgPipeline,
-        Mode.inpaint: diffusers.StableDiffusionInpaintPipeline,
-        Mode.controlnet: diffusers.StableDiffusionControlNetPipeline,
+        Mode.txt2img: "StableDiffusionPipeline",
+        Mode.img2img: "StableDiffusionImg2ImgPipeline",
+        Mode.inpaint: "StableDiffusionInpaintPipeline",
+        Mode.controlnet: "StableDiffusionControlNetPipeline",
     },
     "sdxl": {
-        Mode.txt2img: diffusers.StableDiffusionXLPipeline,
-        Mode.img2img: diffusers.StableDiffusionXLImg2ImgPipeline,
-        Mode.inpaint: diffusers.StableDiffusionXLInpaintPipeline,
-        Mode.controlnet: diffusers.StableDiffusionXLControlNetPipeline,
+        Mode.txt2img: "StableDiffusionXLPipeline",
+        Mode.img2img: "StableDiffusionXLImg2ImgPipeline",
+        Mode.inpaint: "StableDiffusionXLInpaintPipeline",
+        Mode.controlnet: "StableDiffusionXLControlNetPipeline",
     },
 }
 
 
 # Inpainting with a ControlNet (an inpainting one: its control is the image with the hole marked).
 CONTROLNET_INPAINT_PIPELINES = {
-    "sd": diffusers.StableDiffusionControlNetInpaintPipeline,
-    "sdxl": diffusers.StableDiffusionXLControlNetInpaintPipeline,
+    "sd": "StableDiffusionControlNetInpaintPipeline",
+    "sdxl": "StableDiffusionXLControlNetInpaintPipeline",
 }
+
+
+def mode_pipeline(family: str, mode: Mode, controlnet: bool = False):
+    """diffusers' pipeline class for a family and mode (an inpainting ControlNet has its own); None: no such."""
+    import diffusers
+
+    name = CONTROLNET_INPAINT_PIPELINES[family] if mode == Mode.inpaint and controlnet else \
+        MODE_PIPELINES[family].get(mode)
+    return getattr(diffusers, name) if name else None
 
 
 # One load at a time in a process: diffusers' low-memory loading builds modules under accelerate's empty-weights
@@ -238,6 +250,9 @@ class PipelineManager:
             yield entry.vae
 
     def _load_vae(self, source: ModelSource) -> LoadedModel:
+        import_libraries()  # diffusers and transformers: imported by the first load, not the start
+        from . import single_file
+
         try:  # a file (original or diffusers key names) or an AutoencoderKL folder, offline
             file_dtype = source.file_kind.dtype if source.file_kind else None
             vae = single_file.load_vae(source.location, source.family,
@@ -289,6 +304,11 @@ class PipelineManager:
         return entry, entry.load_s
 
     def _load(self, source: ModelSource) -> LoadedModel:
+        import_libraries()
+        from diffusers import ControlNetModel, DiffusionPipeline
+
+        from . import single_file
+
         kwargs = {"dtype": self.dtype}
         try:
             if source.kind == "single_file":
@@ -405,10 +425,7 @@ class PipelineManager:
         This is what diffusers' `from_pipe` does, minus its `.to(dtype)` over every module on each call (12 ms
         on a tiny model, more on a real one): the modules already have the right dtype and device. `vae`: a
         request's own VAE, in this view only (the base keeps its own)."""
-        if mode == Mode.inpaint and controlnet is not None:
-            cls = CONTROLNET_INPAINT_PIPELINES[base.family]
-        else:
-            cls = MODE_PIPELINES[base.family].get(mode)
+        cls = mode_pipeline(base.family, mode, controlnet is not None)
         if cls is None:
             raise RequestError("mode", f"mode '{mode.value}' has no {base.family.upper()} pipeline")
         if base.pipeline.components.get("text_encoder", False) is None and mode in (Mode.txt2img, Mode.controlnet):
@@ -432,5 +449,7 @@ class PipelineManager:
 
 
 def make_scheduler(name: str, base_config):
+    import diffusers
+
     class_name, options = SAMPLERS[name]
     return getattr(diffusers, class_name).from_config(base_config, **options)

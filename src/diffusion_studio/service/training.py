@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import StudioConfig
+from ..engine import import_libraries
 from ..engine.pipelines import LOADING, pick_device
 from ..engine.library import library_for
 from ..engine.sources import ANY_NAME, NamePolicy, resolve
@@ -43,6 +44,7 @@ def lora_trainer(config: StudioConfig, train: TrainConfig, bus: EventBus,
                  policy: NamePolicy = ANY_NAME) -> Trainer:
     """A LoRA trainer on an SD-family base (built-in or diffusers folder); `policy`: which base names the caller
     may use (sources.py)."""
+    import_libraries()  # one importer at a time (engine/__init__.py)
     from diffusers import StableDiffusionPipeline
 
     from ..training.trainer import Trainer
