@@ -76,6 +76,10 @@ def start_once(data_dir: Path, extra_env: dict[str, str] | None = None) -> dict:
     port = free_port()
     env = {**os.environ, **ENV, **(extra_env or {})}
     env.pop("DS_CONFIG_FILE", None)
+    if "PYTHONDONTWRITEBYTECODE" not in (extra_env or {}):
+        # An install has its .pyc files (pip compiles a wheel's; an editable install writes them on its first
+        # start): a shell that turns the cache off must not make every start compile the studio's modules.
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
     command = [*serve_command(), "serve", "--port", str(port), "--data-dir", str(data_dir),
                "--models-dir", str(data_dir / "models")]
     with tempfile.TemporaryFile() as log:
@@ -163,7 +167,8 @@ def importtime_offenders(top: int) -> list[tuple[float, int, str]]:
     """`python -X importtime` of what `serve` imports before it listens (the CLI and the server modules): the
     `top` modules by cumulative import time, as (seconds, nesting depth, name). importtime's own bookkeeping
     inflates the figures; compare them with each other, not with the start's seconds."""
-    code = "import diffusion_studio.cli as c; c._quiet_libraries(); import diffusion_studio.server"
+    code = ("import diffusion_studio.cli as c; c._quiet_libraries(); c._skip_gradio_stub_files(); "
+            "import diffusion_studio.server")
     result = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True,
                             env={**os.environ, **ENV}, timeout=300, check=False)
     rows = []
@@ -202,6 +207,7 @@ def phase(label):
 import diffusion_studio.cli
 phase("import diffusion_studio.cli")
 diffusion_studio.cli._quiet_libraries()
+diffusion_studio.cli._skip_gradio_stub_files()  # as serve does
 import diffusion_studio.server
 phase("import diffusion_studio.server (gradio, fastapi, the studio's modules)")
 from diffusion_studio.config import StudioConfig

@@ -43,6 +43,62 @@ print(bool(inspect.getsource(diffusers.utils.logging.set_verbosity_error)))  # t
     assert source == "True"
 
 
+COMPONENT_MODULE = """
+import gradio as gr
+
+
+class Dial(gr.components.Component):
+    EVENTS = ["change"]
+
+    def preprocess(self, payload):
+        return payload
+
+    def postprocess(self, value):
+        return value
+
+    def example_payload(self):
+        return 1
+
+    def example_value(self):
+        return 1
+
+    def api_info(self):
+        return {"type": "number"}
+"""
+
+
+def test_gradio_writes_no_type_stubs_under_serve(tmp_path):
+    """Gradio derives a .pyi stub for each component class as it is defined (half of `import gradio`); after
+    _skip_gradio_stub_files it writes none (a component defined in a fresh module gets no stub beside it, where
+    plain Gradio writes one), the component still works, and Gradio's own files are left as they are."""
+    code = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import diffusion_studio.cli as cli
+if sys.argv[2] == "skip":
+    cli._skip_gradio_stub_files()
+    cli._skip_gradio_stub_files()  # twice (main() runs again in one process): still one hook
+    print(sum(isinstance(finder, cli._AfterImport) and finder.name == "gradio.component_meta"
+              for finder in sys.meta_path))
+else:
+    print(1)
+import gradio, dial
+print(Path(sys.argv[1], "dial.pyi").exists(), dial.Dial(value=3).value, gradio.Textbox("hi").get_config()["value"])
+"""
+    rows = {}
+    for mode in ("plain", "skip"):
+        folder = tmp_path / mode
+        folder.mkdir()
+        (folder / "dial.py").write_text(COMPONENT_MODULE)
+        result = subprocess.run([sys.executable, "-c", code, str(folder), mode], capture_output=True, text=True,
+                                timeout=300, env={**os.environ, **startup.ENV}, check=False)
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows[mode] = result.stdout.splitlines()[-2:]
+    assert rows["plain"] == ["1", "True 3 hi"]  # what the hook prevents: plain Gradio writes the stub
+    assert rows["skip"] == ["1", "False 3 hi"]
+
+
 def test_bench_times_the_real_serve_to_the_port_and_the_page(tmp_path):
     """One start of the console script: the port accepts no later than `/` answers 200; a history data dir the
     bench makes is one the studio lists."""
@@ -114,6 +170,7 @@ import sys
 from pathlib import Path
 import diffusion_studio.cli as cli
 cli._quiet_libraries()
+cli._skip_gradio_stub_files()
 from diffusion_studio.config import StudioConfig
 from diffusion_studio.server import build_app
 from fastapi.testclient import TestClient
@@ -129,3 +186,32 @@ with TestClient(app, base_url="http://127.0.0.1") as client:
     imported, generated = run_python(code).splitlines()[-2:]
     assert imported == "[]"
     assert generated == "1 True"
+
+
+def test_the_page_is_built_into_gradio_apps_once_it_has_events(tmp_path, monkeypatch):
+    """Gradio rebuilds its app (the page's whole config, its routes) at each queue() and as the Blocks closes and
+    is mounted: the studio's queue is set up before the first component, so only the close and the mount build
+    the whole page; the queue keeps its settings (max size, default concurrency) and the page is served."""
+    from fastapi.testclient import TestClient
+    from gradio.routes import App
+
+    from diffusion_studio import server
+    from diffusion_studio.config import StudioConfig
+    from diffusion_studio.ui import app as ui_app
+
+    built = []  # the Blocks' event count at each build of Gradio's app
+    create_app = App.create_app
+
+    def counting(blocks, *args, **kwargs):
+        built.append(len(blocks.fns))
+        return create_app(blocks, *args, **kwargs)
+
+    monkeypatch.setattr(App, "create_app", staticmethod(counting))
+    blocks = []
+    build_blocks = ui_app.build_blocks
+    monkeypatch.setattr(server, "build_blocks", lambda *args: blocks.append(build_blocks(*args)) or blocks[-1])
+    app = server.build_app(StudioConfig(data_dir=tmp_path, models_dir=tmp_path / "models"))
+    assert len([events for events in built if events]) == 2 and built[-1] > 100
+    assert (blocks[0]._queue.max_size, blocks[0]._queue.default_concurrency_limit) == (64, 4)
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        assert client.get("/").status_code == 200

@@ -60,6 +60,23 @@ def _quiet_libraries() -> None:
             sys.meta_path.insert(0, _AfterImport(name, _quiet_library))
 
 
+def _no_stub_files(component_meta) -> None:
+    component_meta.create_or_modify_pyi = lambda *args, **kwargs: None
+
+
+def _skip_gradio_stub_files() -> None:
+    """Gradio's component classes, as each is defined, re-derive their type stubs: read their own source, parse it,
+    render the stub from a template, compare it with the .pyi beside them and rewrite it if it differs. That is an
+    aid for Gradio's own developers (and it writes into the installed package); the classes are the same without
+    it, and it is half of `import gradio` (about 2.5 s of a 5 s import on this 2-core machine). Once Gradio's
+    component_meta arrives, its stub writer does nothing (no file of Gradio's is changed)."""
+    name = "gradio.component_meta"
+    if name in sys.modules:
+        _no_stub_files(sys.modules[name])
+    elif not any(isinstance(finder, _AfterImport) and finder.name == name for finder in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(name, _no_stub_files))
+
+
 def _config(args, **more):
     """The config from the common flags (and `more` settings given by a command's own flags; None: unset)."""
     from .config import StudioConfig
@@ -371,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.command in ("serve", "train") else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
+    _skip_gradio_stub_files()
     try:
         return args.func(args)
     except KeyboardInterrupt:

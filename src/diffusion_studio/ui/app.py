@@ -54,6 +54,10 @@ def build_blocks(studio: Studio, is_admin=lambda user: True) -> gr.Blocks:
     """Every tab, one module each; tabs that hand work to others (History) get the components they fill."""
     # Gradio copies every image it shows into its cache; a day on, the copies go (the originals stay in the history).
     with gr.Blocks(title="Diffusion Studio", delete_cache=(3600, 86400)) as blocks:
+        # Before the first component: queue() rebuilds Gradio's app for the Blocks, config and routes, each time it
+        # is called (once more as the Blocks closes, and once more when it is mounted); on an empty Blocks that
+        # costs nothing, on the whole page about half a second. The queue reads the events only when it starts.
+        blocks.queue(default_concurrency_limit=4, max_size=64)
         gr.Markdown("# Diffusion Studio\nText to image, image to image, inpainting, ControlNet, batches, "
                     "comparison grids, LoRA training and a persistent history: every run goes through the shared "
                     "job queue.")
@@ -68,7 +72,6 @@ def build_blocks(studio: Studio, is_admin=lambda user: True) -> gr.Blocks:
             history.build(studio, tabs, text_tab, {"img2img": img2img_tab["image"], "inpaint": inpaint_tab["editor"],
                                                     "controlnet": controlnet_tab["image"]})
             system.build(studio, is_admin)
-    blocks.queue(default_concurrency_limit=4, max_size=64)
     # Gradio's queue polls every 1 ms while idle (about 900 wakeups a second, 7% of a core on this 2-core machine,
     # taken from the engine running beside it): 20 ms still starts an event sooner than a person notices, and the
     # progress loop (10 ms) sends at most what a progress bar can show.
