@@ -1,7 +1,9 @@
-"""Cheap previews: a linear latent -> RGB map, never the full VAE per step.
+"""Cheap previews, never the full VAE per step: a linear latent -> RGB map, or a tiny distilled decoder.
 
-Known maps for the real SD and SDXL VAEs; any other VAE (the built-ins) gets a map fitted once by least squares
-from latents of a few synthetic images to those images downsampled to latent size.
+Linear maps (latent size): known ones for the real SD and SDXL VAEs; any other VAE (the built-ins) gets a map
+fitted once by least squares from latents of a few synthetic images to those images downsampled to latent size.
+Tiny decoder (full image size): only for the built-ins' VAE, which builtin/preview_decoder.py distils it from and
+recognises by config and weights; `preview_decoder(vae)` is None for every other VAE.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import Image
+
+from ..builtin.preview_decoder import decoder_for
 
 # rows: latent channels (+ bias row); columns: R, G, B. Output is in [-1, 1].
 SD_MAP = [[.3512, .2297, .3227], [.3250, .4974, .2350], [-.2829, .1762, .2721], [-.2120, -.2616, -.7177],
@@ -49,4 +53,19 @@ def latents_to_preview(latents: torch.Tensor, mapping: torch.Tensor) -> Image.Im
     lat = latents[0].float().cpu().permute(1, 2, 0)
     rgb = lat @ mapping[:-1] + mapping[-1]
     array = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def preview_decoder(vae) -> torch.nn.Module | None:
+    """The tiny decoder distilled from this very VAE (recognised by its config and weights, not its name), else
+    None. Loaded once and shared: its forward changes no state, so several threads may decode at once."""
+    return decoder_for(vae)
+
+
+def latents_to_image(latents: torch.Tensor, decoder: torch.nn.Module) -> Image.Image:
+    """First latent of a batch -> RGB image at the full image size, through `decoder` (from preview_decoder)."""
+    parameter = next(decoder.parameters())
+    with torch.inference_mode():
+        rgb = decoder(latents[:1].to(parameter.device, parameter.dtype))[0]
+    array = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(np.ascontiguousarray(array))
