@@ -53,6 +53,27 @@ class MemoryOptions(BaseModel):
         return value
 
 
+class PerformanceOptions(BaseModel):
+    """The opt-in fast path applied to each loaded model (engine/performance.py; bench/speed.py measures each).
+    Each may change an image's last bits; none is on unless set. Step caching is per request (`step_cache`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fuse_qkv: bool = Field(False, description="one matrix product for attention's q, k and v (LoRAs still apply: "
+                                              "a run with LoRAs uses the unfused projections)")
+    channels_last: bool = Field(False, description="the UNet's weights in channels-last memory (faster "
+                                                   "convolutions on most GPUs; slower on this CPU)")
+    compile: bool = Field(False, description="torch.compile of the UNet's repeated transformer blocks (regional: "
+                                             "seconds on the first run of a size, cached in <data_dir>/"
+                                             "compile-cache across restarts; needs a C++ compiler on CPU)")
+    tile_when_needed: bool = Field(True, description="decode in tiles when a full-size decode would not fit in "
+                                                     "free memory (instead of refusing the request); a tiled "
+                                                     "decode blends its seams, so only then")
+    preview_decoder: Literal["linear", "tiny"] = Field("linear", description="previews: a linear latent->RGB map, "
+                                                                             "or the built-ins' tiny trained "
+                                                                             "decoder (looks like the result)")
+
+
 class ModelEntry(BaseModel):
     """A configured model: a name the studio lists, pointing at a source (hub id, folder or single file)."""
 
@@ -85,6 +106,7 @@ class StudioConfig(BaseSettings):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     memory: MemoryOptions = MemoryOptions()
+    performance: PerformanceOptions = PerformanceOptions()
     max_loaded_models: int = Field(2, ge=1, description="LRU budget: loaded bases/ControlNets kept at once")
     max_loaded_bytes: int | None = Field(None, ge=1, description="LRU budget in weight bytes (None: no byte cap)")
 

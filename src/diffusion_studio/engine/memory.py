@@ -30,28 +30,36 @@ def available_bytes(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def estimate_run_bytes(pipeline, width: int, height: int, images: int, guidance: float) -> int:
-    """Activation memory of one run (weights are already loaded and counted elsewhere)."""
+def estimate_run_bytes(pipeline, width: int, height: int, images: int, guidance: float,
+                       tiled: bool | None = None) -> int:
+    """Activation memory of one run (weights are already loaded and counted elsewhere). `tiled`: whether the
+    decode goes in tiles (None: as the VAE is set)."""
     element = next(pipeline.unet.parameters()).element_size()
     factor = pipeline.vae_scale_factor
     rows = images * (2 if guidance > 1 else 1)
     unet = rows * (width // factor) * (height // factor) * pipeline.unet.config.block_out_channels[0]
     vae_width = pipeline.vae.config.block_out_channels[0]
-    if getattr(pipeline.vae, "use_tiling", False):  # decoded in tiles: the tile bounds the full-size maps
+    if tiled or (tiled is None and getattr(pipeline.vae, "use_tiling", False)):  # tiles bound the full-size maps
         tile = pipeline.vae.tile_sample_min_size
         width, height = min(width, tile), min(height, tile)
     vae = width * height * vae_width
     return int(MARGIN * element * max(UNET_LIVE_MAPS * unet, VAE_LIVE_MAPS * vae))
 
 
-def check_fits(pipeline, device: torch.device, width: int, height: int, images: int, guidance: float) -> None:
-    needed = estimate_run_bytes(pipeline, width, height, images, guidance)
+def check_fits(pipeline, device: torch.device, width: int, height: int, images: int, guidance: float,
+               tile_when_needed: bool = False) -> bool:
+    """Refuse a run that would not fit; returns whether its decode must go in tiles to fit (only when
+    `tile_when_needed` and the VAE is not tiling already: a tiled decode blends seams, so only then)."""
     free = available_bytes(device)
-    if needed > free:
-        field = "batch_size" if images > 1 else "width"
-        raise RequestError(field, f"{images} image(s) of {width}x{height} need about {needed / 2**30:.1f} GiB but "
-                                  f"the {device.type} has {free / 2**30:.1f} GiB free; use a smaller size or batch, "
-                                  "or enable memory.vae_tiling")
+    needed = estimate_run_bytes(pipeline, width, height, images, guidance)
+    if needed <= free:
+        return False
+    if tile_when_needed and estimate_run_bytes(pipeline, width, height, images, guidance, tiled=True) <= free:
+        return True
+    field = "batch_size" if images > 1 else "width"
+    raise RequestError(field, f"{images} image(s) of {width}x{height} need about {needed / 2**30:.1f} GiB but "
+                              f"the {device.type} has {free / 2**30:.1f} GiB free; use a smaller size or batch, "
+                              "or enable memory.vae_tiling")
 
 
 class MemorySampler:

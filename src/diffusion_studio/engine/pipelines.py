@@ -28,6 +28,7 @@ from ..samplers import SAMPLERS
 from .control import Estimator, EstimatorKind, load_estimator
 from .embeddings import load_into as load_embedding
 from .loras import check_lora_file
+from .performance import apply_load_options, fuse_unless_adapted
 from .sources import ModelSource, resolve
 from .invariance import make_batch_invariant, make_pipeline_batch_invariant
 
@@ -169,6 +170,7 @@ class AdapterGate:
 
     def _apply(self, adapters) -> None:
         pipe = self._pipeline
+        fuse_unless_adapted(getattr(pipe, "unet", None), adapted=bool(adapters))
         for name, path, _, _ in adapters:
             if name not in self._loaded:
                 check_lora_file(Path(path).name, Path(path))
@@ -348,6 +350,7 @@ class PipelineManager:
             source = ModelSource(source.name, source.kind, source.location, "base", family)
         self._apply_memory_options(pipe)
         make_pipeline_batch_invariant(pipe.components)  # so cross-user batches give each job its lone-run bits
+        apply_load_options(pipe, self.config.performance, self.config.data_dir)
         return LoadedModel(source, pipeline=pipe, weight_bytes=module_bytes(pipe.components.values()),
                            adapters=AdapterGate(pipe))
 

@@ -35,6 +35,7 @@ from .embeddings import available_embeddings, embedding_file, named_in
 from .inpaint_area import InpaintPlan, paste_outside_mask, plan_inpaint, prepare_mask  # noqa: F401 (re-exported)
 from .loras import check_lora_file
 from .memory import MemorySampler, check_fits
+from .performance import decode_tiled, step_caching
 from .pipelines import LoadedModel, PipelineManager, estimator_source
 from .preview import latents_to_preview, preview_map
 from .prompts import SYNTAX, PromptEncoder, needs_encoding
@@ -298,9 +299,11 @@ class Engine:
                                 self._latent_decoder(base, vae, seeds[0][0]), seeds[0][0])
             width, height = plan.size
         hires_size = self._hires_size(request, width, height)
-        check_fits(base.pipeline, self.device, width, height, len(generators), request.guidance)
-        if hires_size:
-            check_fits(base.pipeline, self.device, *hires_size, len(generators), request.guidance)
+        tile_when_needed = self.config.performance.tile_when_needed
+        tiled = check_fits(base.pipeline, self.device, width, height, len(generators), request.guidance,
+                           tile_when_needed)
+        hires_tiled = hires_size is not None and check_fits(base.pipeline, self.device, *hires_size,
+                                                            len(generators), request.guidance, tile_when_needed)
         inputs, control_image = self._mode_inputs(request, width, height, control_model is not None, plan)
         pipeline_mode = request.mode
         if is_inpainting_model(base) and request.mode != Mode.inpaint:
@@ -358,19 +361,22 @@ class Engine:
             # Hires fix with a latent upscaler: the first pass stays latents (they are resized, not decoded).
             latent_first = hires_size is not None and is_latent(request.hires.upscaler) and \
                 not is_inpainting_model(base)
-            output = pipe(
-                **text,
-                num_inference_steps=request.steps, guidance_scale=request.guidance, generator=generators,
-                output_type="latent" if latent_first else "pil", callback_on_step_end=step_end,
-                callback_on_step_end_tensor_inputs=["latents"], **inputs,
-            )
+            with step_caching(pipe.unet, request.step_cache):
+                output = pipe(
+                    **text,
+                    num_inference_steps=request.steps, guidance_scale=request.guidance, generator=generators,
+                    output_type="latent" if latent_first or tiled else "pil", callback_on_step_end=step_end,
+                    callback_on_step_end_tensor_inputs=["latents"], **inputs,
+                )
+            if tiled and not latent_first:
+                output = self._decoded(pipe, output.images, tiled=True)
             if hires_size is not None:
                 phase.update(offset=pipe.num_timesteps, extra=0)
                 if all(cancel.is_set() for cancel in cancels):  # no second pass: what the first made
                     output = output if not latent_first else self._decoded(pipe, output.images)
                 else:
                     output = self._hires_pass(base, vae, request, text, output.images, hires_size,
-                                              [seed for batch in seeds for seed in batch], step_end)
+                                              [seed for batch in seeds for seed in batch], step_end, hires_tiled)
         images, blocked = apply_safety_notices(list(output.images), getattr(output, "nsfw_content_detected", None))
 
         # 7. Inpainting keeps the unmasked pixels exactly (and an "only masked" crop goes back into its picture).
@@ -429,7 +435,7 @@ class Engine:
         return target
 
     def _hires_pass(self, base: LoadedModel, vae, request: GenerationRequest, text: dict, first, size: tuple[int, int],
-                    seeds: list[int], step_end) -> object:
+                    seeds: list[int], step_end, tiled: bool = False) -> object:
         """Hires fix's second pass: the first pass's latents (latent upscalers) or images (pixel upscalers and
         upscaler models) resized to `size`, then img2img over them at the hires strength, with the same prompts,
         LoRAs and seeds. A ControlNet steers only the first pass. On a 9-channel inpainting base the second pass is
@@ -444,16 +450,30 @@ class Engine:
             image = [upscale_image(each, name, size, self.config, self.device, "hires.upscaler") for each in first]
         extra = {"mask_image": Image.new("L", size, 255), "width": size[0], "height": size[1]} if inpainting else {}
         pipe = self.manager.view(base, Mode.inpaint if inpainting else Mode.img2img, request.scheduler, None, vae=vae)
-        return pipe(
-            **text, image=image, strength=hires.denoising_strength, num_inference_steps=hires.steps or request.steps,
-            guidance_scale=request.guidance, generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
-            output_type="pil", callback_on_step_end=step_end, callback_on_step_end_tensor_inputs=["latents"], **extra,
-        )
+        with step_caching(pipe.unet, request.step_cache):
+            output = pipe(
+                **text, image=image, strength=hires.denoising_strength,
+                num_inference_steps=hires.steps or request.steps, guidance_scale=request.guidance,
+                generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+                output_type="latent" if tiled else "pil", callback_on_step_end=step_end,
+                callback_on_step_end_tensor_inputs=["latents"], **extra,
+            )
+        return self._decoded(pipe, output.images, tiled=True) if tiled else output
 
     @staticmethod
-    def _decoded(pipe, latents: torch.Tensor):
-        """Latents decoded to images by the pipeline's VAE (a hires run cancelled after its first pass)."""
-        return SimpleNamespace(images=decode_latents(pipe.vae, pipe.image_processor, latents))
+    def _decoded(pipe, latents: torch.Tensor, tiled: bool = False):
+        """Latents decoded to images by the pipeline's VAE (a hires run cancelled after its first pass, or a decode
+        too big for memory, then in tiles), through the model's safety checker as the pipeline's own decode."""
+        if not tiled:
+            return SimpleNamespace(images=decode_latents(pipe.vae, pipe.image_processor, latents))
+        vae = pipe.vae
+        pixels = torch.cat([decode_tiled(vae, one.to(vae.device, vae.dtype) / vae.config.scaling_factor)
+                            for one in latents.split(1)])  # one image at a time, as every decode here
+        flags = None
+        if getattr(pipe, "safety_checker", None) is not None:
+            pixels, flags = pipe.run_safety_checker(pixels, vae.device, vae.dtype)
+        return SimpleNamespace(images=pipe.image_processor.postprocess(pixels, output_type="pil"),
+                               nsfw_content_detected=flags)
 
     def _latent_decoder(self, base: LoadedModel, vae, seed: int):
         """For inpaint_fill 'latent noise' / 'latent nothing': what noise or zero latents decode to, at a size."""

@@ -1,0 +1,133 @@
+"""The opt-in fast path (engine/performance.py): step caching per request, fused QKV projections per config (with
+LoRAs still applying), channels-last, VAE tiling chosen when a full decode would not fit. Speed itself is
+bench/speed.py's to measure; these check what each option does to the work and to the image."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from diffusion_studio.engine.runner import Engine
+from diffusion_studio.requests import GenerationRequest, RequestError
+
+PROMPT = "a red circle on a blue background"
+
+
+def run(engine, **fields):
+    return engine.run(GenerationRequest(**{"prompt": PROMPT, "steps": 6, "seed": 3, **fields}))
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image).astype(int)
+
+
+def count_deep_calls(engine):
+    """How often the mid block really runs: a hook on a layer inside it (the block's own hooks fire around the
+    cache's wrapper, so also on steps it reuses)."""
+    calls = []
+    with engine.manager.use("builtin:shapes") as (base, _):
+        handle = base.pipeline.unet.mid_block.resnets[0].register_forward_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+def test_step_cache_runs_the_deep_blocks_on_one_step_in_n_and_stays_close(engine):
+    calls, handle = count_deep_calls(engine)
+    try:
+        plain = run(engine, steps=20)
+        plain_calls = len(calls)
+        calls.clear()
+        cached = run(engine, steps=20, step_cache=3)
+        cached_calls = len(calls)
+        again = run(engine, steps=20, step_cache=3)
+    finally:
+        handle.remove()
+    assert plain_calls == 20 and cached_calls == 7  # steps 1, 4, 7, ..., 19 in full
+    difference = np.abs(pixels(plain.images[0]) - pixels(cached.images[0]))
+    other_seed = np.abs(pixels(plain.images[0]) - pixels(run(engine, steps=20, seed=4).images[0]))
+    assert 0 < difference.max() and difference.mean() < other_seed.mean() / 2  # another image, the same picture
+    assert np.array_equal(pixels(cached.images[0]), pixels(again.images[0]))  # reproducible
+    assert cached.request.parameters()["step_cache"] == 3  # in the metadata and the cache key
+
+
+def test_step_cache_is_per_thread_on_a_shared_model(engine):
+    """A cached run and a plain run at once on one UNet: each gets the image it gets alone."""
+    alone_plain, alone_cached = run(engine, seed=5), run(engine, seed=5, step_cache=2)
+    results = {}
+
+    def go(name, **fields):
+        results[name] = run(engine, seed=5, **fields)
+
+    threads = [threading.Thread(target=go, args=("plain",)),
+               threading.Thread(target=go, args=("cached",), kwargs={"step_cache": 2})]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert np.array_equal(pixels(results["plain"].images[0]), pixels(alone_plain.images[0]))
+    assert np.array_equal(pixels(results["cached"].images[0]), pixels(alone_cached.images[0]))
+
+
+def test_step_cache_field_is_checked():
+    for wrong in (0, 9, "fast"):
+        with pytest.raises(ValidationError, match="step_cache"):
+            GenerationRequest(prompt="x", step_cache=wrong)
+
+
+def test_fused_projections_keep_the_image_and_give_way_to_loras(make_config, data_dir, tmp_path):
+    from test_engine import _save_random_lora
+
+    from diffusion_studio.builtin.catalog import builtin_folder
+
+    plain, fused = Engine(make_config()), Engine(make_config(performance={"fuse_qkv": True}))
+    a, b = run(plain), run(fused)
+    with fused.manager.use("builtin:shapes") as (base, _):
+        unet = base.pipeline.unet
+        assert any(hasattr(module, "to_qkv") or hasattr(module, "to_kv") for module in unet.modules())
+        assert unet._qkv_fused
+    assert np.abs(pixels(a.images[0]) - pixels(b.images[0])).max() <= 2
+    lora = _save_random_lora(builtin_folder("shapes", data_dir), tmp_path)
+    with_lora = {name: run(engine, loras=[{"name": str(lora), "weight": 1.0}]) for name, engine in
+                 (("plain", plain), ("fused", fused))}
+    assert not np.array_equal(pixels(with_lora["fused"].images[0]), pixels(b.images[0]))  # the LoRA applies
+    assert np.abs(pixels(with_lora["fused"].images[0]) - pixels(with_lora["plain"].images[0])).max() <= 2
+    assert not unet._qkv_fused  # unfused while the LoRA is on
+    assert np.array_equal(pixels(run(fused).images[0]), pixels(b.images[0]))  # fused again without it
+    assert unet._qkv_fused
+
+
+def test_channels_last_keeps_the_image(make_config):
+    import torch
+
+    engine = Engine(make_config(performance={"channels_last": True}))
+    image = run(engine).images[0]
+    with engine.manager.use("builtin:shapes") as (base, _):
+        weight = base.pipeline.unet.conv_in.weight
+        assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    assert np.abs(pixels(image) - pixels(run(Engine(make_config())).images[0])).max() <= 2
+
+
+def test_a_decode_too_big_for_memory_goes_in_tiles(make_config, monkeypatch):
+    """When only a tiled decode fits, the run decodes in tiles (performance.tile_when_needed, the default); with
+    it off, the run is refused as before. The VAE's own tiling switch is left off for other runs."""
+    import diffusion_studio.engine.runner as runner
+    from diffusion_studio.engine import memory
+
+    engine = Engine(make_config())
+    with engine.manager.use("builtin:shapes") as (base, _):
+        pipe = base.pipeline
+        base.pipeline.vae.tile_sample_min_size, base.pipeline.vae.tile_latent_min_size = 32, 8
+        untiled = memory.estimate_run_bytes(pipe, 64, 64, 1, 5.0, tiled=False)
+        tiled = memory.estimate_run_bytes(pipe, 64, 64, 1, 5.0, tiled=True)
+    assert tiled < untiled
+    monkeypatch.setattr(memory, "available_bytes", lambda device: (tiled + untiled) // 2)
+    decodes, decode_tiled = [], runner.decode_tiled
+    monkeypatch.setattr(runner, "decode_tiled", lambda vae, z: decodes.append(tuple(z.shape)) or
+                        decode_tiled(vae, z))
+    result = run(engine)
+    assert result.images[0].size == (64, 64) and decodes == [(1, 4, 16, 16)]
+    assert not pipe.vae.use_tiling
+    with pytest.raises(RequestError, match="width: 1 image\\(s\\) of 64x64 need about"):
+        run(Engine(make_config(performance={"tile_when_needed": False})))
