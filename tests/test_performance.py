@@ -131,3 +131,46 @@ def test_a_decode_too_big_for_memory_goes_in_tiles(make_config, monkeypatch):
     assert not pipe.vae.use_tiling
     with pytest.raises(RequestError, match="width: 1 image\\(s\\) of 64x64 need about"):
         run(Engine(make_config(performance={"tile_when_needed": False})))
+
+
+def test_step_cache_travels_in_the_infotext():
+    """An image made with step caching says so in its A1111 text, and the text alone asks for it again."""
+    from diffusion_studio.engine.metadata import a1111_parameters, parse_a1111
+
+    text = a1111_parameters(GenerationRequest(prompt="x", step_cache=2), 1, 64, 64, "builtin:shapes")
+    assert "Step cache: 2" in text and parse_a1111(text)["step_cache"] == 2
+    assert "Step cache" not in a1111_parameters(GenerationRequest(prompt="x"), 1, 64, 64, "builtin:shapes")
+
+
+def test_the_system_tab_switches_the_load_options_for_admins_only(tmp_path):
+    """Through the real page's API: an admin turns fused projections on (the idle model is unloaded and
+    reloads fused); a user who is not an admin is refused and nothing changes; a wrong value names its field."""
+    from gradio_client import Client
+
+    from servers import make_users, serving
+    from diffusion_studio.config import StudioConfig
+    from diffusion_studio.server import build_app
+
+    _, tokens = make_users(tmp_path / "users.json", {"root": "root-password", "bob": "bob-password"},
+                           admins=("root",))
+    config = StudioConfig(data_dir=tmp_path, models_dir=tmp_path / "models", auth="on",
+                          users_file=tmp_path / "users.json")
+    app = build_app(config)
+    studio = app.state.studio
+    with serving(app) as url:
+        studio.preload("builtin:shapes")
+        bob = Client(url, headers={"Authorization": f"Bearer {tokens['bob']}"}, verbose=False)
+        with pytest.raises(Exception, match="only an admin"):
+            bob.predict(True, False, False, True, "linear", api_name="/set_performance")
+        assert studio.config.performance.fuse_qkv is False and studio.loaded_models()
+        root = Client(url, headers={"Authorization": f"Bearer {tokens['root']}"}, verbose=False)
+        assert root.predict(True, False, False, True, "linear", api_name="/set_performance") == "Applied."
+        assert studio.config.performance.fuse_qkv is True and studio.engine.config.performance.fuse_qkv is True
+        assert studio.loaded_models() == []
+        studio.generate(studio.validate({"prompt": "x", "steps": 2}))
+        with studio.engine.manager.use("builtin:shapes") as (base, _):
+            assert base.pipeline.unet._qkv_fused
+    with pytest.raises(RequestError, match="performance.preview_decoder: Input should be 'linear' or 'tiny'"):
+        studio.set_performance({"preview_decoder": "huge"})
+    with pytest.raises(RequestError, match="performance.turbo: Extra inputs are not permitted"):
+        studio.set_performance({"turbo": True})

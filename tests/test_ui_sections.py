@@ -18,7 +18,7 @@ from test_app import HIRES, INPAINT, PANEL  # the public endpoints' argument nam
 
 def panel(steps=3, seed=1, model="builtin:shapes"):
     """The parameter panel's values in its order (model's native size, one image, the model's VAE)."""
-    return [model, steps, 7.0, 0, 0, seed, "Euler", 1, [], 1, "Automatic"]
+    return [model, steps, 7.0, 0, 0, seed, "Euler", 1, [], 1, "Automatic", 1]
 
 
 def hires(enable=True, upscaler="Latent", scale=2.0, width=0, height=0, steps=0, denoising=0.6):

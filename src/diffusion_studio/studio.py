@@ -225,6 +225,31 @@ class Studio:
         """Free a loaded model on every worker holding it idle (False: not loaded, or jobs are using it)."""
         return self.jobs.executor.unload(name)
 
+    def set_performance(self, fields: dict) -> list[str]:
+        """Change the fast path's load options (config `performance.*`) for this process's workers: every model
+        then loads with them. Idle loaded models are unloaded now (they reload on their next use); returns the
+        names still in use, which keep the old options until they are unloaded. Blocking."""
+        from pydantic import ValidationError
+
+        from .config import PerformanceOptions
+
+        if self.config.executor == "ray":
+            raise RequestError("performance", "Ray workers take the config when they start: set performance.* in "
+                                              "the config file and restart")
+        try:
+            options = PerformanceOptions(**{**self.config.performance.model_dump(), **fields})
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            raise RequestError(".".join(["performance", *map(str, error["loc"])]), error["msg"]) from None
+        engines = getattr(self, "engines", [self.engine])
+        for config in {id(c): c for c in (self.config, *(engine.config for engine in engines))}.values():
+            config.performance = options
+        busy = []
+        for row in self.loaded_models():
+            if row["role"] == "base" and not self.unload_model(row["name"]):
+                busy.append(row["name"])
+        return busy
+
     def control_preview(self, fields: dict) -> Image.Image:
         """The control map a ControlNet request with these fields would use."""
         return self.engine.control_preview(self.validate(fields))

@@ -108,6 +108,8 @@ def a1111_parameters(request: GenerationRequest, seed: int, width: int, height: 
         pairs["Denoising strength"] = request.strength
     if request.clip_skip > 1:
         pairs["Clip skip"] = request.clip_skip
+    if request.step_cache > 1:  # ours (A1111 ignores keys it doesn't know): the image depends on it
+        pairs["Step cache"] = request.step_cache
     if request.mode == Mode.inpaint:
         pairs["Mask blur"] = request.mask_blur
         pairs |= _inpaint_pairs(request)
@@ -272,7 +274,7 @@ def parse_a1111(text: str) -> dict[str, Any]:
     fields: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative}
     simple = {"Steps": ("steps", int), "CFG scale": ("guidance", float), "Seed": ("seed", int),
               "Denoising strength": ("strength", float), "Mask blur": ("mask_blur", int), "Model": ("model", str),
-              "Clip skip": ("clip_skip", int)}
+              "Clip skip": ("clip_skip", int), "Step cache": ("step_cache", int)}
     for key, (name, kind) in simple.items():
         if key in pairs:
             fields[name] = kind(pairs[key])

@@ -70,6 +70,7 @@ class Params(Section):
     loras: gr.Dropdown
     clip_skip: gr.Slider
     vae: gr.Dropdown
+    step_cache: gr.Slider
 
     @staticmethod
     def fields(values: dict[str, Any]) -> dict[str, Any]:
@@ -80,7 +81,7 @@ class Params(Section):
                 "seed": None if seed in (None, "") else int(seed), "scheduler": values["scheduler"],
                 "batch_size": int(values["batch_size"]), "loras": parse_loras(values["loras"]),
                 "clip_skip": int(values["clip_skip"]), "vae": None if values["vae"] in (None, "", AUTOMATIC_VAE)
-                else values["vae"]}
+                else values["vae"], "step_cache": int(values["step_cache"])}
 
 
 def panel_values(parameters: dict[str, Any]) -> dict[str, Any]:
@@ -91,7 +92,8 @@ def panel_values(parameters: dict[str, Any]) -> dict[str, Any]:
             "height": parameters.get("height") or 0, "seed": parameters.get("seed", -1),
             "scheduler": parameters.get("scheduler"), "batch_size": parameters.get("batch_size", 1),
             "loras": [f"{lora['name']}:{lora['weight']:g}" for lora in parameters.get("loras", [])],
-            "clip_skip": parameters.get("clip_skip", 1), "vae": parameters.get("vae") or AUTOMATIC_VAE}
+            "clip_skip": parameters.get("clip_skip", 1), "vae": parameters.get("vae") or AUTOMATIC_VAE,
+            "step_cache": parameters.get("step_cache", 1)}
 
 
 def named_inputs(own: dict[str, gr.components.Component], *panels) -> dict[str, gr.components.Component]:
@@ -147,7 +149,11 @@ def params_panel(studio: Studio, batch: bool = True) -> Params:
         vae = gr.Dropdown([AUTOMATIC_VAE, *studio.vaes()], value=AUTOMATIC_VAE, allow_custom_value=True,
                           label="VAE", info="the model's own, or a VAE file or folder from the models folders")
     vae.focus(lambda: gr.Dropdown(choices=[AUTOMATIC_VAE, *studio.vaes()]), None, vae, api_visibility="private")
-    return Params(model, steps_, guidance, width, height, seed, scheduler, batch_size, loras, clip_skip, vae)
+    step_cache = gr.Slider(1, 8, value=default_of("step_cache"), step=1, label="Step cache (faster)",
+                           info="1 = off; N: the UNet's deep blocks run on 1 step in N (2: about 1.6x faster on "
+                                "the built-in, same adherence; a slightly different image)")
+    return Params(model, steps_, guidance, width, height, seed, scheduler, batch_size, loras, clip_skip, vae,
+                  step_cache)
 
 
 HIRES_DEFAULTS = HiresFix()  # the request's defaults are the section's

@@ -12,6 +12,7 @@ import gradio as gr
 import psutil
 import torch
 
+from ...requests import RequestError
 from ...service.store import JobStatus
 from ...studio import Studio
 from . import models
@@ -89,6 +90,39 @@ def build_charts(studio: Studio) -> dict[str, gr.LinePlot]:
     return plots
 
 
+PERFORMANCE_HELP = ("The fast path's load options, for every model loaded from now on (idle loaded models are "
+                    "unloaded and reload with them; bench/speed.py measures each). Step caching is per request: "
+                    "the generation tabs' *Step cache* slider.")
+
+
+def performance_panel(studio: Studio, is_admin: Callable[[str], bool]) -> None:
+    """Admins switch `performance.*` here (the config's values at start); others see what is on."""
+    options = studio.config.performance
+    with gr.Accordion("Performance", open=False):
+        gr.Markdown(PERFORMANCE_HELP)
+        with gr.Row():
+            fuse_qkv = gr.Checkbox(options.fuse_qkv, label="Fused QKV projections")
+            channels_last = gr.Checkbox(options.channels_last, label="Channels-last UNet")
+            compile_ = gr.Checkbox(options.compile, label="torch.compile (regional)")
+            tile = gr.Checkbox(options.tile_when_needed, label="Tile the decode when it would not fit")
+        preview = gr.Radio(["linear", "tiny"], value=options.preview_decoder, label="Preview decoder")
+        apply = gr.Button("Apply")
+        applied = gr.Markdown()
+
+    def set_performance(request: gr.Request, fuse, last, compiled, tiled, decoder):
+        if not is_admin(request.username or "local"):
+            raise gr.Error("only an admin may change the performance options for everyone", title="Not allowed")
+        try:
+            busy = studio.set_performance({"fuse_qkv": fuse, "channels_last": last, "compile": compiled,
+                                           "tile_when_needed": tiled, "preview_decoder": decoder})
+        except RequestError as exc:
+            raise gr.Error(str(exc), title="Invalid input") from None
+        return "Applied." + (f" In use, keeping the old options until unloaded: {', '.join(busy)}." if busy else "")
+
+    apply.click(set_performance, [fuse_qkv, channels_last, compile_, tile, preview], applied,
+                api_name="set_performance")
+
+
 def build(studio: Studio, is_admin: Callable[[str], bool]) -> None:
     with gr.Tab("System", id="system", elem_id="tab-system") as tab:
         device = gr.Markdown()
@@ -105,6 +139,7 @@ def build(studio: Studio, is_admin: Callable[[str], bool]) -> None:
             unload = gr.Button("Unload", scale=1)
             refresh = gr.Button("Refresh", scale=1)
         errors = gr.Dataframe(headers=["when", "prompt", "error"], interactive=False, label="Recent errors")
+        performance_panel(studio, is_admin)
         models.build(studio, is_admin, tab)
 
         def snapshot(request: gr.Request):
