@@ -1,6 +1,7 @@
 """A cold start stays cheap: the CLI quiets diffusers and transformers without importing them (seconds `serve`
-does not need before a model loads) and the quieting still applies when they arrive; bench/startup.py times the
-real `serve` to the port and to the first 200 of `/`."""
+does not need before a model loads) and the quieting still applies when they arrive; Gradio rewrites no type stubs
+under `serve` and builds the whole page's app only twice; bench/startup.py times the real `serve` to the port and
+to the first 200 of `/`."""
 
 from __future__ import annotations
 
@@ -188,7 +189,7 @@ with TestClient(app, base_url="http://127.0.0.1") as client:
     assert generated == "1 True"
 
 
-def test_the_page_is_built_into_gradio_apps_once_it_has_events(tmp_path, monkeypatch):
+def test_gradio_builds_the_whole_page_only_as_it_closes_and_mounts(tmp_path, monkeypatch):
     """Gradio rebuilds its app (the page's whole config, its routes) at each queue() and as the Blocks closes and
     is mounted: the studio's queue is set up before the first component, so only the close and the mount build
     the whole page; the queue keeps its settings (max size, default concurrency) and the page is served."""
