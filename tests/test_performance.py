@@ -174,3 +174,52 @@ def test_the_system_tab_switches_the_load_options_for_admins_only(tmp_path):
         studio.set_performance({"preview_decoder": "huge"})
     with pytest.raises(RequestError, match="performance.turbo: Extra inputs are not permitted"):
         studio.set_performance({"turbo": True})
+
+
+def test_the_gpu_bench_script_runs_here_on_the_tiny_architectures(tmp_path):
+    """bench/gpu_speed.py waits for a GPU machine; its logic runs here on the built-in-sized models on the CPU, so
+    it is ready when one comes: every arm and batch gets a row."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu.json"
+    done = subprocess.run([sys.executable, str(root / "bench" / "gpu_speed.py"), "--tiny", "--device", "cpu",
+                           "--steps", "3", "--batches", "1,2", "--repeats", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert {(row["model"], row["arm"], row["batch"]) for row in rows} == {
+        (model, arm, batch) for model in ("sd15", "sdxl") for arm in ("plain", "fast", "fast+step_cache=2")
+        for batch in (1, 2)}
+    assert all(row["it_per_s"] > 0 for row in rows)
+    # And on a machine with no GPU, the real run says so in one line.
+    if not __import__("torch").cuda.is_available():
+        plain = subprocess.run([sys.executable, str(root / "bench" / "gpu_speed.py")], capture_output=True,
+                               text=True, timeout=300)
+        assert plain.returncode == 2 and "no CUDA device here" in plain.stdout
+
+
+def test_the_speed_bench_runs_every_arm_in_its_own_process(tmp_path):
+    """bench/speed.py --quick: raw, default and fast each answer with seconds, it/s, RSS and adherence, and the
+    verdict line compares the fast path with the raw call."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "speed.json"
+    done = subprocess.run([sys.executable, str(root / "bench" / "speed.py"), "--quick", "--json", str(out),
+                           "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["builtin"]
+    assert set(rows) == {"raw", "default", "fast"}
+    assert all(row["images"] == 4 and row["s_per_image"] > 0 and row["peak_rss_gb"] > 0.1 and
+               0 <= row["adherence"] <= 1 for row in rows.values())
+    assert "fast path" in done.stdout and "the raw call (goal >= 1.5)" in done.stdout

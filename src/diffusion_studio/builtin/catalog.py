@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..engine import import_libraries
+from ..libraries import import_libraries
 
 COMMITTED_DIR = Path(__file__).parent / "models"
 STANDIN_MARKER = "STANDIN.txt"

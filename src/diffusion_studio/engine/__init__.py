@@ -8,20 +8,4 @@ of need.
 
 from __future__ import annotations
 
-import threading
-
-
-_imported = threading.Lock()
-
-
-def import_libraries() -> None:
-    """Import what a first model load and prompt encoding use: diffusers' SD pipelines (with transformers' CLIP)
-    and compel. Blocking, seconds: the server runs it in a background thread once it answers, so that neither its
-    start nor its first job waits for them. Every first use calls it too, under one lock: transformers' lazy
-    module is not safe to import from two threads at once (a job beside the background import failed with
-    "cannot import name 'AutoModel'")."""
-    with _imported:
-        import compel  # noqa: F401
-        import diffusers
-
-        diffusers.StableDiffusionPipeline  # noqa: B018 (a lazy attribute: reading it imports the pipeline's modules)
+from ..libraries import import_libraries  # noqa: F401 (the engine's, kept beside it)
