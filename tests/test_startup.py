@@ -101,10 +101,12 @@ print(Path(sys.argv[1], "dial.pyi").exists(), dial.Dial(value=3).value, gradio.T
 
 
 def test_bench_times_the_real_serve_to_the_port_and_the_page(tmp_path):
-    """One start of the console script: the port accepts no later than `/` answers 200; a history data dir the
-    bench makes is one the studio lists."""
+    """One start of the console script: the port accepts no later than `/` answers 200, and serve used some CPU
+    time until then; a history data dir the bench makes is one the studio lists."""
     timing = startup.start_once(tmp_path / "fresh")
     assert 0 < timing["port_s"] <= timing["page_s"] < startup.LAUNCH_TIMEOUT_S
+    if sys.platform == "linux":  # read from /proc
+        assert 0 < timing["cpu_s"] < startup.LAUNCH_TIMEOUT_S * (os.cpu_count() or 1)
     startup.make_history(tmp_path / "history", 3)
     from diffusion_studio.service.store import JobStatus, JobStore
 
