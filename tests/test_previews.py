@@ -85,3 +85,4 @@ def test_decoding_is_deterministic_from_several_threads(shapes):
         images = list(pool.map(lambda _: np.asarray(latents_to_image(latents, decoder)), range(16)))
     assert all(np.array_equal(first, image) for image in images)
     assert first.shape == (64, 64, 3) and first.std() > 0
+    assert latents_to_image(torch.zeros(1, 4, 32, 20), decoder).size == (80, 128)  # any size: hires fix's pass

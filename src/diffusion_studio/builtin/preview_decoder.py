@@ -7,7 +7,7 @@ decode of those latents would show. Its weights, with the VAE's fingerprint they
 `models/shapes/vae/preview_decoder.safetensors`; `decoder_for(vae)` loads them only for a VAE with that config and
 those weights (a retrained VAE or another model's VAE gets None, whatever it is called).
 
-    python -m diffusion_studio.builtin.preview_decoder --train [--steps 1500] [--work-dir DIR] [--resume]
+    python -m diffusion_studio.builtin.preview_decoder --train [--steps 6000] [--work-dir DIR] [--resume]
 
 trains it on one CPU thread in minutes, checkpointing to the work dir, and writes the weights file.
 """
@@ -181,7 +181,7 @@ def build_dataset(pipe, clean: int, trajectories: int, seed: int = 0, log=print)
         latents += [dist.mean * factor, dist.sample(generator) * factor]
     log(f"encoded {clean} shapes-world images ({time.perf_counter() - started:.0f} s)")
     rng = random.Random(seed)
-    steps_choices = (4, 8, 20, 30)
+    steps_choices = (4, 6, 8, 12, 20, 30)
     for index in range(0, trajectories, 8):
         _, captions = world.batch(8)
         collected = []
@@ -279,9 +279,9 @@ def save_decoder(decoder: TinyPreviewDecoder, vae, out: Path, training: dict) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train", action="store_true", help="train and write the weights file")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--clean", type=int, default=1536, help="shapes-world images to encode")
-    parser.add_argument("--trajectories", type=int, default=96, help="generations whose every step is kept")
+    parser.add_argument("--trajectories", type=int, default=192, help="generations whose every step is kept")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/preview-decoder"))
     parser.add_argument("--resume", action="store_true", help="continue from the work dir's checkpoint")
     parser.add_argument("--out", type=Path, default=DECODER_FILE)
