@@ -10,7 +10,7 @@ from PIL import Image
 from diffusion_studio.engine.metadata import request_from_png
 
 PANEL = ["model", "steps", "guidance", "width", "height", "seed", "scheduler", "batch_size", "loras", "clip_skip",
-         "vae"]
+         "vae", "step_cache"]
 HIRES = ["hires_enable", "hires_upscaler", "hires_scale", "hires_width", "hires_height", "hires_steps",
          "hires_denoising_strength"]
 INPAINT = ["inpaint_area", "inpaint_padding", "inpaint_fill", "mask_mode", "outpaint_left", "outpaint_right",
