@@ -223,3 +223,21 @@ def test_the_speed_bench_runs_every_arm_in_its_own_process(tmp_path):
     assert all(row["images"] == 4 and row["s_per_image"] > 0 and row["peak_rss_gb"] > 0.1 and
                0 <= row["adherence"] <= 1 for row in rows.values())
     assert "fast path" in done.stdout and "the raw call (goal >= 1.5)" in done.stdout
+
+
+def test_the_tiny_preview_decoder_shows_previews_at_the_image_size(make_config):
+    """performance.preview_decoder = "tiny": the built-in's previews come from its trained tiny decoder, at the
+    image's size (the linear map's are latent-sized); the image itself is unchanged."""
+    from diffusion_studio.builtin.catalog import is_trained
+
+    if not is_trained("shapes"):
+        pytest.skip("the tiny decoder is made for the trained built-in's VAE")
+    sizes = {}
+    for choice in ("linear", "tiny"):
+        previews = []
+        engine = Engine(make_config(performance={"preview_decoder": choice}, preview_interval=2))
+        result = engine.run(GenerationRequest(prompt=PROMPT, steps=4, seed=3),
+                            on_step=lambda event: event.preview is not None and previews.append(event.preview))
+        sizes[choice] = ({preview.size for preview in previews}, pixels(result.images[0]))
+    assert sizes["linear"][0] == {(16, 16)} and sizes["tiny"][0] == {(64, 64)}
+    assert np.array_equal(sizes["linear"][1], sizes["tiny"][1])

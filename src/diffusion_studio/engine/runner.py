@@ -37,7 +37,7 @@ from .loras import check_lora_file
 from .memory import MemorySampler, check_fits
 from .performance import decode_tiled, step_caching
 from .pipelines import LoadedModel, PipelineManager, estimator_source
-from .preview import latents_to_preview, preview_map
+from .preview import latents_to_image, latents_to_preview, preview_decoder, preview_map
 from .prompts import SYNTAX, PromptEncoder, needs_encoding
 from .sources import ANY_NAME, ModelSource, NamePolicy, resolve, resolve_lora, resolve_vae
 from .upscale import is_latent, resize_latents, resolve_upscaler, upscale_image
@@ -320,8 +320,7 @@ class Engine:
         timings = Timings(load_s=load_s)
         memory = MemorySampler(self.device)
         interval = self.config.preview_interval
-        if interval and "preview_map" not in base.extras:
-            base.extras["preview_map"] = preview_map(base.pipeline.vae)
+        previewer = self._previewer(base) if interval else None
         loop_started = [time.perf_counter()]
         # Hires fix's two passes count as one run of steps: the first pass's total includes the second's.
         phase = {"offset": 0, "extra": second_pass_steps(request.hires, request.steps) if hires_size else 0}
@@ -339,7 +338,7 @@ class Engine:
                     continue
                 preview = None
                 if interval and (done % interval == 0 or done == total):
-                    preview = latents_to_preview(callback_kwargs["latents"][own], base.extras["preview_map"])
+                    preview = previewer(callback_kwargs["latents"][own])
                 on_step(StepEvent(done, total, now - started, mean_step * (total - done), preview))
             if all(cancel.is_set() for cancel in cancels):
                 pipeline._interrupt = True  # remaining steps are skipped; diffusers still decodes
@@ -393,6 +392,18 @@ class Engine:
             blocked=[index - own.start for index in blocked if own.start <= index < own.stop],
             batched_with=len(requests),
         ) for each, own, own_seeds, cancel in zip(requests, rows, seeds, cancels)]
+
+    def _previewer(self, base: LoadedModel):
+        """latents -> preview image: the built-ins' tiny decoder where chosen (performance.preview_decoder) and
+        made for this VAE, else the linear map; each found once per loaded model."""
+        if self.config.performance.preview_decoder == "tiny":
+            if "preview_decoder" not in base.extras:
+                base.extras["preview_decoder"] = preview_decoder(base.pipeline.vae)
+            if (decoder := base.extras["preview_decoder"]) is not None:
+                return lambda latents: latents_to_image(latents, decoder)
+        if "preview_map" not in base.extras:
+            base.extras["preview_map"] = preview_map(base.pipeline.vae)
+        return lambda latents: latents_to_preview(latents, base.extras["preview_map"])
 
     @staticmethod
     def _seeds(request: GenerationRequest) -> list[int]:
