@@ -52,7 +52,7 @@ class TinyPreviewDecoder(nn.Module):
     latents' size. Stateless in forward, so one instance serves several threads at once.
 
     Most of the work is at latent size (two blocks), one block after each 2x upsampling, and the last 2x (or more)
-    is a pixel shuffle of 3 x shuffle**2 channels: at 64 px this costs about a seventh of the built-in VAE's decode
+    is a pixel shuffle of 3 x shuffle**2 channels: at 64 px this costs a sixth of the built-in VAE's decode
     (bench/previews.py), where a block at full size would cost a third."""
 
     def __init__(self, latent_channels: int = 4, widths: tuple[int, ...] = (32, 16), upscale: int = 4):
