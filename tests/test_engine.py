@@ -354,7 +354,7 @@ def test_peak_memory_is_each_runs_own_without_resetting_the_process_counter(monk
     def reset(device):
         raise AssertionError("reset CUDA's process-wide peak counter: other workers' runs lose their peaks")
 
-    monkeypatch.setattr(memory.torch, "cuda", SimpleNamespace(
+    monkeypatch.setattr(torch, "cuda", SimpleNamespace(
         memory_allocated=lambda device: counters["allocated"],
         max_memory_allocated=lambda device: counters["high_water"], reset_peak_memory_stats=reset))
     sampler = memory.MemorySampler(torch.device("cuda"))

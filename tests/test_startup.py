@@ -162,7 +162,7 @@ print(sorted(name for name in ("diffusers", "compel", "transformers", "diffusers
     assert after == "['compel', 'diffusers', 'diffusers.pipelines.stable_diffusion', 'transformers']"
 
 
-ENGINE_ONLY = ("diffusers", "transformers", "peft", "scipy", "ray")
+ENGINE_ONLY = ("torch", "diffusers", "transformers", "peft", "scipy", "ray", "cv2")
 
 
 def test_serving_builds_the_app_without_the_engine_libraries(tmp_path):

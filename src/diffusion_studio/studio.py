@@ -20,6 +20,7 @@ from .engine.metadata import HashLookup, image_request, save_png
 from .engine.resources import collect_hashes, hash_lookup, queue_hashes, queue_listed, run_files
 from .engine.runner import CancelFlag, Engine, StepCallback, WorkItem
 from .engine.library import LibraryEntry, import_model, library_for
+from .engine.pipelines import device_label
 from .engine.sources import ANY_NAME, NamePolicy, list_loras, list_models, list_vaes, resolve
 from .engine.upscale import list_upscalers, upscale_image
 from .requests import GenerationRequest, GenerationResult, RequestError
@@ -108,11 +109,12 @@ class Studio:
             return RayExecutor(self.config, before_run=self._queue_hashes)
         self.engines = engines = [self.engine, *(Engine(self.config.model_copy(update={"device": device}))
                                                  for device in self.config.worker_devices()[1:])]
-        return LocalExecutor([LocalDevice(str(engine.device) if len(engines) == 1 else device,
+        labels = [device_label(device) for device in self.config.worker_devices()]  # a device it lacks: refused now
+        return LocalExecutor([LocalDevice(label if len(engines) == 1 else device,
                                           lambda items, engine=engine: self._run_batch(engine, items),
                                           engine.manager.loaded, lambda name, engine=engine: self._preload(engine, name),
                                           engine.manager.unload)
-                              for engine, device in zip(engines, self.config.worker_devices())],
+                              for engine, device, label in zip(engines, self.config.worker_devices(), labels)],
                              threads=self.config.workers)
 
     def _run_batch(self, engine: Engine, items: list[WorkItem]) -> list[GenerationResult]:

@@ -8,7 +8,6 @@ import os
 from importlib import metadata
 
 import psutil
-import torch
 from fastapi import APIRouter, Depends, Request
 
 from ..samplers import SAMPLERS
@@ -136,6 +135,8 @@ def build_listings_router(studio: Studio) -> APIRouter:
         rss = process.memory_info().rss
         total = psutil.virtual_memory().total
         ram = {"free": total - rss, "used": rss, "total": total}
+        import torch
+
         if not torch.cuda.is_available():
             return {"ram": ram, "cuda": {"error": "no CUDA device"}}
         free, whole = torch.cuda.mem_get_info()

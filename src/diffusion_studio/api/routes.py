@@ -11,7 +11,6 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -382,7 +381,7 @@ def build_share_router(studio: Studio) -> APIRouter:
 
 # Errors that reach a route: rendered from the outcome table (service/outcomes.py), never a stack trace.
 HANDLED = (StudioError, RequestError, ValidationError, JobNotFound, LimitExceeded, QueueFull, OSError,
-           sqlite3.Error, torch.OutOfMemoryError, MemoryError)
+           sqlite3.Error, MemoryError)
 
 
 def install_error_handlers(app: FastAPI) -> None:

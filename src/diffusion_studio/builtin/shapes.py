@@ -11,7 +11,6 @@ import random
 import re
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -175,6 +174,7 @@ def _nearest(value: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str
 
 def classify_shape(mask: np.ndarray) -> str | None:
     """circle / square / triangle / star from a binary mask of one blob, by its geometry."""
+    import cv2
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     if not contours:
         return None
@@ -201,6 +201,7 @@ def classify_shape(mask: np.ndarray) -> str | None:
 def _background_and_blob(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """The background colour (median of a 3-px border ring) and the largest region far from it (the shape), or
     None when there is no region of at least 1% of the image."""
+    import cv2
     ring = np.concatenate([pixels[:3].reshape(-1, 3), pixels[-3:].reshape(-1, 3), pixels[:, :3].reshape(-1, 3),
                            pixels[:, -3:].reshape(-1, 3)])
     background = np.median(ring, axis=0)
@@ -217,6 +218,7 @@ def blob_mask(image: Image.Image) -> np.ndarray | None:
 
 
 def _normalised(mask: np.ndarray, size: int = 32) -> np.ndarray:
+    import cv2
     ys, xs = np.nonzero(mask)
     crop = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1].astype(np.uint8) * 255
     return cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA) > 127
@@ -237,6 +239,7 @@ def nearest_template(image: Image.Image, shapes: tuple[str, ...] = (*SHAPES, "he
 
 
 def check(image: Image.Image, caption: str) -> Check:
+    import cv2
     spec = parse_caption(caption)
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     background_rgb, mask = _background_and_blob(pixels)

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import cv2
 import numpy as np
-import torch
 from PIL import Image
 
 from . import import_libraries
 from ..requests import RequestError
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
 
 EstimatorKind = Literal["depth", "pose"]
 
@@ -72,12 +73,15 @@ def load_estimator(kind: EstimatorKind, folder: str) -> Estimator:
 
 
 def canny(image: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
+    import cv2
     gray = cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2GRAY)
     edges = cv2.Canny(gray, low, high)
     return Image.fromarray(np.stack([edges] * 3, axis=-1))
 
 
 def depth(image: Image.Image, estimator: Estimator) -> Image.Image:
+    import cv2
+    import torch
     image = image.convert("RGB")
     with estimator.lock, torch.inference_mode():
         inputs = estimator.processor(images=image, return_tensors="pt")
@@ -96,6 +100,8 @@ def depth(image: Image.Image, estimator: Estimator) -> Image.Image:
 
 def pose(image: Image.Image, estimator: Estimator) -> Image.Image:
     """Keypoints of the person filling the frame (VitPose on the whole image), drawn white on black."""
+    import cv2
+    import torch
     width, height = image.size
     boxes = [[[0, 0, width, height]]]
     with estimator.lock, torch.inference_mode():
@@ -114,6 +120,7 @@ def inpaint_condition(image: Image.Image, mask: Image.Image) -> torch.Tensor:
     """An inpainting ControlNet's control: the image in [0, 1] with the masked pixels set to -1, 1 x 3 x H x W.
     That is the convention of lllyasviel's control_v11p_sd15_inpaint, and diffusers' ControlNet inpainting
     pipelines pass a tensor control through unnormalised, so the marker survives."""
+    import torch
     pixels = torch.from_numpy(np.asarray(image.convert("RGB"), np.float32) / 255).permute(2, 0, 1).contiguous()
     pixels[:, torch.from_numpy(np.asarray(mask.convert("L").resize(image.size)) > 127)] = -1.0
     return pixels[None]

@@ -9,16 +9,19 @@ the pipelines' `maybe_convert_prompt` and the prompt encoder both expand.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import re
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 from tokenizers import AddedToken
 
 from ..config import StudioConfig
 from ..requests import RequestError
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
 
 EMBEDDING_SUFFIXES = (".pt", ".safetensors", ".bin")
 
@@ -62,6 +65,8 @@ def named_in(texts: list[str], names) -> list[str]:
 
 def read_embedding(name: str, path: Path) -> dict[str, torch.Tensor]:
     """{"clip_l": [n, width]} (SD files) or {"clip_l": ..., "clip_g": ...} (SDXL files)."""
+    import torch
+    from safetensors.torch import load_file
     try:
         if path.suffix == ".safetensors":
             data = load_file(str(path), device="cpu")

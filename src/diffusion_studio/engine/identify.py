@@ -12,6 +12,7 @@ the step count of Stability's 512 base checkpoints; a configured model can say o
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import pickle
@@ -21,23 +22,36 @@ import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 
 from . import import_libraries
 from ..requests import RequestError
 
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
+
 Kind = Literal["checkpoint", "controlnet", "lora", "embedding", "vae"]
 Family = Literal["sd", "sdxl"]
 
-SAFETENSORS_DTYPES = {
-    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-LOADABLE_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+# safetensors' dtype names -> torch dtypes, and the dtypes a model loads in: made on first use (torch is imported
+# by the first file identified, not with this module, so the server's start doesn't wait for it).
+@functools.cache
+def safetensors_dtypes() -> dict:
+    import torch
+
+    return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+            "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+@functools.cache
+def loadable_dtypes() -> dict:
+    import torch
+
+    return {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 SD2_BASE_GLOBAL_STEP = 875000  # diffusers: Stability's SD 2.x 512-base checkpoints record this step
 
@@ -135,6 +149,7 @@ def read_header(path: Path) -> Header:
 
 
 def _safetensors_header(path: Path) -> Header:
+    import torch
     size = path.stat().st_size
     with path.open("rb") as f:
         prefix = f.read(8)
@@ -152,7 +167,7 @@ def _safetensors_header(path: Path) -> Header:
         raise RequestError("model", f"'{path.name}' is not a safetensors file (its header is not a JSON object)")
     metadata = entries.pop("__metadata__", None) or {}
     try:
-        tensors = {name: (tuple(entry["shape"]), SAFETENSORS_DTYPES.get(entry["dtype"], torch.uint8))
+        tensors = {name: (tuple(entry["shape"]), safetensors_dtypes().get(entry["dtype"], torch.uint8))
                    for name, entry in entries.items()}
         end = max((entry["data_offsets"][1] for entry in entries.values()), default=0)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError):
@@ -175,6 +190,7 @@ def _safetensors_header(path: Path) -> Header:
 def load_weights_only(path: Path):
     """A `.ckpt`/`.pt`/`.bin` pickle, tensors memory-mapped where the format allows; a pickle that needs code to
     load is refused (only weights-only pickles are loaded)."""
+    import torch
     try:
         try:
             return torch.load(path, weights_only=True, mmap=True, map_location="cpu")
@@ -211,6 +227,7 @@ def unwrap_state_dict(loaded: Mapping) -> Mapping:
 
 def flatten_tensors(tree: Mapping, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors of nested dicts as dotted names (A1111 embeddings keep theirs under `string_to_param`)."""
+    import torch
     for key, value in tree.items():
         if isinstance(value, torch.Tensor):
             yield prefix + str(key), value
@@ -225,6 +242,7 @@ class MetaTensors(Mapping):
         self._tensors = tensors
 
     def __getitem__(self, key):
+        import torch
         shape, dtype = self._tensors[key]
         return torch.empty(shape, dtype=dtype, device="meta")
 
@@ -290,6 +308,7 @@ def classify(path: Path, header: Header) -> FileKind:
 
 
 def dominant_dtype(path: Path, tensors) -> str:
+    import torch
     bytes_by_dtype: dict[torch.dtype, int] = {}
     for shape, dtype in tensors.values():
         bytes_by_dtype[dtype] = bytes_by_dtype.get(dtype, 0) + math.prod(shape) * dtype.itemsize
@@ -297,10 +316,10 @@ def dominant_dtype(path: Path, tensors) -> str:
     if not bytes_by_dtype:
         raise RequestError("model", f"'{path.name}' is not a model file (no floating-point tensors)")
     dominant = max(bytes_by_dtype, key=bytes_by_dtype.get)
-    if dominant not in LOADABLE_DTYPES:
+    if dominant not in loadable_dtypes():
         raise RequestError("model", f"'{path.name}' holds {str(dominant).removeprefix('torch.')} weights; the "
                                     "studio loads float16, bfloat16 and float32 files")
-    return LOADABLE_DTYPES[dominant]
+    return loadable_dtypes()[dominant]
 
 
 # One pass over all names at once (a per-name loop costs milliseconds on a checkpoint's 1,000-2,500 names).

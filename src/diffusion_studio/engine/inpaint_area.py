@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 from PIL import Image
 
@@ -65,6 +64,7 @@ def plan_inpaint(request: GenerationRequest, size: tuple[int, int], max_size: tu
     - whole picture: the init image is resized to `size` (then extended by `outpaint`) and inpainted whole;
     - only masked: the init image keeps its own size; the mask's box plus `inpaint_padding`, widened to the
       output size's aspect ratio, is inpainted at `size` and scaled back into place."""
+    import cv2
     masked_area = request.inpaint_area == "masked"
     canvas = request.init_image.convert("RGB")
     if not masked_area:
@@ -133,6 +133,7 @@ def extend_canvas(image: Image.Image, outpaint, seed: int) -> tuple[Image.Image,
     """The image with `outpaint`'s margins added, pre-filled from its edges: edge pixels stretched outwards,
     blurred more the further they go, with some noise (a flat colour would give the model nothing to continue),
     and the new area's mask (255 there)."""
+    import cv2
     array = np.asarray(image)
     extended = cv2.copyMakeBorder(array, outpaint.top, outpaint.bottom, outpaint.left, outpaint.right,
                                   cv2.BORDER_REPLICATE)
@@ -149,6 +150,7 @@ def fill_masked(image: Image.Image, mask: np.ndarray, fill: str, decode: LatentD
     """The picture the pipeline starts from, its masked area replaced as `fill` says (A1111's "masked content"):
     original keeps it; fill paints it from the surroundings (OpenCV's Telea inpainting, then blurred); latent
     noise / latent nothing put there what noise / zero latents decode to."""
+    import cv2
     if fill == "original":
         return image
     array = np.asarray(image)
@@ -165,6 +167,7 @@ def fill_masked(image: Image.Image, mask: np.ndarray, fill: str, decode: LatentD
 
 def _user_mask(mask: Image.Image | None, size: tuple[int, int], invert: bool, grow: int) -> np.ndarray:
     """The painted mask at `size`, hard (0 / 255), inverted if asked, grown by `grow` px (no mask: nothing)."""
+    import cv2
     array = _hard(mask, size) if mask is not None else np.zeros(size[::-1], np.uint8)
     if invert:
         array = 255 - array
@@ -180,9 +183,11 @@ def _hard(mask: Image.Image, size: tuple[int, int]) -> np.ndarray:
 
 
 def _feather(array: np.ndarray, blur: int) -> np.ndarray:
+    import cv2
     return cv2.GaussianBlur(array, (0, 0), sigmaX=blur) if blur else array
 
 
 def _pad(array: np.ndarray, outpaint, value: int = 0) -> np.ndarray:
+    import cv2
     return cv2.copyMakeBorder(array, outpaint.top, outpaint.bottom, outpaint.left, outpaint.right,
                               cv2.BORDER_CONSTANT, value=value)

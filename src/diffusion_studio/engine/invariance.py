@@ -14,14 +14,19 @@ ones in the last bits (the service then still batches, and says so in the README
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
+    from torch import nn
+
 
 MIN_ROWS = 8  # matrix products with fewer rows are padded to this many
 MIN_BATCH = 2  # convolutions over one sample are run over two
 
 
 def _padded_linear(forward):
+    import torch
     def padded(x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         if rows.shape[0] >= MIN_ROWS:
@@ -33,6 +38,7 @@ def _padded_linear(forward):
 
 
 def _padded_conv(forward):
+    import torch
     def padded(x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[0] >= MIN_BATCH:
             return forward(x)
@@ -44,6 +50,7 @@ def _padded_conv(forward):
 def make_pipeline_batch_invariant(components: dict) -> None:
     """The autoencoder decodes one image at a time (its single-head attention over a batch of one takes another
     kernel too, and batching the last decode buys little); every other module gets padded small calls."""
+    from torch import nn
     for name, component in components.items():
         if name == "vae" and hasattr(component, "enable_slicing"):
             component.enable_slicing()
@@ -54,6 +61,7 @@ def make_pipeline_batch_invariant(components: dict) -> None:
 def make_batch_invariant(module: nn.Module) -> None:
     """Wrap every Linear and Conv2d under `module` (once; safe to call again). The wrappers keep no state, so
     several threads may run the module at once."""
+    from torch import nn
     for layer in module.modules():
         if getattr(layer, "_batch_invariant", False):
             continue

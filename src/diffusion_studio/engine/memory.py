@@ -12,10 +12,14 @@ free. bench/engine.py prints the estimate beside the measured peak.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import psutil
-import torch
 
 from ..requests import RequestError
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
 
 UNET_LIVE_MAPS = 12
 VAE_LIVE_MAPS = 8
@@ -24,6 +28,7 @@ MARGIN = 1.25
 
 def available_bytes(device: torch.device) -> int:
     """What the device can still give: free CUDA memory plus the allocator's cached-but-unused part, or RAM."""
+    import torch
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
@@ -72,6 +77,7 @@ class MemorySampler:
     while the run was going, its own and its neighbours'; never a figure left over from an earlier run."""
 
     def __init__(self, device: torch.device):
+        import torch
         self.device = device
         self.process = psutil.Process()
         self.peak = 0
@@ -80,10 +86,12 @@ class MemorySampler:
         self.sample()
 
     def sample(self) -> None:
+        import torch
         now = torch.cuda.memory_allocated(self.device) if self._cuda else self.process.memory_info().rss
         self.peak = max(self.peak, int(now))
 
     def result(self) -> int:
+        import torch
         self.sample()
         if self._cuda:
             high_water = int(torch.cuda.max_memory_allocated(self.device))

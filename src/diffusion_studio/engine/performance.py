@@ -23,9 +23,11 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import torch
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
+
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,7 @@ def step_caching(unet, interval: int) -> Iterator[StepCache | None]:
 # -- load options -------------------------------------------------------------------------------------------------
 def apply_load_options(pipe, options, data_dir: Path) -> list[str]:
     """Apply the config's `performance` load options to a freshly loaded pipeline; returns what was applied."""
+    import torch
     applied = []
     unet = getattr(pipe, "unet", None)
     if unet is None:

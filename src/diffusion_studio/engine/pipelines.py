@@ -6,7 +6,9 @@ budget, and gives each request its own pipeline view of the mode it needs, built
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
+import importlib.metadata
 import inspect
 import logging
 import sys
@@ -18,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-import torch
 from safetensors import SafetensorError
 
 from ..config import StudioConfig
@@ -33,6 +34,7 @@ from .sources import ModelSource, resolve
 from .invariance import make_batch_invariant, make_pipeline_batch_invariant
 
 if TYPE_CHECKING:
+    import torch
     from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,7 @@ LOADING = threading.Lock()
 
 
 def pick_device(preference: str) -> torch.device:
+    import torch
     if preference != "auto":
         if preference.startswith("cuda") and not torch.cuda.is_available():
             raise RequestError("device", f"'{preference}' was asked for, but this torch sees no CUDA device here "
@@ -96,9 +99,25 @@ def pick_device(preference: str) -> torch.device:
     return torch.device("cpu")
 
 
+def device_label(preference: str) -> str:
+    """The device `pick_device` gives for `preference`, by name, checked as it checks. Without importing torch
+    (over a second of a server's start) where the answer needs none: "cpu", or "auto" with a CPU-only torch build
+    on a machine that has no MPS; otherwise through torch."""
+    if preference == "cpu":
+        return "cpu"
+    if preference == "auto" and sys.platform != "darwin":
+        try:
+            if importlib.metadata.version("torch").endswith("+cpu"):
+                return "cpu"
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return str(pick_device(preference))
+
+
 def pick_dtype(preference: str, device: torch.device, file_dtype: str | None = None) -> torch.dtype:
     """The dtype to load weights in. `auto`: fp32 on the CPU (diffusers' safe default); on an accelerator the
     file's own dtype when it is fp16 or bf16 (`file_dtype`, a single file's), else fp16."""
+    import torch
     if preference != "auto":
         return getattr(torch, preference)
     if device.type == "cpu":
@@ -122,6 +141,7 @@ def estimator_source(kind: EstimatorKind, folder: str) -> ModelSource:
 
 
 def module_bytes(modules) -> int:
+    import torch
     seen, total = set(), 0
     for module in modules:
         if not isinstance(module, torch.nn.Module):
@@ -220,11 +240,19 @@ class PipelineManager:
 
     def __init__(self, config: StudioConfig):
         self.config = config
-        self.device = pick_device(config.device)
-        self.dtype = pick_dtype(config.dtype, self.device)
         self._entries: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.RLock()
         self.load_count = 0  # weights actually read from disk; tests use it to prove sharing
+
+    # Picked on first use, not at construction: picking imports torch (over a second), which the server's start
+    # does not need.
+    @functools.cached_property
+    def device(self) -> torch.device:
+        return pick_device(self.config.device)
+
+    @functools.cached_property
+    def dtype(self) -> torch.dtype:
+        return pick_dtype(self.config.dtype, self.device)
 
     # -- loading --------------------------------------------------------------------------------------------
     @contextmanager
@@ -252,6 +280,7 @@ class PipelineManager:
             yield entry.vae
 
     def _load_vae(self, source: ModelSource) -> LoadedModel:
+        import torch
         import_libraries()  # diffusers and transformers: imported by the first load, not the start
         from . import single_file
 
@@ -306,6 +335,7 @@ class PipelineManager:
         return entry, entry.load_s
 
     def _load(self, source: ModelSource) -> LoadedModel:
+        import torch
         import_libraries()
         from diffusers import ControlNetModel, DiffusionPipeline
 
@@ -392,6 +422,7 @@ class PipelineManager:
             self.unload(idle[0])  # OrderedDict order: least recently used first
 
     def unload(self, name: str) -> bool:
+        import torch
         with self._lock:
             key = name if name in self._entries else None
             if key is None:

@@ -8,11 +8,14 @@ recognises by config and weights; `preview_decoder(vae)` is None for every other
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image
 
-from ..builtin.preview_decoder import decoder_for
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
+
 
 # rows: latent channels (+ bias row); columns: R, G, B. Output is in [-1, 1].
 SD_MAP = [[.3512, .2297, .3227], [.3250, .4974, .2350], [-.2829, .1762, .2721], [-.2120, -.2616, -.7177],
@@ -24,14 +27,22 @@ REAL_VAE_WIDTHS = [128, 256, 512, 512]
 
 def preview_map(vae) -> torch.Tensor:
     """(latent_channels + 1) x 3 map for this VAE, for latents as they are inside the denoising loop."""
+    import torch
     config = vae.config
     if list(config.block_out_channels) == REAL_VAE_WIDTHS and config.latent_channels == 4:
         return torch.tensor(SDXL_MAP if abs(config.scaling_factor - 0.13025) < 1e-4 else SD_MAP)
     return fit_preview_map(vae)
 
 
-@torch.no_grad()
 def fit_preview_map(vae, size: int = 64, count: int = 16, seed: int = 0) -> torch.Tensor:
+    import torch
+
+    with torch.no_grad():
+        return _fit_preview_map(vae, size, count, seed)
+
+
+def _fit_preview_map(vae, size: int, count: int, seed: int) -> torch.Tensor:
+    import torch
     generator = torch.Generator().manual_seed(seed)
     # Synthetic images: flat colours with a block of another colour, so the fit sees both hue and structure.
     images = torch.rand(count, 3, 1, 1, generator=generator).expand(count, 3, size, size).clone()
@@ -50,6 +61,7 @@ def fit_preview_map(vae, size: int = 64, count: int = 16, seed: int = 0) -> torc
 
 def latents_to_preview(latents: torch.Tensor, mapping: torch.Tensor) -> Image.Image:
     """First latent of a batch -> small RGB image."""
+    import torch
     lat = latents[0].float().cpu().permute(1, 2, 0)
     rgb = lat @ mapping[:-1] + mapping[-1]
     array = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
@@ -59,11 +71,14 @@ def latents_to_preview(latents: torch.Tensor, mapping: torch.Tensor) -> Image.Im
 def preview_decoder(vae) -> torch.nn.Module | None:
     """The tiny decoder distilled from this very VAE (recognised by its config and weights, not its name), else
     None. Loaded once and shared: its forward changes no state, so several threads may decode at once."""
+    from ..builtin.preview_decoder import decoder_for  # torch modules: imported by the first preview, not the start
+
     return decoder_for(vae)
 
 
 def latents_to_image(latents: torch.Tensor, decoder: torch.nn.Module) -> Image.Image:
     """First latent of a batch -> RGB image at the full image size, through `decoder` (from preview_decoder)."""
+    import torch
     parameter = next(decoder.parameters())
     with torch.inference_mode():
         rgb = decoder(latents[:1].to(parameter.device, parameter.dtype))[0]

@@ -12,11 +12,15 @@ before this module existed (`needs_encoding` decides). Runs of an encoded prompt
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import functools
 import re
 from types import SimpleNamespace
 
-import torch
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
+
 
 ROUND, SQUARE = 1.1, 1 / 1.1  # A1111's multipliers for (word) and [word]
 SYNTAX = re.compile(r"[()\[\]\\]|\bBREAK\b")
@@ -104,6 +108,7 @@ def needs_encoding(text: str, tokenizer, convert=None) -> bool:
 def _compel() -> SimpleNamespace:
     """compel and our two providers on its classes, defined on first use: compel imports transformers and
     diffusers (seconds), which a studio needs only once it encodes a prompt, not to start."""
+    import torch
     from compel.embeddings_provider import (
         BaseTextualInversionManager,
         EmbeddingsProvider,
@@ -182,6 +187,7 @@ class PromptEncoder:
 
     def encode_one(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(embeddings [1, 77*n, width], pooled [1, width2] or None) for one prompt."""
+        import torch
         segments = parse_attention(text)
         parts, pooled = [], None
         for index, provider in enumerate(self.providers):
@@ -194,6 +200,7 @@ class PromptEncoder:
 
     def _pad(self, rows: list[torch.Tensor]) -> list[torch.Tensor]:
         """Rows padded with the empty prompt's embedding to the longest one's chunk count (compel's padding)."""
+        import torch
         empty = torch.cat([provider.empty_z for provider in self.providers], dim=-1)
         longest = max(row.shape[1] for row in rows)
         return [torch.cat([row, *[empty.to(row.device, row.dtype)] * ((longest - row.shape[1]) // empty.shape[1])],
@@ -202,6 +209,7 @@ class PromptEncoder:
     def encode(self, prompts: list[str], negatives: list[str], guidance: bool) -> dict:
         """The pipeline's keyword arguments for these rows: prompt_embeds, negative_prompt_embeds (SDXL: and the
         pooled ones). An empty SDXL negative with force_zeros_for_empty_prompt is left to the pipeline (zeros)."""
+        import torch
         encoded = [self.encode_one(text) for text in prompts]
         zero_negative = self.sdxl and self.pipe.config.get("force_zeros_for_empty_prompt", False) and \
             not any(negatives)

@@ -15,9 +15,8 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
 from PIL import Image, ImageDraw
 
 from ..builtin.catalog import builtin_controlnet_for, ensure_standins, is_trained
@@ -41,6 +40,9 @@ from .preview import latents_to_image, latents_to_preview, preview_decoder, prev
 from .prompts import SYNTAX, PromptEncoder, needs_encoding
 from .sources import ANY_NAME, ModelSource, NamePolicy, resolve, resolve_lora, resolve_vae
 from .upscale import is_latent, resize_latents, resolve_upscaler, upscale_image
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
 
 
 class CancelFlag(Protocol):
@@ -280,6 +282,7 @@ class Engine:
     def _run_with(self, base: LoadedModel, control_model: LoadedModel | None, vae,
                   requests: list[GenerationRequest], on_steps: list[StepCallback | None], cancels: list[CancelFlag],
                   started: float, load_s: float) -> list[GenerationResult]:
+        import torch
         request = requests[0]
         # 2. Resolve size and seeds; one CPU generator per image, so each image reproduces on its own.
         width, height = self._size(base, request)
@@ -451,6 +454,7 @@ class Engine:
         upscaler models) resized to `size`, then img2img over them at the hires strength, with the same prompts,
         LoRAs and seeds. A ControlNet steers only the first pass. On a 9-channel inpainting base the second pass is
         its inpainting pipeline with the whole image masked (a latent upscaler then resizes the decoded image)."""
+        import torch
         hires = request.hires
         inpainting = is_inpainting_model(base)
         if isinstance(first, torch.Tensor):
@@ -475,6 +479,7 @@ class Engine:
     def _decoded(pipe, latents: torch.Tensor, tiled: bool = False):
         """Latents decoded to images by the pipeline's VAE (a hires run cancelled after its first pass, or a decode
         too big for memory, then in tiles), through the model's safety checker as the pipeline's own decode."""
+        import torch
         if not tiled:
             return SimpleNamespace(images=decode_latents(pipe.vae, pipe.image_processor, latents))
         vae = pipe.vae
@@ -488,6 +493,7 @@ class Engine:
 
     def _latent_decoder(self, base: LoadedModel, vae, seed: int):
         """For inpaint_fill 'latent noise' / 'latent nothing': what noise or zero latents decode to, at a size."""
+        import torch
         def decode(kind: str, size: tuple[int, int]) -> Image.Image:
             decoder = vae if vae is not None else base.pipeline.vae
             scale = base.pipeline.vae_scale_factor

@@ -11,6 +11,8 @@ Three kinds, as A1111 has them:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import importlib
 import sys
 import threading
@@ -19,13 +21,14 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from ..config import StudioConfig
 from ..requests import LATENT_UPSCALERS, PIXEL_UPSCALERS, RequestError
 from .library import library_for
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used
+    import torch
 
 PIXEL_FILTERS = {"None": Image.BICUBIC, "Lanczos": Image.LANCZOS, "Nearest": Image.NEAREST}
 MAX_LOADED = 2  # upscaler models kept in memory (they are 5-70 MB)
@@ -65,6 +68,7 @@ def resolve_upscaler(name: str, config: StudioConfig, field: str = "hires.upscal
 
 def resize_latents(latents: torch.Tensor, name: str, size: tuple[int, int]) -> torch.Tensor:
     """Latents (B, C, h, w) resized to `size` = (width, height) in latent pixels, by the latent upscaler's mode."""
+    import torch.nn.functional as F
     mode, antialias = LATENT_UPSCALERS[name]
     align = {} if mode.startswith("nearest") else {"align_corners": False}
     return F.interpolate(latents, size=(size[1], size[0]), mode=mode, antialias=antialias, **align)
@@ -74,6 +78,7 @@ def upscale_image(image: Image.Image, name: str, size: tuple[int, int], config: 
                   device: torch.device | None = None, field: str = "upscaler") -> Image.Image:
     """`image` upscaled to `size` = (width, height) by a pixel upscaler or an upscaler model file. A latent name
     is refused here: only hires fix has latents to resize."""
+    import torch
     if name in LATENT_UPSCALERS:
         raise RequestError(field, f"'{name}' resizes latents, which only hires fix has; for an image choose "
                                   f"{', '.join(PIXEL_UPSCALERS)} or an upscaler model")
@@ -122,6 +127,7 @@ def load_upscaler(path: Path):
 def run_model(descriptor, image: Image.Image, device: torch.device) -> Image.Image:
     """The model over the image in overlapping tiles (each tile's border is cropped away before it is pasted, so
     seams don't show); float32 on CPU, the model's own dtype elsewhere."""
+    import torch
     scale = descriptor.scale
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
     height, width = pixels.shape[-2:]

@@ -17,13 +17,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-import torch
 
 T = TypeVar("T")
 
 
 def _match_torch_settings(threads: int) -> None:
     """In the new thread: the thread count the process chose (config `torch_threads`, or torch's default)."""
+    import torch
     torch.set_num_threads(threads)
 
 
@@ -36,6 +36,7 @@ class EngineThread:
         self._pool: ThreadPoolExecutor | None = None
 
     async def call(self, fn: Callable[..., T], *args) -> T:
+        import torch
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name,
                                             initializer=_match_torch_settings, initargs=(torch.get_num_threads(),))

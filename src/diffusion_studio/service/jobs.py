@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
-import torch
 
 from ..engine.runner import WorkItem
 from ..requests import GenerationRequest, GenerationResult, StepEvent
@@ -663,6 +662,7 @@ class JobService:
 
     async def _settle(self, job: Job, work) -> None:
         """Await one job's work; whatever goes wrong becomes that job's outcome, as data."""
+        import torch
         try:
             await work
         except WorkerLost:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -16,11 +17,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import psutil
-import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
     import pandas as pd
+
+def _cuda_reserved_bytes() -> int:
+    """torch's reserved CUDA memory; 0 until torch is loaded (read without importing it: the gauge is read by
+    every /metrics scrape, from the server's start)."""
+    torch = sys.modules.get("torch")
+    return torch.cuda.memory_reserved() if torch is not None and torch.cuda.is_available() else 0
+
 
 SECONDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -48,10 +55,10 @@ class StudioMetrics:
                                       "database that failed", registry=r)
         Gauge("studio_queue_length", "Jobs waiting", registry=r).set_function(queue_length)
         Gauge("studio_jobs_running", "Jobs running now", registry=r).set_function(running)
-        if torch.cuda.is_available():  # what the caching allocator holds, beside each job's allocated peak
-            Gauge("studio_cuda_reserved_bytes", "CUDA memory reserved by torch", registry=r).set_function(
-                torch.cuda.memory_reserved)
         self._gpu = _gpu_utilisation()
+        if self._gpu is not None:  # what the caching allocator holds, beside each job's allocated peak
+            Gauge("studio_cuda_reserved_bytes", "CUDA memory reserved by torch", registry=r).set_function(
+                _cuda_reserved_bytes)
         if self._gpu is not None:
             Gauge("studio_gpu_utilisation_percent", "GPU utilisation (nvidia-ml-py)", registry=r).set_function(
                 self._gpu)
@@ -100,9 +107,11 @@ class StudioMetrics:
 
     def sample(self) -> None:
         """Read the gauges (queue, running, memory, GPU) into the history's current interval."""
+        torch = sys.modules.get("torch")  # not imported for it: until torch is loaded the studio holds no GPU memory
+        cuda = torch is not None and torch.cuda.is_available()
         self.history.record_gauges(
             queue_length=self._queue_length(), running=self._running(), rss_bytes=psutil.Process().memory_info().rss,
-            gpu_memory_bytes=torch.cuda.memory_reserved() if torch.cuda.is_available() else None,
+            gpu_memory_bytes=torch.cuda.memory_reserved() if cuda else None,
             gpu_percent=self.gpu_utilisation())
 
     async def keep_sampling(self) -> None:

@@ -11,10 +11,10 @@ import enum
 import errno
 import re
 import sqlite3
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from pydantic import ValidationError
 
 from ..engine.library import ModelConflict
@@ -134,7 +134,8 @@ def classify(exc: BaseException) -> JobError:
         return JobError(ErrorKind.rate_limited, str(exc), retry_after_s=exc.retry_after_s)
     if isinstance(exc, QueueFull):
         return JobError(ErrorKind.queue_full, str(exc), retry_after_s=exc.retry_after_s)
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+    torch = sys.modules.get("torch")  # not imported for it: an error before torch is loaded is no torch error
+    if isinstance(exc, MemoryError) or (torch is not None and isinstance(exc, torch.OutOfMemoryError)):
         return JobError(ErrorKind.out_of_memory, "the device ran out of memory; try a smaller size or batch, or "
                                                  "enable memory.vae_tiling / attention_slicing")
     if isinstance(exc, ModelLoadError):

@@ -10,7 +10,6 @@ from typing import Callable
 
 import gradio as gr
 import psutil
-import torch
 
 from ...requests import RequestError
 from ...service.store import JobStatus
@@ -19,6 +18,7 @@ from . import models
 
 
 def device_text(studio: Studio) -> str:
+    import torch
     device = torch.device(studio.device)
     memory = psutil.virtual_memory()
     lines = [f"**Device:** {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
