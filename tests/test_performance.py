@@ -241,3 +241,15 @@ def test_the_tiny_preview_decoder_shows_previews_at_the_image_size(make_config):
         sizes[choice] = ({preview.size for preview in previews}, pixels(result.images[0]))
     assert sizes["linear"][0] == {(16, 16)} and sizes["tiny"][0] == {(64, 64)}
     assert np.array_equal(sizes["linear"][1], sizes["tiny"][1])
+
+
+def test_fused_projections_give_way_to_attention_slicing(make_config):
+    """Fused attention would replace the sliced processors (and their memory saving): slicing wins."""
+    from diffusers.models.attention_processor import SlicedAttnProcessor
+
+    engine = Engine(make_config(memory={"attention_slicing": True}, performance={"fuse_qkv": True}))
+    run(engine)
+    with engine.manager.use("builtin:shapes") as (base, _):
+        processors = base.pipeline.unet.attn_processors.values()
+        assert processors and all(isinstance(p, SlicedAttnProcessor) for p in processors)
+        assert not getattr(base.pipeline.unet, "_qkv_fused", False)

@@ -218,3 +218,20 @@ def test_gradio_builds_the_whole_page_only_as_it_closes_and_mounts(tmp_path, mon
     assert (blocks[0]._queue.max_size, blocks[0]._queue.default_concurrency_limit) == (64, 4)
     with TestClient(app, base_url="http://127.0.0.1") as client:
         assert client.get("/").status_code == 200
+
+
+def test_a_module_still_importing_is_not_loaded(monkeypatch):
+    """libraries.loaded: what the service reads torch through. A module the background import is still running
+    is in sys.modules half made; reading torch.cuda from it would raise, so it counts as not loaded."""
+    import importlib.machinery
+    import types
+
+    from diffusion_studio.libraries import loaded
+
+    module = types.ModuleType("halfway")
+    module.__spec__ = importlib.machinery.ModuleSpec("halfway", None)
+    module.__spec__._initializing = True
+    monkeypatch.setitem(sys.modules, "halfway", module)
+    assert loaded("halfway") is None and loaded("no_such_module_here") is None
+    module.__spec__._initializing = False
+    assert loaded("halfway") is module

@@ -24,7 +24,7 @@ def params(steps=3, seed=1, batch=1, loras=(), model="builtin:shapes"):
 def test_panel_values_and_request_fields_are_inverses():
     parameters = {"model": "builtin:shapes", "steps": 3, "guidance": 7.5, "width": 64, "height": None, "seed": 5,
                   "scheduler": "DDIM", "batch_size": 2, "loras": [{"name": "heart", "weight": 0.8}], "clip_skip": 2,
-                  "vae": "anime.safetensors"}
+                  "vae": "anime.safetensors", "step_cache": 2}
     values = panel_values(parameters)
     assert list(values) == [field for field in Params.__dataclass_fields__]  # every panel component, by name
     assert values["height"] == 0 and values["loras"] == ["heart:0.8"]  # as the components show them

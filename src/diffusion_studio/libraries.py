@@ -3,7 +3,9 @@ thread at a time. At the bottom of the layers so that the built-ins' catalog and
 
 from __future__ import annotations
 
+import sys
 import threading
+from types import ModuleType
 
 _imported = threading.Lock()
 
@@ -19,3 +21,12 @@ def import_libraries() -> None:
         import diffusers
 
         diffusers.StableDiffusionPipeline  # noqa: B018 (a lazy attribute: reading it imports the pipeline's modules)
+
+
+def loaded(name: str) -> ModuleType | None:
+    """A module if it is imported and done importing, else None, importing nothing: for code that only needs it
+    once something else has loaded it (is this a torch error? how much CUDA memory is held?). A module still being
+    imported, by the background import, is in sys.modules half made: that counts as not loaded."""
+    module = sys.modules.get(name)
+    spec = getattr(module, "__spec__", None)
+    return None if module is None or getattr(spec, "_initializing", False) else module

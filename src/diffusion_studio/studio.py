@@ -246,11 +246,9 @@ class Studio:
         engines = getattr(self, "engines", [self.engine])
         for config in {id(c): c for c in (self.config, *(engine.config for engine in engines))}.values():
             config.performance = options
-        busy = []
-        for row in self.loaded_models():
-            if row["role"] == "base" and not self.unload_model(row["name"]):
-                busy.append(row["name"])
-        return busy
+        for name in {row["name"] for row in self.loaded_models() if row["role"] == "base"}:
+            self.unload_model(name)  # every device holding it idle
+        return sorted({row["name"] for row in self.loaded_models() if row["role"] == "base"})
 
     def control_preview(self, fields: dict) -> Image.Image:
         """The control map a ControlNet request with these fields would use."""

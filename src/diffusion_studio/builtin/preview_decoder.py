@@ -91,7 +91,7 @@ def vae_weight_stats(vae) -> dict[str, list[float]] | None:
         return None
     stats = {}
     for name in FINGERPRINT_TENSORS:
-        tensor = state[name].detach().double()
+        tensor = state[name].detach().cpu().double()  # on the CPU: MPS has no float64
         stats[name] = [tensor.sum().item(), tensor.abs().sum().item(), tensor.square().sum().item()]
     return stats
 

@@ -116,14 +116,18 @@ def step_caching(unet, interval: int) -> Iterator[StepCache | None]:
 
 
 # -- load options -------------------------------------------------------------------------------------------------
-def apply_load_options(pipe, options, data_dir: Path) -> list[str]:
-    """Apply the config's `performance` load options to a freshly loaded pipeline; returns what was applied."""
+def apply_load_options(pipe, options, data_dir: Path, sliced: bool = False) -> list[str]:
+    """Apply the config's `performance` load options to a freshly loaded pipeline; returns what was applied.
+    `sliced`: attention slicing is on (memory.attention_slicing), whose processors fusing would replace."""
     import torch
     applied = []
     unet = getattr(pipe, "unet", None)
     if unet is None:
         return applied
-    if options.fuse_qkv:
+    if options.fuse_qkv and sliced:
+        log.warning("performance.fuse_qkv is off for %s: memory.attention_slicing is on, and fused attention would "
+                    "replace its sliced processors", type(pipe).__name__)
+    elif options.fuse_qkv:
         unet._fuse_qkv_wanted = True
         fuse_unless_adapted(unet, adapted=False)
         applied.append("fuse_qkv")
@@ -133,7 +137,9 @@ def apply_load_options(pipe, options, data_dir: Path) -> list[str]:
     if options.compile:
         # inductor's cache (its default is a temp dir) in the data dir, so a restart reuses the compiled code.
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(data_dir) / "compile-cache"))
-        unet.compile_repeated_blocks(fullgraph=True)
+        # Not fullgraph: each LoRA set or fuse/unfuse recompiles, and past dynamo's recompile limit a fullgraph
+        # compile raises (failing jobs) where this falls back to running the blocks eagerly.
+        unet.compile_repeated_blocks(fullgraph=False)
         applied.append("compile")
     if applied:
         log.info("performance options on %s: %s", type(pipe).__name__, ", ".join(applied))

@@ -380,7 +380,8 @@ class PipelineManager:
             source = ModelSource(source.name, source.kind, source.location, "base", family)
         self._apply_memory_options(pipe)
         make_pipeline_batch_invariant(pipe.components)  # so cross-user batches give each job its lone-run bits
-        apply_load_options(pipe, self.config.performance, self.config.data_dir)
+        apply_load_options(pipe, self.config.performance, self.config.data_dir,
+                           sliced=self.config.memory.attention_slicing)
         return LoadedModel(source, pipeline=pipe, weight_bytes=module_bytes(pipe.components.values()),
                            adapters=AdapterGate(pipe))
 

@@ -302,7 +302,10 @@ class Engine:
                                 self._latent_decoder(base, vae, seeds[0][0]), seeds[0][0])
             width, height = plan.size
         hires_size = self._hires_size(request, width, height)
-        tile_when_needed = self.config.performance.tile_when_needed
+        # Not for an fp16 VAE that must decode upcast (SDXL's): the pipeline's own decode upcasts it, ours would not.
+        vae_in_use = vae if vae is not None else base.pipeline.vae
+        tile_when_needed = self.config.performance.tile_when_needed and not (
+            getattr(vae_in_use.config, "force_upcast", False) and next(vae_in_use.parameters()).dtype.itemsize < 4)
         tiled = check_fits(base.pipeline, self.device, width, height, len(generators), request.guidance,
                            tile_when_needed)
         hires_tiled = hires_size is not None and check_fits(base.pipeline, self.device, *hires_size,
@@ -375,7 +378,7 @@ class Engine:
             if hires_size is not None:
                 phase.update(offset=pipe.num_timesteps, extra=0)
                 if all(cancel.is_set() for cancel in cancels):  # no second pass: what the first made
-                    output = output if not latent_first else self._decoded(pipe, output.images)
+                    output = output if not latent_first else self._decoded(pipe, output.images, tiled=tiled)
                 else:
                     output = self._hires_pass(base, vae, request, text, output.images, hires_size,
                                               [seed for batch in seeds for seed in batch], step_end, hires_tiled)

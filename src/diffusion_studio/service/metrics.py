@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import logging
 import os
-import sys
 import threading
 import time
 from collections import deque
@@ -19,13 +19,18 @@ from typing import TYPE_CHECKING, Callable
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from ..libraries import loaded
+
 if TYPE_CHECKING:
     import pandas as pd
+
+log = logging.getLogger(__name__)
+
 
 def _cuda_reserved_bytes() -> int:
     """torch's reserved CUDA memory; 0 until torch is loaded (read without importing it: the gauge is read by
     every /metrics scrape, from the server's start)."""
-    torch = sys.modules.get("torch")
+    torch = loaded("torch")
     return torch.cuda.memory_reserved() if torch is not None and torch.cuda.is_available() else 0
 
 
@@ -56,9 +61,9 @@ class StudioMetrics:
         Gauge("studio_queue_length", "Jobs waiting", registry=r).set_function(queue_length)
         Gauge("studio_jobs_running", "Jobs running now", registry=r).set_function(running)
         self._gpu = _gpu_utilisation()
-        if self._gpu is not None:  # what the caching allocator holds, beside each job's allocated peak
-            Gauge("studio_cuda_reserved_bytes", "CUDA memory reserved by torch", registry=r).set_function(
-                _cuda_reserved_bytes)
+        # What the caching allocator holds, beside each job's allocated peak: 0 until torch holds CUDA memory.
+        Gauge("studio_cuda_reserved_bytes", "CUDA memory reserved by torch", registry=r).set_function(
+            _cuda_reserved_bytes)
         if self._gpu is not None:
             Gauge("studio_gpu_utilisation_percent", "GPU utilisation (nvidia-ml-py)", registry=r).set_function(
                 self._gpu)
@@ -107,7 +112,7 @@ class StudioMetrics:
 
     def sample(self) -> None:
         """Read the gauges (queue, running, memory, GPU) into the history's current interval."""
-        torch = sys.modules.get("torch")  # not imported for it: until torch is loaded the studio holds no GPU memory
+        torch = loaded("torch")  # not imported for it: until torch is loaded the studio holds no GPU memory
         cuda = torch is not None and torch.cuda.is_available()
         self.history.record_gauges(
             queue_length=self._queue_length(), running=self._running(), rss_bytes=psutil.Process().memory_info().rss,
@@ -120,7 +125,10 @@ class StudioMetrics:
         walk: asyncio.Future | None = None
         try:
             while True:
-                self.sample()
+                try:
+                    self.sample()
+                except Exception:  # noqa: BLE001 (one bad reading must not end the sampling for good)
+                    log.exception("metrics sample failed")
                 if self.storage is not None and self.storage.due() and (walk is None or walk.done()):
                     walk = asyncio.ensure_future(asyncio.to_thread(self.storage.refresh))
                 await asyncio.sleep(self.history.every_s)

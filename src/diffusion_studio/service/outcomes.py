@@ -11,13 +11,13 @@ import enum
 import errno
 import re
 import sqlite3
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
 from ..engine.library import ModelConflict
+from ..libraries import loaded
 from ..requests import ModelLoadError, RequestError, describe_validation_error
 
 
@@ -134,7 +134,7 @@ def classify(exc: BaseException) -> JobError:
         return JobError(ErrorKind.rate_limited, str(exc), retry_after_s=exc.retry_after_s)
     if isinstance(exc, QueueFull):
         return JobError(ErrorKind.queue_full, str(exc), retry_after_s=exc.retry_after_s)
-    torch = sys.modules.get("torch")  # not imported for it: an error before torch is loaded is no torch error
+    torch = loaded("torch")  # not imported for it: an error before torch is loaded is no torch error
     if isinstance(exc, MemoryError) or (torch is not None and isinstance(exc, torch.OutOfMemoryError)):
         return JobError(ErrorKind.out_of_memory, "the device ran out of memory; try a smaller size or batch, or "
                                                  "enable memory.vae_tiling / attention_slicing")
